@@ -1,0 +1,5 @@
+import sys
+
+from kochat_trl.cli import main
+
+sys.exit(main())

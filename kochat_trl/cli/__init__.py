@@ -1,0 +1,41 @@
+"""`kochat-trl` command line: thin argument handling over the library modules.
+
+Each submodule registers its subcommands; heavy libraries are imported inside the handlers so
+`kochat-trl --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kochat_trl import __version__
+from kochat_trl.errors import EXIT_USER_ERROR, KochatError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kochat_trl.cli import data, tiny
+
+    parser = argparse.ArgumentParser(
+        prog="kochat-trl",
+        description="Korean RLHF (SFT -> reward model -> PPO) on Hugging Face TRL and PEFT.",
+    )
+    parser.add_argument("--version", action="version", version=f"kochat-trl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (data, tiny):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except KochatError as error:
+        print(f"kochat-trl: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""Generate kochat-trl's bundled Korean sample data (sft.json, rm.json, ppo.json).
+
+The data is written for this project (nothing is copied from elsewhere) in KoChatGPT's file layouts:
+
+- sft.json: ``[{"prompt", "completion"}]``: good answers only.
+- rm.json: ``[{"prompt", "completion_0", "completion_1", "completion_2", "ranking"}]`` where
+  ``ranking[i]`` is the rank of ``completion_i`` (0 = best).
+- ppo.json: ``[{"prompt"}]``.
+
+It is compositional so that a tiny model trained on a CPU in seconds can learn it: a hand-written table
+of everyday topics, each with a short Korean name and two or three short, true sentences in polite
+합니다체, crossed with a handful of question forms. Particles (은/는, 이/가, 을/를, 이야/야) are chosen
+from the final consonant (batchim) of the word they attach to.
+
+Held out of SFT entirely: some question forms (``HELD_OUT_FORMS``) and about 15% of the topics (drawn
+per category), so PPO prompts include questions the policy has not been fine-tuned on.
+
+Reward-model records rank three completions consistently, by tier:
+
+    0 good answer  >  1 curt 반말 on topic  >  2 polite but off-topic / truncated  >  3 English / curt off-topic
+
+The polite-but-off-topic answer is a good answer to a *different* topic, so the reward model must read
+the question, not just check politeness.
+
+Run from the repository root (stdlib only, deterministic for a given seed)::
+
+    python scripts/make_sample_data.py            # writes kochat_trl/resources/{sft,rm,ppo}.json
+    python scripts/make_sample_data.py --seed 0 --out-dir /tmp/sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import unicodedata
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Topics: (category, name, curt noun, predicate of the first sentence, further sentences, is_person)
+# The first sentence is built as f"{name}{은/는} {predicate}" so its particle is always right.
+# The curt noun is what a rude 반말 answer calls the topic ("김치? 그냥 배추 반찬이야.").
+
+Topic = tuple[str, str, str, str, tuple[str, ...], bool]
+
+# fmt: off
+TOPICS: list[Topic] = [
+    # 음식
+    ("음식", "김치", "배추 반찬", "배추와 고춧가루로 만드는 한국의 발효 음식입니다.",
+     ("유산균이 많아 장 건강에 좋습니다.", "오래 익히면 신맛이 강해집니다."), False),
+    ("음식", "비빔밥", "밥", "밥에 나물과 고추장을 넣어 비벼 먹는 음식입니다.",
+     ("전주 비빔밥이 특히 유명합니다.", "여러 채소를 한 번에 먹을 수 있습니다."), False),
+    ("음식", "불고기", "고기 요리", "얇게 썬 소고기를 양념해 구운 한국 음식입니다.",
+     ("간장과 설탕으로 달콤하게 양념합니다.",), False),
+    ("음식", "떡볶이", "분식", "떡을 매콤한 고추장 양념에 익힌 음식입니다.",
+     ("어묵과 대파를 함께 넣기도 합니다.", "학교 앞 분식집의 대표 메뉴입니다."), False),
+    ("음식", "된장찌개", "찌개", "된장을 풀어 끓인 한국의 찌개입니다.",
+     ("두부와 애호박을 자주 넣습니다.", "밥과 함께 먹는 대표적인 집밥입니다."), False),
+    ("음식", "삼계탕", "닭 요리", "어린 닭에 인삼과 찹쌀을 넣고 끓인 음식입니다.",
+     ("여름 복날에 많이 먹습니다.",), False),
+    ("음식", "냉면", "국수", "차갑게 먹는 한국의 국수 요리입니다.",
+     ("물냉면과 비빔냉면이 있습니다.", "더운 여름에 특히 인기가 많습니다."), False),
+    ("음식", "김밥", "밥", "김 위에 밥과 여러 재료를 올려 만 음식입니다.",
+     ("소풍 도시락으로 많이 먹습니다.", "썰어서 한 입 크기로 먹습니다."), False),
+    ("음식", "라면", "인스턴트 국수", "끓는 물에 면과 수프를 넣어 만드는 음식입니다.",
+     ("조리 시간이 짧아 간편합니다.",), False),
+    ("음식", "떡", "간식", "쌀가루나 찹쌀로 만드는 한국의 전통 음식입니다.",
+     ("명절과 잔치에 많이 먹습니다.", "송편과 인절미가 대표적입니다."), False),
+    ("음식", "미역국", "국", "미역을 넣고 끓인 한국의 국입니다.",
+     ("생일 아침에 먹는 풍습이 있습니다.", "아기를 낳은 산모도 많이 먹습니다."), False),
+    ("음식", "사과", "과일", "달고 새콤한 맛이 나는 과일입니다.",
+     ("식이섬유가 풍부합니다.", "주로 가을에 수확합니다."), False),
+    ("음식", "바나나", "과일", "열대 지방에서 자라는 길쭉한 과일입니다.",
+     ("칼륨이 많이 들어 있습니다.", "익으면 껍질이 노랗게 됩니다."), False),
+    ("음식", "커피", "음료", "볶은 커피콩을 갈아 우려낸 음료입니다.",
+     ("카페인이 들어 있어 잠을 깨워 줍니다.",), False),
+    ("음식", "녹차", "차", "찻잎을 발효시키지 않고 만든 차입니다.",
+     ("보성과 제주도에서 많이 재배합니다.",), False),
+    ("음식", "두부", "콩 음식", "콩물을 굳혀 만든 음식입니다.",
+     ("단백질이 풍부합니다.", "찌개와 부침에 두루 쓰입니다."), False),
+    # 동물
+    ("동물", "호랑이", "고양이과 동물", "고양이과에서 가장 큰 맹수입니다.",
+     ("몸에 검은 줄무늬가 있습니다.", "한국 옛이야기에 자주 나옵니다."), False),
+    ("동물", "고양이", "반려동물", "사람과 함께 사는 대표적인 반려동물입니다.",
+     ("스스로 털을 핥아 몸을 깨끗이 합니다.", "어두운 곳에서도 잘 봅니다."), False),
+    ("동물", "개", "동물", "사람이 가장 먼저 길들인 동물로 알려져 있습니다.",
+     ("후각이 매우 뛰어납니다.", "충성심이 강한 반려동물입니다."), False),
+    ("동물", "펭귄", "새", "날지 못하지만 헤엄을 잘 치는 새입니다.",
+     ("대부분 남반구에 삽니다.",), False),
+    ("동물", "고래", "바다 동물", "바다에 사는 포유류입니다.",
+     ("허파로 숨을 쉬어 물 위로 올라옵니다.", "대왕고래는 가장 큰 동물입니다."), False),
+    ("동물", "코끼리", "큰 동물", "육지에서 가장 큰 동물입니다.",
+     ("긴 코로 물을 마시고 물건을 잡습니다.",), False),
+    ("동물", "판다", "곰", "중국에 사는 곰의 한 종류입니다.",
+     ("주로 대나무를 먹습니다.", "몸은 흰색이고 눈가는 검습니다."), False),
+    ("동물", "꿀벌", "곤충", "꽃에서 꿀과 꽃가루를 모으는 곤충입니다.",
+     ("식물의 꽃가루받이를 돕습니다.", "여왕벌을 중심으로 무리를 지어 삽니다."), False),
+    ("동물", "부엉이", "새", "밤에 주로 활동하는 새입니다.",
+     ("눈이 크고 소리 없이 날 수 있습니다.",), False),
+    ("동물", "돌고래", "바다 동물", "지능이 높은 바다 포유류입니다.",
+     ("초음파로 주변을 파악합니다.", "무리를 지어 생활합니다."), False),
+    ("동물", "기린", "동물", "키가 가장 큰 육상 동물입니다.",
+     ("긴 목으로 높은 나뭇잎을 먹습니다.",), False),
+    ("동물", "개구리", "양서류", "물과 땅을 오가며 사는 양서류입니다.",
+     ("어릴 때는 올챙이로 물속에서 삽니다.",), False),
+    # 장소/도시
+    ("장소", "서울", "도시", "대한민국의 수도입니다.",
+     ("한강이 도시 가운데를 흐릅니다.", "경복궁 같은 옛 궁궐이 있습니다."), False),
+    ("장소", "부산", "항구 도시", "한국 제2의 도시이자 큰 항구 도시입니다.",
+     ("해운대 해수욕장이 유명합니다.",), False),
+    ("장소", "제주도", "섬", "한국에서 가장 큰 섬입니다.",
+     ("한라산과 돌하르방이 유명합니다.", "귤이 많이 나는 곳입니다."), False),
+    ("장소", "경주", "옛 도시", "신라의 수도였던 도시입니다.",
+     ("불국사와 석굴암이 있습니다.", "도시 곳곳에 옛 무덤이 남아 있습니다."), False),
+    ("장소", "한라산", "산", "남한에서 가장 높은 산입니다.",
+     ("제주도 한가운데에 있는 화산입니다.", "꼭대기에 백록담이 있습니다."), False),
+    ("장소", "백두산", "산", "한반도에서 가장 높은 산입니다.",
+     ("꼭대기에 천지라는 호수가 있습니다.",), False),
+    ("장소", "한강", "강", "서울을 가로질러 흐르는 큰 강입니다.",
+     ("강변을 따라 공원이 많습니다.",), False),
+    ("장소", "파리", "도시", "프랑스의 수도입니다.",
+     ("에펠탑과 루브르 박물관이 있습니다.",), False),
+    ("장소", "도쿄", "도시", "일본의 수도입니다.",
+     ("인구가 매우 많은 대도시입니다.",), False),
+    ("장소", "뉴욕", "도시", "미국에서 인구가 가장 많은 도시입니다.",
+     ("자유의 여신상이 있습니다.", "세계 금융의 중심지 가운데 하나입니다."), False),
+    ("장소", "사하라 사막", "사막", "아프리카 북부에 있는 넓은 사막입니다.",
+     ("비가 거의 오지 않습니다.", "낮에는 매우 덥습니다."), False),
+    # 과학
+    ("과학", "태양", "별", "태양계 중심에 있는 별입니다.",
+     ("지구에 빛과 열을 보내 줍니다.",), False),
+    ("과학", "달", "위성", "지구 주위를 도는 위성입니다.",
+     ("약 한 달 주기로 모양이 바뀌어 보입니다.", "바닷물의 밀물과 썰물을 일으킵니다."), False),
+    ("과학", "지구", "행성", "태양계의 세 번째 행성입니다.",
+     ("표면의 약 70퍼센트가 바다입니다.", "생명체가 사는 것으로 알려진 유일한 행성입니다."), False),
+    ("과학", "화성", "행성", "태양계의 네 번째 행성입니다.",
+     ("표면이 붉어 붉은 행성이라고 부릅니다.",), False),
+    ("과학", "물", "물질", "수소와 산소로 이루어진 물질입니다.",
+     ("보통 섭씨 100도에서 끓습니다.", "섭씨 0도에서 얼음이 됩니다."), False),
+    ("과학", "광합성", "식물 현상", "식물이 빛 에너지로 양분을 만드는 과정입니다.",
+     ("이산화 탄소를 쓰고 산소를 내보냅니다.",), False),
+    ("과학", "중력", "힘", "물체끼리 서로 끌어당기는 힘입니다.",
+     ("중력 때문에 물건이 땅으로 떨어집니다.",), False),
+    ("과학", "무지개", "빛 현상", "햇빛이 물방울에서 굴절해 생기는 현상입니다.",
+     ("비가 그친 뒤 해를 등지면 볼 수 있습니다.",), False),
+    ("과학", "DNA", "유전 물질", "생물의 유전 정보를 담은 물질입니다.",
+     ("이중 나선 구조로 되어 있습니다.",), False),
+    ("과학", "화산", "산", "땅속의 마그마가 밖으로 터져 나오는 곳입니다.",
+     ("분화하면 용암과 화산재가 나옵니다.",), False),
+    ("과학", "지진", "자연재해", "땅이 갑자기 흔들리는 현상입니다.",
+     ("대부분 지각판이 움직이면서 일어납니다.",), False),
+    ("과학", "산소", "기체", "생물이 숨 쉴 때 꼭 필요한 기체입니다.",
+     ("공기의 약 21퍼센트를 차지합니다.",), False),
+    # 건강
+    ("건강", "수면", "잠", "몸과 뇌가 쉬며 회복하는 시간입니다.",
+     ("어른은 하루 7시간 이상 자는 것이 좋습니다.",), False),
+    ("건강", "비타민", "영양소", "몸에 적은 양이 꼭 필요한 영양소입니다.",
+     ("채소와 과일에 많이 들어 있습니다.",), False),
+    ("건강", "감기", "병", "바이러스가 코와 목에 일으키는 병입니다.",
+     ("푹 쉬고 물을 많이 마시면 좋습니다.",), False),
+    ("건강", "손 씻기", "위생 습관", "병균을 없애는 기본 위생 습관입니다.",
+     ("비누로 30초 이상 씻는 것이 좋습니다.",), False),
+    ("건강", "스트레칭", "운동", "근육을 천천히 늘려 주는 운동입니다.",
+     ("몸을 유연하게 하고 부상을 막아 줍니다.",), False),
+    ("건강", "양치질", "습관", "칫솔로 이를 닦는 습관입니다.",
+     ("식사 후에 하면 충치를 막을 수 있습니다.",), False),
+    ("건강", "명상", "마음 훈련", "마음을 가라앉히고 호흡에 집중하는 활동입니다.",
+     ("스트레스를 줄이는 데 도움이 됩니다.",), False),
+    # 운동
+    ("운동", "축구", "공놀이", "공을 발로 차서 골을 넣는 운동입니다.",
+     ("한 팀은 열한 명으로 이루어집니다.",), False),
+    ("운동", "야구", "공놀이", "공을 던지고 방망이로 치는 운동입니다.",
+     ("한 팀에서 아홉 명이 수비를 합니다.",), False),
+    ("운동", "농구", "공놀이", "공을 바스켓에 넣어 점수를 내는 운동입니다.",
+     ("한 팀에서 다섯 명이 경기를 합니다.",), False),
+    ("운동", "태권도", "무술", "한국에서 시작된 전통 무술입니다.",
+     ("발차기 기술이 특히 발달했습니다.", "올림픽 정식 종목입니다."), False),
+    ("운동", "수영", "운동", "물속에서 팔과 다리로 나아가는 운동입니다.",
+     ("관절에 부담이 적은 전신 운동입니다.",), False),
+    ("운동", "마라톤", "달리기", "약 42킬로미터를 달리는 경기입니다.",
+     ("끈기와 체력이 많이 필요합니다.",), False),
+    ("운동", "요가", "운동", "인도에서 시작된 몸과 마음의 수련법입니다.",
+     ("호흡과 자세로 몸을 유연하게 합니다.",), False),
+    ("운동", "배드민턴", "공놀이", "라켓으로 셔틀콕을 주고받는 운동입니다.",
+     ("주로 실내에서 경기합니다.",), False),
+    ("운동", "등산", "운동", "산에 걸어서 올라가는 활동입니다.",
+     ("다리 근력과 심폐 기능을 길러 줍니다.",), False),
+    # 기술
+    ("기술", "인터넷", "통신망", "전 세계 컴퓨터를 연결한 통신망입니다.",
+     ("정보를 빠르게 주고받을 수 있습니다.",), False),
+    ("기술", "스마트폰", "휴대폰", "컴퓨터 기능을 갖춘 휴대 전화입니다.",
+     ("여러 앱을 설치해 쓸 수 있습니다.",), False),
+    ("기술", "인공지능", "컴퓨터 기술", "사람처럼 배우고 판단하는 컴퓨터 기술입니다.",
+     ("번역과 음성 인식에 쓰입니다.",), False),
+    ("기술", "로봇", "기계", "스스로 작업을 하도록 만든 기계입니다.",
+     ("공장에서 조립 작업을 많이 합니다.",), False),
+    ("기술", "전기차", "자동차", "배터리의 전기로 움직이는 자동차입니다.",
+     ("달릴 때 배기가스가 나오지 않습니다.",), False),
+    ("기술", "태양광 발전", "발전 방식", "햇빛을 전기로 바꾸는 발전 방식입니다.",
+     ("온실가스를 거의 내뿜지 않습니다.",), False),
+    ("기술", "GPS", "위치 기술", "인공위성으로 위치를 알려 주는 시스템입니다.",
+     ("지도 앱과 내비게이션에 쓰입니다.",), False),
+    ("기술", "컴퓨터", "기계", "정보를 계산하고 처리하는 기계입니다.",
+     ("프로그램에 따라 여러 가지 일을 합니다.",), False),
+    # 계절/날씨
+    ("계절", "봄", "계절", "겨울 다음에 오는 따뜻한 계절입니다.",
+     ("벚꽃과 개나리가 핍니다.",), False),
+    ("계절", "여름", "계절", "일 년 중 가장 더운 계절입니다.",
+     ("한국은 여름에 장마가 옵니다.",), False),
+    ("계절", "가을", "계절", "선선하고 하늘이 맑은 계절입니다.",
+     ("단풍이 들고 곡식을 거둡니다.",), False),
+    ("계절", "겨울", "계절", "일 년 중 가장 추운 계절입니다.",
+     ("눈이 내리고 강물이 얼기도 합니다.",), False),
+    ("계절", "장마", "날씨", "여름에 비가 오래 내리는 시기입니다.",
+     ("한국에서는 보통 6월 하순에 시작됩니다.",), False),
+    ("계절", "태풍", "폭풍", "강한 바람과 비를 몰고 오는 열대 저기압입니다.",
+     ("한국에는 주로 여름과 초가을에 옵니다.",), False),
+    ("계절", "미세먼지", "먼지", "눈에 보이지 않을 만큼 작은 먼지입니다.",
+     ("심한 날에는 마스크를 쓰는 것이 좋습니다.",), False),
+    # 취미
+    ("취미", "독서", "취미", "책을 읽는 활동입니다.",
+     ("지식과 어휘력을 넓혀 줍니다.",), False),
+    ("취미", "요리", "취미", "재료를 손질해 음식을 만드는 일입니다.",
+     ("직접 만들면 건강한 식사를 할 수 있습니다.",), False),
+    ("취미", "사진 촬영", "취미", "카메라로 장면을 기록하는 취미입니다.",
+     ("빛과 구도가 중요합니다.",), False),
+    ("취미", "뜨개질", "취미", "실을 바늘로 떠서 옷이나 소품을 만드는 일입니다.",
+     ("목도리와 장갑을 만들 수 있습니다.",), False),
+    ("취미", "바둑", "놀이", "흑돌과 백돌로 집을 차지하는 놀이입니다.",
+     ("가로세로 열아홉 줄의 판에서 둡니다.",), False),
+    ("취미", "캠핑", "야외 활동", "야외에서 텐트를 치고 지내는 활동입니다.",
+     ("자연 속에서 쉬며 휴식할 수 있습니다.",), False),
+    ("취미", "피아노", "악기", "건반을 눌러 소리를 내는 악기입니다.",
+     ("건반은 보통 88개입니다.",), False),
+    # 역사/문화
+    ("역사", "세종대왕", "옛날 왕", "조선의 네 번째 왕입니다.",
+     ("훈민정음을 창제했습니다.", "과학과 음악도 크게 발전시켰습니다."), True),
+    ("역사", "이순신", "옛날 장군", "조선 시대의 장군입니다.",
+     ("임진왜란 때 왜군을 물리쳤습니다.", "거북선을 이끌고 싸웠습니다."), True),
+    ("역사", "한글", "글자", "세종대왕이 만든 한국의 글자입니다.",
+     ("1443년에 창제되었습니다.", "배우기 쉬운 과학적인 문자입니다."), False),
+    ("역사", "경복궁", "궁궐", "조선 시대에 지은 궁궐입니다.",
+     ("정문은 광화문입니다.", "서울 종로구에 있습니다."), False),
+    ("역사", "한복", "옷", "한국의 전통 옷입니다.",
+     ("명절이나 결혼식에 많이 입습니다.",), False),
+    ("역사", "추석", "명절", "음력 8월 15일의 한국 명절입니다.",
+     ("송편을 빚고 차례를 지냅니다.",), False),
+    ("역사", "설날", "명절", "음력 1월 1일의 한국 명절입니다.",
+     ("떡국을 먹고 세배를 합니다.",), False),
+    ("역사", "고려청자", "도자기", "고려 시대에 만든 푸른 빛의 도자기입니다.",
+     ("상감 기법이 유명합니다.",), False),
+    ("역사", "거북선", "배", "거북 모양의 덮개를 씌운 조선의 전투선입니다.",
+     ("임진왜란 때 크게 활약했습니다.",), False),
+    ("역사", "피라미드", "무덤", "고대 이집트 왕의 무덤입니다.",
+     ("큰 돌을 쌓아 사각뿔 모양으로 만들었습니다.",), False),
+    ("역사", "만리장성", "성벽", "중국 북쪽에 쌓은 긴 성벽입니다.",
+     ("북방 민족의 침입을 막으려고 쌓았습니다.",), False),
+]
+# fmt: on
+
+# ---------------------------------------------------------------------------------------------
+# Question forms. {X} is the topic; {은는}, {이가}, {을를} are particles chosen for the topic.
+
+FORMS: list[str] = [
+    "{X}에 대해 알려 주세요.",
+    "{X}{은는} 무엇인가요?",  # "누구인가요?" for people
+    "{X}의 특징을 설명해 주세요.",
+    "{X}{이가} 궁금합니다.",
+    "{X}{을를} 소개해 주세요.",
+    "{X}에 대해 간단히 설명해 줄 수 있나요?",
+    "{X}에 대해 설명해 주시겠어요?",
+    "{X}에 관해 무엇을 알고 있나요?",
+]
+HELD_OUT_FORMS = (5, 6, 7)  # indices into FORMS never used for SFT
+SFT_FORMS_PER_TOPIC = 4  # of the 5 SFT forms, how many each SFT topic gets
+HELD_OUT_TOPIC_SHARE = 0.15
+RM_RECORDS_PER_TOPIC = 2
+PPO_PROMPTS_PER_TOPIC = 3
+MAX_ANSWER_CHARS = 90
+MAX_SENTENCE_CHARS = 32
+
+# ---------------------------------------------------------------------------------------------
+# Bad answers for the reward model.
+
+CURT_ON_TOPIC = [  # 반말, on topic; {kind} takes 이야/야, 이잖아/잖아, 이지/지
+    "{X}? 그냥 {kind}{이야}.",
+    "{X}{은는} {kind}{이야}. 그것도 몰라?",
+    "{X}? {kind}{이잖아}. 됐지?",
+    "{X}? 그거 {kind}{이야}. 끝.",
+    "{X}? 뭐, {kind}{이지}.",
+    "{X}{은는} 그냥 {kind}{이야}. 별거 없어.",
+]
+ENGLISH = [  # English or mixed, no real answer
+    "I don't know.",
+    "Sorry, I can't help with that.",
+    "No idea. Ask someone else.",
+    "{X}? I'm not sure.",
+    "Hmm, {X}... I don't know much about it.",
+    "That is a hard question. Next.",
+]
+CURT_OFF_TOPIC = [  # 반말, says nothing about the topic
+    "몰라.",
+    "그건 왜 물어?",
+    "귀찮아. 나중에 물어봐.",
+    "알아서 찾아봐.",
+    "그런 거 관심 없어.",
+    "다른 거 물어봐.",
+]
+# Tiers: lower is better. Each record takes the good answer plus two bad ones from different tiers.
+TIER = {"good": 0, "curt": 1, "other_topic": 2, "truncated": 2, "english": 3, "curt_off": 3}
+NEGATIVE_PAIRS = [  # (kind, kind), weight; "other_topic" (the hard negative) is in about half
+    (("curt", "other_topic"), 3),
+    (("curt", "truncated"), 2),
+    (("curt", "english"), 1),
+    (("curt", "curt_off"), 1),
+    (("other_topic", "english"), 2),
+    (("other_topic", "curt_off"), 2),
+    (("truncated", "english"), 1),
+    (("truncated", "curt_off"), 1),
+]
+
+# ---------------------------------------------------------------------------------------------
+# Korean particles
+
+
+def has_batchim(word: str) -> bool:
+    """Whether the word's last sound closes with a consonant (받침), which picks 은/이/을 over 는/가/를."""
+    text = word.strip()
+    ch = text[-1]
+    if "가" <= ch <= "힣":
+        return (ord(ch) - 0xAC00) % 28 != 0
+    if ch.isdigit():  # 영 일 이 삼 사 오 육 칠 팔 구
+        return ch in "013678"
+    if ch.isascii() and ch.isalpha():  # letter names: 엘 엠 엔 알 end in a consonant
+        return ch.upper() in "LMNR"
+    raise ValueError(f"cannot choose a particle after {word!r}")
+
+
+def particles(word: str) -> dict[str, str]:
+    b = has_batchim(word)
+    return {
+        "은는": "은" if b else "는",
+        "이가": "이" if b else "가",
+        "을를": "을" if b else "를",
+        "이야": "이야" if b else "야",
+        "이잖아": "이잖아" if b else "잖아",
+        "이지": "이지" if b else "지",
+    }
+
+
+def fill(template: str, name: str, kind: str = "") -> str:
+    """Fill {X} and the particles after it; {이야}-style particles attach to {kind}."""
+    topic_p = particles(name)
+    kind_p = particles(kind) if kind else {}
+    out = template.replace("{X}", name).replace("{kind}", kind)
+    for key in ("은는", "이가", "을를"):
+        out = out.replace("{" + key + "}", topic_p[key])
+    for key in ("이야", "이잖아", "이지"):
+        out = out.replace("{" + key + "}", kind_p.get(key, ""))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+
+
+def question(topic: Topic, form: int) -> str:
+    _, name, _, _, _, is_person = topic
+    template = FORMS[form]
+    if is_person:
+        template = template.replace("무엇인가요?", "누구인가요?")
+    return fill(template, name)
+
+
+def first_sentence(topic: Topic) -> str:
+    _, name, _, predicate, _, _ = topic
+    return f"{name}{particles(name)['은는']} {predicate}"
+
+
+def good_answers(topic: Topic) -> list[str]:
+    """Every good answer for a topic: the defining sentence plus one or more further facts."""
+    head, rest = first_sentence(topic), topic[4]
+    options = [f"{head} {fact}" for fact in rest]
+    if len(rest) > 1:
+        options.append(" ".join([head, *rest]))
+    return [o for o in options if len(o) <= MAX_ANSWER_CHARS]
+
+
+def truncate(answer: str, rng: random.Random) -> str:
+    """Cut a good answer off in the middle of a sentence: polite so far, but unfinished."""
+    sentences = answer.split(". ")
+    index = rng.randrange(len(sentences))
+    words = sentences[index].rstrip(".").split(" ")
+    # keep at least half the words (and more than the topic alone), never the whole sentence
+    low = min(max(1 if index else 2, (len(words) + 1) // 2), len(words) - 1)
+    keep = rng.randint(low, len(words) - 1)
+    cut = " ".join(words[:keep])
+    prefix = ". ".join(sentences[:index])
+    return f"{prefix}. {cut}" if prefix else cut
+
+
+def negative(kind: str, topic: Topic, good: str, rng: random.Random) -> str:
+    category, name, curt_noun = topic[0], topic[1], topic[2]
+    if kind == "curt":
+        return fill(rng.choice(CURT_ON_TOPIC), name, curt_noun)
+    if kind == "other_topic":  # a good answer, but to another topic (same category half the time)
+        same = [t for t in TOPICS if t[0] == category and t[1] != name]
+        pool = same if same and rng.random() < 0.5 else [t for t in TOPICS if t[1] != name]
+        return rng.choice(good_answers(rng.choice(pool)))
+    if kind == "truncated":
+        return truncate(good, rng)
+    if kind == "english":
+        return fill(rng.choice(ENGLISH), name)
+    if kind == "curt_off":
+        return rng.choice(CURT_OFF_TOPIC)
+    raise ValueError(kind)
+
+
+def choose_held_out_topics(rng: random.Random) -> set[str]:
+    held: set[str] = set()
+    for category in dict.fromkeys(t[0] for t in TOPICS):
+        names = [t[1] for t in TOPICS if t[0] == category]
+        count = max(1, round(len(names) * HELD_OUT_TOPIC_SHARE))
+        held.update(rng.sample(names, count))
+    return held
+
+
+def build(seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
+    rng = random.Random(seed)
+    held_topics = choose_held_out_topics(rng)
+    sft_forms = [i for i in range(len(FORMS)) if i not in HELD_OUT_FORMS]
+
+    sft = []
+    for topic in TOPICS:
+        if topic[1] in held_topics:
+            continue
+        answers = good_answers(topic)
+        for form in sorted(rng.sample(sft_forms, SFT_FORMS_PER_TOPIC)):
+            sft.append({"prompt": question(topic, form), "completion": rng.choice(answers)})
+    rng.shuffle(sft)
+
+    pairs, weights = zip(*NEGATIVE_PAIRS, strict=True)
+    rm = []
+    for topic in TOPICS:
+        for form in rng.sample(range(len(FORMS)), RM_RECORDS_PER_TOPIC):
+            good = rng.choice(good_answers(topic))
+            mid, worst = rng.choices(pairs, weights=weights)[0]
+            completions = [("good", good), (mid, negative(mid, topic, good, rng))]
+            completions.append((worst, negative(worst, topic, good, rng)))
+            rng.shuffle(completions)
+            record: dict = {"prompt": question(topic, form)}
+            for i, (_, text) in enumerate(completions):
+                record[f"completion_{i}"] = text
+            order = sorted(range(3), key=lambda i: TIER[completions[i][0]])
+            record["ranking"] = [order.index(i) for i in range(3)]
+            rm.append(record)
+    rng.shuffle(rm)
+
+    ppo = []
+    for topic in TOPICS:
+        forms = [rng.choice(HELD_OUT_FORMS)]
+        forms += rng.sample([f for f in range(len(FORMS)) if f != forms[0]], PPO_PROMPTS_PER_TOPIC - 1)
+        ppo.extend({"prompt": question(topic, form)} for form in forms)
+    rng.shuffle(ppo)
+
+    info = {
+        "held_out_topics": sorted(held_topics, key=[t[1] for t in TOPICS].index),
+        "held_out_forms": [FORMS[i] for i in HELD_OUT_FORMS],
+        "sft_forms": [FORMS[i] for i in sft_forms],
+    }
+    return sft, rm, ppo, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_text(text: str, where: str) -> None:
+    if not isinstance(text, str) or not text or text != unicodedata.normalize("NFC", text).strip():
+        raise AssertionError(f"{where}: empty, not NFC or not stripped: {text!r}")
+
+
+def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
+    names = [t[1] for t in TOPICS]
+    assert len(set(names)) == len(names), "duplicate topic names"
+    for topic in TOPICS:
+        for sentence in (first_sentence(topic), *topic[4]):
+            assert sentence.endswith("니다."), sentence
+            assert len(sentence) <= MAX_SENTENCE_CHARS, (len(sentence), sentence)
+        assert good_answers(topic), f"no answer short enough for {topic[1]}"
+    for stage, rows in (("sft", sft), ("rm", rm), ("ppo", ppo)):
+        seen = set()
+        for n, row in enumerate(rows):
+            for key, value in row.items():
+                if key != "ranking":
+                    _check_text(value, f"{stage} record {n} {key}")
+            frozen = json.dumps(row, ensure_ascii=False, sort_keys=True)
+            assert frozen not in seen, f"{stage}: duplicate record {row}"
+            seen.add(frozen)
+    assert len({r["prompt"] for r in sft}) == len(sft), "sft: prompts not distinct"
+    assert len({r["prompt"] for r in ppo}) == len(ppo), "ppo: prompts not distinct"
+    for row in sft:
+        assert row["completion"].endswith("니다."), row
+        assert len(row["completion"]) <= MAX_ANSWER_CHARS, row
+    for row in rm:
+        assert sorted(row["ranking"]) == [0, 1, 2], row
+        texts = [row[f"completion_{i}"] for i in range(3)]
+        assert len(set(texts)) == 3, row
+        assert texts[row["ranking"].index(0)].endswith("니다."), row
+    best_positions = {row["ranking"].index(0) for row in rm}
+    assert best_positions == {0, 1, 2}, "best answer is always in the same position"
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        json.dump(rows, handle, ensure_ascii=False, indent=1)
+        handle.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "kochat_trl" / "resources"
+    )
+    args = parser.parse_args(argv)
+
+    sft, rm, ppo, info = build(args.seed)
+    check(sft, rm, ppo)
+    for name, rows in (("sft", sft), ("rm", rm), ("ppo", ppo)):
+        write_json(args.out_dir / f"{name}.json", rows)
+        print(f"{args.out_dir / (name + '.json')}: {len(rows)} records")
+    print(f"{len(TOPICS)} topics, {len(FORMS)} question forms")
+    print("SFT forms:", *info["sft_forms"], sep="\n  ")
+    print("held out of SFT, forms:", *info["held_out_forms"], sep="\n  ")
+    print("held out of SFT, topics:", ", ".join(info["held_out_topics"]))
+
+
+if __name__ == "__main__":
+    main()
