@@ -33,6 +33,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     final = check_output_dir(path, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output folder
     try:
         yield staging
         if final.exists():

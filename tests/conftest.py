@@ -24,3 +24,11 @@ def shared_kochatgpt() -> Path:
     if not SHARED_KOCHATGPT.is_dir():
         pytest.skip("../shared/kochatgpt is not present")
     return SHARED_KOCHATGPT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded default, built once per test session."""
+    from kochat_trl.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny") / "base", seed=0)
