@@ -1,0 +1,342 @@
+"""Model and tokenizer loading shared by every recipe (SFT, reward model, PPO).
+
+Thin on purpose: trl's `ModelConfig` describes the model, `trl.get_quantization_config` and
+`trl.get_peft_config` build the bitsandbytes/LoRA configs, peft prepares k-bit models. This module
+adds what Korean checkpoints and a single 24 GB GPU need on top: LoRA targets per architecture,
+special-token fixes (kogpt2, polyglot-ko, pad == eos) and a guard against a bitsandbytes CPU trap.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from trl import ModelConfig, get_peft_config, get_quantization_config
+
+from kochat_trl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+_ATTENTION_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_ATTENTION_QKV_OUT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+# Attention projections per `config.model_type`: the usual LoRA choice for RLHF on one GPU.
+LORA_TARGETS_BY_MODEL_TYPE: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],  # skt/kogpt2 (fused q/k/v, a transformers Conv1D)
+    "gpt_neox": ["query_key_value"],  # EleutherAI/polyglot-ko
+    "bloom": ["query_key_value"],
+    "gptj": _ATTENTION_QKV_OUT,  # kakaobrain/kogpt
+    "gpt_neo": _ATTENTION_QKV_OUT,
+    "phi3": ["qkv_proj", "o_proj"],
+    **{
+        model_type: _ATTENTION_QKVO
+        for model_type in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "exaone4",
+            "olmo",
+            "olmo2",
+            "stablelm",
+            "phi",
+        )
+    },
+}
+
+# Output heads never get LoRA: they are new (score) or tied to the embeddings (lm_head).
+_HEAD_MODULE_NAMES = {"lm_head", "score", "classifier"}
+
+# Tokens that already mean padding in common vocabularies; reused before adding a new one.
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|padding|>")
+NEW_PAD_TOKEN = "<pad>"
+
+# skt/kogpt2-base-v2 ships a tokenizer without special-token metadata (its model card passes these).
+KOGPT2_SPECIAL_TOKENS = {
+    "bos_token": "</s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<pad>",
+    "mask_token": "<mask>",
+}
+POLYGLOT_KO_EOS = "<|endoftext|>"  # id 2 in EleutherAI/polyglot-ko vocabularies
+
+NON_REENTRANT = {"use_reentrant": False}
+_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _config_of(model_or_config: Any) -> PretrainedConfig:
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def lora_target_modules(model_or_config: PreTrainedModel | PretrainedConfig) -> list[str]:
+    """LoRA target module names for this architecture (leaf names, as `LoraConfig.target_modules`)."""
+    model_type = getattr(_config_of(model_or_config), "model_type", None)
+    if model_type in LORA_TARGETS_BY_MODEL_TYPE:
+        return list(LORA_TARGETS_BY_MODEL_TYPE[model_type])
+    if not isinstance(model_or_config, nn.Module):
+        raise ConfigError(
+            f"no default LoRA target modules for model_type {model_type!r}; "
+            "set `lora_target_modules` (e.g. [q_proj, v_proj]) in the model config"
+        )
+    from transformers.pytorch_utils import Conv1D
+
+    # Unknown architecture: every linear layer except the output heads (bnb Linear8bitLt/4bit are nn.Linear).
+    leaf_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model_or_config.named_modules()
+        if isinstance(module, nn.Linear | Conv1D)
+    }
+    targets = sorted(leaf_names - _HEAD_MODULE_NAMES)
+    if not targets:
+        raise ConfigError(
+            f"found no linear layers for LoRA in model_type {model_type!r}; "
+            "set `lora_target_modules` in the model config"
+        )
+    return targets
+
+
+def build_peft_config(
+    model_args: ModelConfig, model_or_config: PreTrainedModel | PretrainedConfig, task_type: str
+) -> LoraConfig | None:
+    """trl's LoRA config for `task_type` ("CAUSAL_LM" or "SEQ_CLS"), with per-architecture default targets."""
+    if not model_args.use_peft:
+        return None
+    if task_type not in _TASK_TYPES:
+        raise ConfigError(f"task_type must be one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
+    # A shallow copy: get_peft_config reads these fields and the caller's ModelConfig stays untouched.
+    lora_args = copy.copy(model_args)
+    lora_args.lora_task_type = task_type
+    targets = model_args.lora_target_modules
+    if not targets:  # None, [] or ""
+        targets = lora_target_modules(model_or_config)
+    elif isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w.]+", targets):
+        # ModelConfig.__post_init__ turns a one-item list into a bare string, which peft treats as a
+        # full-name regex that matches no nested module; a plain name was meant as a list of one.
+        targets = [targets]
+    lora_args.lora_target_modules = targets
+    if task_type == "SEQ_CLS":
+        # The reward head is freshly initialised: it must be trained and saved with the adapter.
+        modules_to_save = list(model_args.lora_modules_to_save or [])
+        if "score" not in modules_to_save:
+            modules_to_save.append("score")
+        lora_args.lora_modules_to_save = modules_to_save
+    return get_peft_config(lora_args)
+
+
+def fix_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, model_type: str | None = None, name_or_path: str = ""
+) -> PreTrainedTokenizerBase:
+    """Special tokens that training needs: known Korean checkpoints' quirks, and a pad distinct from eos.
+
+    May add a token: the loaders resize the model's embeddings when `len(tokenizer)` outgrew them.
+    """
+    name = (name_or_path or getattr(tokenizer, "name_or_path", "") or "").lower()
+    if "kogpt2" in name and model_type in (None, "gpt2"):
+        tokenizer.add_special_tokens(KOGPT2_SPECIAL_TOKENS)
+    if "polyglot-ko" in name and tokenizer.eos_token != POLYGLOT_KO_EOS:
+        if POLYGLOT_KO_EOS in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"eos_token": POLYGLOT_KO_EOS})
+    # pad == eos masks every eos as padding: the model never learns to stop.
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        existing = next((token for token in _PAD_CANDIDATES if token in vocab), None)
+        tokenizer.add_special_tokens({"pad_token": existing or NEW_PAD_TOKEN})
+    return tokenizer
+
+
+def load_tokenizer(model_args: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The tokenizer of `model_args.model_name_or_path`, fixed by `fix_tokenizer`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_path = _model_path(model_args)
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    source = {"revision": model_args.model_revision, "trust_remote_code": _trust_remote_code(model_args)}
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **source)
+    try:
+        model_type = AutoConfig.from_pretrained(model_path, **source).model_type
+    except (OSError, ValueError):  # a tokenizer-only directory: name-based fixes still apply
+        model_type = None
+    fix_tokenizer(tokenizer, model_type, model_path)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _model_path(model_args: ModelConfig) -> str:
+    if not model_args.model_name_or_path:
+        raise ConfigError("model_name_or_path is not set; give a hub id or a local model directory")
+    return model_args.model_name_or_path
+
+
+def _trust_remote_code(model_args: ModelConfig) -> bool:
+    # trl 1.x moved trust_remote_code from ModelConfig to the trainer configs; a subclass may add it back.
+    return bool(getattr(model_args, "trust_remote_code", False))
+
+
+def _kbit_device_map() -> dict[str, int] | None:
+    # trl 1.12 no longer exports get_kbit_device_map; this is its body: one whole model per process.
+    from accelerate import PartialState
+
+    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return {"": PartialState().local_process_index}
+    return None
+
+
+def _auto_compute_dtype() -> torch.dtype:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_init_kwargs(model_args: ModelConfig) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for `model_args` (dtype, revision, quantization, device map)."""
+    if model_args.load_in_8bit and model_args.load_in_4bit:
+        raise ConfigError(
+            "load_in_8bit and load_in_4bit are both set; choose one (load_in_4bit uses the least memory)"
+        )
+    dtype_name = model_args.dtype or "float32"
+    if dtype_name not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype_name!r}")
+    kwargs: dict[str, Any] = {
+        "dtype": dtype_name if dtype_name == "auto" else getattr(torch, dtype_name),
+        "revision": model_args.model_revision,
+        "trust_remote_code": _trust_remote_code(model_args),
+    }
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.load_in_8bit or model_args.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            flag = "load_in_8bit" if model_args.load_in_8bit else "load_in_4bit"
+            raise ConfigError(
+                f"{flag} needs bitsandbytes, which is not importable ({error}); "
+                f"run `pip install bitsandbytes` or set {flag}: false"
+            ) from error
+        quant_args = model_args
+        if dtype_name == "auto":
+            # get_quantization_config passes dtype straight to bnb_4bit_compute_dtype, where "auto" fails.
+            quant_args = copy.copy(model_args)
+            quant_args.dtype = str(_auto_compute_dtype()).removeprefix("torch.")
+        kwargs["quantization_config"] = get_quantization_config(quant_args)
+        kwargs["device_map"] = _kbit_device_map()
+    return kwargs
+
+
+def _is_quantized(model: PreTrainedModel) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def _finish_loading(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gradient_checkpointing: bool
+) -> PreTrainedModel:
+    """Shared tail of the loaders: embeddings for added tokens, pad/eos ids, k-bit preparation."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+        model_eos = generation_config.eos_token_id
+        model_eos_ids = model_eos if isinstance(model_eos, list) else [model_eos]
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in model_eos_ids:
+            # Generation must stop at the eos the chat template writes (polyglot-ko configs disagree).
+            generation_config.eos_token_id = tokenizer.eos_token_id
+    if _is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        # Non-reentrant checkpointing: no input-grad hook needed, and torch warns about the implicit default.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=NON_REENTRANT,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+    if gradient_checkpointing:
+        model.config.use_cache = False  # the cache is useless when activations are recomputed
+    disable_bnb_cpu_bf16_repack(model)
+    return model
+
+
+def load_causal_lm(
+    model_args: ModelConfig, tokenizer: PreTrainedTokenizerBase, gradient_checkpointing: bool = False
+) -> PreTrainedModel:
+    """The policy/SFT model: `AutoModelForCausalLM` with `model_init_kwargs`, ready for LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_model_path(model_args), **model_init_kwargs(model_args))
+    return _finish_loading(model, tokenizer, gradient_checkpointing)
+
+
+def load_reward_model(
+    model_args: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    num_labels: int = 1,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """The reward/value model: `AutoModelForSequenceClassification` with a `num_labels` score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        _model_path(model_args), num_labels=num_labels, **model_init_kwargs(model_args)
+    )
+    # Sequence classification scores the last non-pad token, found through config.pad_token_id.
+    return _finish_loading(model, tokenizer, gradient_checkpointing)
+
+
+def disable_bnb_cpu_bf16_repack(model: nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many modules changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` weight the first time it runs
+    in eval mode without grad; the repacked kernel has no backward, so gradients stop at every 4-bit
+    layer and LoRA adapters behind them (q/k/v) silently get zero gradients. Already repacked weights
+    are converted back.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        was_enabled = getattr(module, "support_avx512bf16_for_cpu", False)
+        module.support_avx512bf16_for_cpu = False
+        quant_state = getattr(module.weight, "quant_state", None)
+        was_packed = bool(getattr(quant_state, "packing_format_for_cpu", False))
+        if was_packed:
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, quant_state
+            )
+        changed += was_enabled or was_packed
+    return changed
+
+
+def trainable_parameter_share(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size, like peft does."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count *= 2 * parameter.element_size()  # two 4-bit values per stored byte
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total
