@@ -1,0 +1,77 @@
+"""Stage 2 of RLHF: a reward model that scores Korean answers, trained on ranked preference pairs.
+
+KoChatGPT-style rankings (completion_0..N-1 + ranking) expand to every ordered pair; the model is a
+sequence classifier with one score (LoRA and 8-bit/4-bit from the model config). Metrics: pairwise
+accuracy and mean margin on held-out pairs.
+
+    python recipes/reward.py --config recipes/configs/tiny/reward.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/reward.py \
+        --config recipes/configs/polyglot-ko-1.3b/reward.yaml
+"""
+
+from __future__ import annotations
+
+
+def main(script_args, training_args, model_args):
+    from accelerate import PartialState
+    from trl import RewardTrainer
+
+    from kochat_trl import modeling, runs
+    from kochat_trl.rewards import pairwise_accuracy
+    from kochat_trl.templates import get_template
+    from kochat_trl.training_data import reward_dataset
+
+    runs.prepare_run(script_args, training_args, model_args)
+    tokenizer = modeling.load_tokenizer(model_args)
+    template = get_template(script_args.template)
+    with PartialState().main_process_first():
+        dataset = reward_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
+                                 training_args.seed, script_args.max_samples)  # fmt: skip
+    model = modeling.load_reward_model(model_args, tokenizer, 1, training_args.gradient_checkpointing)
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset.get("eval"),
+        processing_class=tokenizer,
+        peft_config=modeling.build_peft_config(model_args, model, "SEQ_CLS"),
+    )
+    trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
+    trainer.save_model(training_args.output_dir)
+
+    # Scored the way PPO will score: formatted prompt + answer + eos, on every held-out pair.
+    held_out = pairwise_accuracy(trainer.model, tokenizer, dataset["eval"]) if "eval" in dataset else {}
+    trainable, total = modeling.trainable_parameter_share(trainer.model)
+    metrics = {
+        "accuracy": held_out.get("accuracy"),
+        "mean_margin": held_out.get("mean_margin"),
+        "eval_pairs": held_out.get("pairs", 0),
+        "train_pairs": len(dataset["train"]),
+        "train_loss": runs.last_logged(trainer.state.log_history, "train_loss"),
+        "global_step": trainer.state.global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter": model_args.use_peft,
+        "base_model": model_args.model_name_or_path,
+        "template": script_args.template,
+    }
+    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
+                    trainer.state.log_history, ["loss", "eval_loss", "eval_accuracy", "eval_margin"])  # fmt: skip
+    trainer.accelerator.print(f"RM done: held-out accuracy {metrics['accuracy']}, mean margin "
+                              f"{metrics['mean_margin']}; saved to {training_args.output_dir}")  # fmt: skip
+    return metrics
+
+
+def make_parser():
+    from trl import ModelConfig, RewardConfig, TrlParser
+
+    from kochat_trl.runs import KochatArguments
+
+    return TrlParser((KochatArguments, RewardConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    from kochat_trl.runs import run_recipe
+
+    run_recipe(make_parser, main)

@@ -1,0 +1,85 @@
+"""Stage 1 of RLHF: supervised fine-tuning (SFT) of a Korean causal LM on prompt/answer pairs.
+
+Loss is on the answer only (prompt tokens are labelled -100) and every answer ends with eos, so
+the model learns where to stop. LoRA and 8-bit/4-bit loading come from the model config.
+
+    python recipes/sft.py --config recipes/configs/tiny/sft.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/sft.py \
+        --config recipes/configs/polyglot-ko-1.3b/sft.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def main(script_args, training_args, model_args):
+    from accelerate import PartialState
+    from trl import SFTTrainer
+
+    from kochat_trl import modeling, runs
+    from kochat_trl.outputs import write_json_atomic
+    from kochat_trl.templates import get_template
+    from kochat_trl.training_data import sft_dataset
+
+    runs.prepare_run(script_args, training_args, model_args)
+    tokenizer = modeling.load_tokenizer(model_args)
+    template = get_template(script_args.template)
+    with PartialState().main_process_first():
+        dataset = sft_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
+                              training_args.seed, script_args.max_samples)  # fmt: skip
+    model = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset.get("eval"),
+        processing_class=tokenizer,
+        peft_config=modeling.build_peft_config(model_args, model, "CAUSAL_LM"),
+    )
+    checkpoint = runs.resume_checkpoint(training_args)
+    start_file = Path(training_args.output_dir) / "eval_start.json"
+    if checkpoint is None and trainer.eval_dataset is not None:
+        start = trainer.evaluate()  # step 0: the baseline the fall in eval loss is measured against
+        if trainer.is_world_process_zero():
+            write_json_atomic(start, start_file)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    end = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    trainer.save_model(training_args.output_dir)
+
+    start = runs.read_json(start_file) or {}
+    trainable, total = modeling.trainable_parameter_share(trainer.model)
+    metrics = {
+        "eval_loss_start": start.get("eval_loss"),
+        "eval_loss_end": end.get("eval_loss"),
+        "train_loss": runs.last_logged(trainer.state.log_history, "train_loss"),
+        "global_step": trainer.state.global_step,
+        "train_rows": len(dataset["train"]),
+        "eval_rows": len(dataset["eval"]) if "eval" in dataset else 0,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter": model_args.use_peft,
+        "base_model": model_args.model_name_or_path,
+        "template": script_args.template,
+    }
+    history = [{"step": 0, **start}, *trainer.state.log_history] if start else trainer.state.log_history
+    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
+                    history, ["loss", "eval_loss", "learning_rate", "grad_norm"])  # fmt: skip
+    trainer.accelerator.print(f"SFT done: eval loss {metrics['eval_loss_start']} -> {metrics['eval_loss_end']}; "
+                              f"saved to {training_args.output_dir}")  # fmt: skip
+    return metrics
+
+
+def make_parser():
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from kochat_trl.runs import KochatArguments
+
+    return TrlParser((KochatArguments, SFTConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    from kochat_trl.runs import run_recipe
+
+    run_recipe(make_parser, main)
