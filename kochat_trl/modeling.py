@@ -9,7 +9,10 @@ special-token fixes (kogpt2, polyglot-ko, pad == eos) and a guard against a bits
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -273,13 +276,41 @@ def _finish_loading(
     return model
 
 
+def adapter_base(path: str | os.PathLike) -> str | None:
+    """The base model of a PEFT adapter folder, or None when `path` is a full model."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"]
+
+
+def _from_pretrained(auto_class: Any, model_args: ModelConfig, **kwargs: Any) -> PreTrainedModel:
+    """Load a full model, or base + adapter merged in memory when the path is a PEFT adapter folder."""
+    path = _model_path(model_args)
+    base = adapter_base(path)
+    if base is None:
+        return auto_class.from_pretrained(path, **kwargs, **model_init_kwargs(model_args))
+    if model_args.load_in_8bit or model_args.load_in_4bit:
+        raise ConfigError(
+            f"{path} is a LoRA adapter; merging it into 8-bit/4-bit weights loses precision. "
+            f"Merge it first (kochat-trl merge --adapter {path} -o MERGED) and load MERGED quantized"
+        )
+    from peft import PeftModel
+
+    model = auto_class.from_pretrained(base, **kwargs, **model_init_kwargs(model_args))
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
 def load_causal_lm(
     model_args: ModelConfig, tokenizer: PreTrainedTokenizerBase, gradient_checkpointing: bool = False
 ) -> PreTrainedModel:
-    """The policy/SFT model: `AutoModelForCausalLM` with `model_init_kwargs`, ready for LoRA."""
+    """The policy/SFT model: `AutoModelForCausalLM` with `model_init_kwargs`, ready for LoRA.
+
+    An adapter folder (an SFT trained with LoRA) loads as its base with the adapter merged in.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_model_path(model_args), **model_init_kwargs(model_args))
+    model = _from_pretrained(AutoModelForCausalLM, model_args)
     return _finish_loading(model, tokenizer, gradient_checkpointing)
 
 
@@ -292,9 +323,7 @@ def load_reward_model(
     """The reward/value model: `AutoModelForSequenceClassification` with a `num_labels` score head."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        _model_path(model_args), num_labels=num_labels, **model_init_kwargs(model_args)
-    )
+    model = _from_pretrained(AutoModelForSequenceClassification, model_args, num_labels=num_labels)
     # Sequence classification scores the last non-pad token, found through config.pad_token_id.
     return _finish_loading(model, tokenizer, gradient_checkpointing)
 

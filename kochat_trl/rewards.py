@@ -1,4 +1,4 @@
-"""Scoring text with a reward model: the same way it was trained (prompt + answer + eos)."""
+"""Scoring answers with a reward model, the same way it was trained (prompt + answer + eos)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,60 @@ import torch
 
 
 @torch.no_grad()
+def score_token_sequences(model: Any, pad_token_id: int, sequences: Sequence[Sequence[int]],
+                          batch_size: int = 32) -> list[float]:  # fmt: skip
+    """Scalar reward per token sequence, read at its last token (sequences are right-padded here)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = [list(sequence) for sequence in sequences[start : start + batch_size]]
+            width = max(len(sequence) for sequence in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, sequence in enumerate(batch):
+                input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+                attention_mask[row, : len(sequence)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+    finally:
+        model.train(was_training)
+    return scores
+
+
 def reward_scores(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> list[float]:
     """Scalar reward per full text (template-formatted prompt + completion); eos appended if missing.
 
-    RewardTrainer trains on `prompt + answer + eos` and the score is read at the last non-pad token,
-    so scoring without eos would read a position the model never learned to score.
+    RewardTrainer trains on `prompt + answer + eos` and the score is read at the last token, so
+    scoring without eos would read a position the model never learned to score.
     """
     eos = tokenizer.eos_token or ""
     texts = [text if text.endswith(eos) else text + eos for text in texts]
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    scores: list[float] = []
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)  # fmt: skip
-            scores.extend(model(**batch).logits[:, 0].float().cpu().tolist())
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return scores
+    sequences = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return score_token_sequences(model, tokenizer.pad_token_id, sequences, batch_size)
+
+
+def score_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                    response_ids: Sequence[Sequence[int]], missing_eos_penalty: float | None = None,
+                    batch_size: int = 32) -> list[float]:  # fmt: skip
+    """Score generated answers as PPO does: prompt ids + answer ids cut after the first eos.
+
+    An answer that never produced eos was cut off by the length limit: it is scored as is and,
+    when `missing_eos_penalty` is set, that much is subtracted (TRL's PPO/RLOO rule).
+    """
+    eos_id = tokenizer.eos_token_id
+    sequences, penalties = [], []
+    for prompt, response in zip(prompt_ids, response_ids, strict=True):
+        response = [token for token in response if token != tokenizer.pad_token_id]
+        ended = eos_id in response
+        if ended:
+            response = response[: response.index(eos_id) + 1]
+        sequences.append([*prompt, *response])
+        penalties.append(0.0 if ended or missing_eos_penalty is None else missing_eos_penalty)
+    scores = score_token_sequences(model, tokenizer.pad_token_id, sequences, batch_size)
+    return [score - penalty for score, penalty in zip(scores, penalties, strict=True)]
 
 
 def pairwise_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], batch_size: int = 32) -> dict:

@@ -1,0 +1,146 @@
+"""Stage 3 of RLHF: PPO raises the reward model's score of the SFT policy's answers, while a KL
+penalty keeps the policy close to the SFT model.
+
+Policy: the SFT result (a full model, or base + SFT adapter merged in memory) with a new LoRA
+adapter; the reference is the same model with that adapter disabled (`ref_model=None`), so it costs
+no memory. Reward model: stage 2's, frozen. Value model: initialised from the reward model (LoRA on
+it when `use_peft`). Prompts come from the PPO layout through the shared template, pre-tokenised
+and left-padded; answers stop at eos.
+
+    python recipes/ppo.py --config recipes/configs/tiny/ppo.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/ppo.py \
+        --config recipes/configs/polyglot-ko-1.3b/ppo.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from kochat_trl.runs import KochatArguments
+
+
+@dataclass
+class PPOScriptArguments(KochatArguments):
+    dataset_name: str = field(default="bundled:ppo", metadata={"help": "Prompts (any layout with a prompt)."})
+    value_model_path: str | None = field(
+        default=None, metadata={"help": "Value model initialisation; defaults to reward_model_path."}
+    )
+    kl_target: float | None = field(
+        default=None, metadata={"help": "Adapt kl_coef so the per-answer KL approaches this value (None: fixed)."}
+    )
+    kl_bound: float | None = field(
+        default=None, metadata={"help": "Held-out KL the run must stay under; reported as kl_within_bound."}
+    )
+    eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after PPO."})
+
+
+def main(script_args, training_args, model_args):
+    from accelerate import PartialState
+
+    from kochat_trl import modeling, rl, runs
+    from kochat_trl.rewards import score_responses
+    from kochat_trl.templates import get_template
+    from kochat_trl.training_data import prompt_dataset
+
+    runs.prepare_run(script_args, training_args, model_args)
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    template = get_template(script_args.template)
+    with PartialState().main_process_first():
+        dataset = prompt_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
+                                 training_args.seed, script_args.max_samples)  # fmt: skip
+    held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
+
+    policy = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
+    reward_args = copy.copy(model_args)
+    reward_args.model_name_or_path, reward_args.use_peft = training_args.reward_model_path, False
+    reward_model = modeling.load_reward_model(reward_args, tokenizer)
+    value_args = copy.copy(reward_args)
+    value_args.model_name_or_path = script_args.value_model_path or training_args.reward_model_path
+    value_model = modeling.load_reward_model(value_args, tokenizer, 1, training_args.gradient_checkpointing)
+    if model_args.use_peft:
+        from peft import get_peft_model
+
+        value_model = get_peft_model(value_model, modeling.build_peft_config(model_args, value_model, "SEQ_CLS"))
+
+    # Reward of the SFT policy on held-out prompts, sampled exactly as PPO samples, fixed seed.
+    sampling = {"max_new_tokens": training_args.response_length, "temperature": training_args.temperature,
+                "seed": training_args.seed}  # fmt: skip
+    prompts = held_out["input_ids"]
+    before = rl.sample_responses(policy, tokenizer, prompts, **sampling)
+    scores_before = score_responses(reward_model, tokenizer, prompts, before, training_args.missing_eos_penalty)
+
+    callbacks = [rl.AdaptiveKLCallback(script_args.kl_target)] if script_args.kl_target else []
+    trainer = rl.build_ppo_trainer(
+        training_args, tokenizer, policy, reward_model, value_model,
+        train_dataset=dataset["train"].select_columns(["input_ids"]),
+        eval_dataset=held_out.select_columns(["input_ids"]),
+        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        callbacks=callbacks,
+    )  # fmt: skip
+    rl.train_ppo(trainer)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        value_model.save_pretrained(f"{training_args.output_dir}/value")
+        tokenizer.save_pretrained(f"{training_args.output_dir}/value")
+
+    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    after = rl.sample_responses(trained, tokenizer, prompts, **sampling)
+    scores_after = score_responses(reward_model, tokenizer, prompts, after, training_args.missing_eos_penalty)
+    reference = trained if trainer.ref_model is None else trainer.ref_model
+    kl = rl.sequence_kl(trained, reference, lambda: rl.reference_context(trainer), prompts, after,
+                        training_args.temperature)  # fmt: skip
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_after, scores_before, strict=True)]
+    policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
+    value_trainable, value_total = modeling.trainable_parameter_share(value_model)
+    metrics = {
+        "reward_before": sum(scores_before) / len(scores_before),
+        "reward_after": sum(scores_after) / len(scores_after),
+        "kl": kl,
+        "kl_bound": script_args.kl_bound,
+        "kl_within_bound": None if script_args.kl_bound is None else kl <= script_args.kl_bound,
+        "win_rate": sum(wins) / len(wins),
+        "eval_prompts": len(prompts),
+        "eos_rate_before": sum(tokenizer.eos_token_id in ids for ids in before) / len(before),
+        "eos_rate_after": sum(tokenizer.eos_token_id in ids for ids in after) / len(after),
+        "length_before": sum(map(len, before)) / len(before),
+        "length_after": sum(map(len, after)) / len(after),
+        "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
+        "kl_coef_final": training_args.kl_coef,
+        "episodes": trainer.state.episode,
+        "global_step": trainer.state.global_step,
+        # What each model costs (parameters; the reference shares the policy's weights under LoRA).
+        "params": {"policy": policy_total, "policy_trainable": policy_trainable,
+                   "reference_extra": 0 if trainer.ref_model is None else policy_total,
+                   "reward": sum(p.numel() for p in reward_model.parameters()),
+                   "value": value_total, "value_trainable": value_trainable},  # fmt: skip
+        "samples": [
+            {"prompt": query, "before": tokenizer.decode(b, skip_special_tokens=True).strip(),
+             "after": tokenizer.decode(a, skip_special_tokens=True).strip(), "score_before": sb, "score_after": sa}
+            for query, b, a, sb, sa in zip(held_out["query"], before, after, scores_before, scores_after, strict=False)
+        ][:3],  # fmt: skip
+        "policy_base": model_args.model_name_or_path,
+        "reward_model": training_args.reward_model_path,
+        "template": script_args.template,
+    }
+    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
+                    trainer.state.log_history,
+                    ["objective/scores", "objective/kl", "objective/entropy", "val/response_length",
+                     "objective/rlhf_reward", "loss/value_avg"])  # fmt: skip
+    trainer.accelerator.print(f"PPO done: reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
+                              f"KL {kl:.3f}, win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}")
+    return metrics
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from kochat_trl.rl import PPOConfig
+
+    return TrlParser((PPOScriptArguments, PPOConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    from kochat_trl.runs import run_recipe
+
+    run_recipe(make_parser, main)
