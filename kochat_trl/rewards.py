@@ -40,7 +40,7 @@ def reward_scores(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: 
     """
     eos = tokenizer.eos_token or ""
     texts = [text if text.endswith(eos) else text + eos for text in texts]
-    sequences = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    sequences = tokenizer(list(texts))["input_ids"]  # special tokens as RewardTrainer adds them (bos)
     return score_token_sequences(model, tokenizer.pad_token_id, sequences, batch_size)
 
 

@@ -64,6 +64,6 @@ def prompt_dataset(source: str, template: PromptTemplate, tokenizer: Any, eval_f
     rows = []
     for row in loaded.rows:
         text = template.format_prompt(row["prompt"], tokenizer)
-        rows.append({"query": row["prompt"], "prompt": text,
-                     "input_ids": tokenizer(text, add_special_tokens=False)["input_ids"]})  # fmt: skip
+        # Default special tokens, as TRL's SFT and reward trainers tokenize (bos for Llama-style models).
+        rows.append({"query": row["prompt"], "prompt": text, "input_ids": tokenizer(text)["input_ids"]})
     return _split(loaded, rows, eval_fraction, seed, max_samples)

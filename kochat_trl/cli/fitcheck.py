@@ -1,0 +1,120 @@
+"""`kochat-trl fit-check`: will a training stage fit on my GPU? Estimated peak memory per component."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kochat_trl.errors import KochatError
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "fit-check",
+        help="estimate a stage's peak GPU memory and whether it fits",
+        description="Count the model's parameters exactly (built on the meta device from its config, no weights "
+        "needed), estimate weights, LoRA/optimizer states, activations and logits for one training step, and "
+        "say whether it fits in --gpu-memory; if not, name the first knob that makes it fit.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME_OR_CONFIG",
+        help="local model folder or config.json, or skt/kogpt2-base-v2, EleutherAI/polyglot-ko-{1.3b,5.8b,12.8b}",
+    )
+    parser.add_argument("--stage", required=True, choices=["sft", "rm", "ppo"])
+    parser.add_argument("--gpu-memory", required=True, metavar="SIZE", help="e.g. 24GB (GB = GiB, as GPUs are sold)")
+    parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights (needs LoRA)")
+    parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights (needs LoRA)")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA (default) or full FT")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4, help="per-device batch (RM: pairs, PPO: rollouts)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (PPO: the query)")
+    parser.add_argument("--response-length", type=int, default=128, help="PPO generated tokens")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights and compute dtype")
+    parser.add_argument("--json", action="store_true", help="print the machine-readable breakdown")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kochat_trl.fitcheck import FitSettings, estimate, parse_memory, resolve_model_config, suggest
+
+    if args.load_in_8bit and args.load_in_4bit:
+        raise KochatError("--load-in-8bit and --load-in-4bit are both set; choose one (4-bit uses the least memory)")
+    gpu_bytes = parse_memory(args.gpu_memory)
+    settings = FitSettings(
+        dtype=args.dtype,
+        quantization="8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None,
+        lora=args.lora,
+        lora_r=args.lora_r,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        response_length=args.response_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    settings.validate()  # bad numbers fail before the (seconds long) model import
+    config = resolve_model_config(args.model)
+    result = estimate(config, args.stage, settings)
+    fits = result.total_bytes <= gpu_bytes
+    suggestion = None if fits else suggest(config, args.stage, settings, gpu_bytes)
+    if args.json:
+        payload = result.to_dict()
+        payload.update(gpu_memory_bytes=gpu_bytes, fits=fits)
+        if not fits:
+            payload["suggestion"] = suggestion and {
+                "flags": list(suggestion.flags),
+                "total_bytes": suggestion.estimate.total_bytes,
+            }
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(result, gpu_bytes, suggestion))
+    return 0
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.2f}"
+
+
+def format_report(result, gpu_bytes: int, suggestion=None) -> str:
+    """The human-readable table: one row per component, the total, the verdict and the knob to turn."""
+    settings = result.settings
+    quantization = {"8bit": "8-bit", "4bit": "4-bit nf4", None: "no quantization"}[settings.quantization]
+    training = f"LoRA r={settings.lora_r}" if settings.lora else "full fine-tuning"
+    shape = f"batch {settings.batch_size} x seq {settings.seq_len}"
+    if result.stage == "ppo":
+        shape += f" + response {settings.response_length}"
+    lines = [
+        f"fit-check: {result.model}, stage {result.stage}, {result.param_count:,} parameters "
+        f"({result.trainable_params:,} trainable)",
+        f"settings: {settings.dtype}, {quantization}, {training}, {shape}, gradient checkpointing "
+        + ("on" if settings.gradient_checkpointing else "off"),
+        "",
+        f"{'component':<34} {'phase':<18} {'GiB':>8}  how",
+    ]
+    for component in result.components:
+        lines.append(f"{component.label:<34} {component.phase:<18} {_gib(component.bytes):>8}  {component.formula}")
+    lines.append(f"{'CUDA context + allocator':<34} {'fixed':<18} {_gib(result.overhead_bytes):>8}  constant")
+    phases = {phase: total for phase, total in result.phase_bytes().items() if phase != "static"}
+    peak_phase = max(phases, key=phases.get) if phases else "static"
+    lines.append(
+        f"{'total (peak)':<34} {'':<18} {_gib(result.total_bytes):>8}  "
+        f"static + largest transient phase ({peak_phase}) + overhead"
+    )
+    lines.append(f"{'GPU memory':<34} {'':<18} {_gib(gpu_bytes):>8}")
+    lines.extend(f"note: {note}" for note in result.notes)
+    lines.append("")
+    spare = gpu_bytes - result.total_bytes
+    if spare >= 0:
+        lines.append(f"verdict: fits ({_gib(spare)} GiB to spare)")
+    elif suggestion is None:
+        lines.append(
+            f"verdict: does not fit (short by {_gib(-spare)} GiB), even with 4-bit LoRA, batch 1, gradient "
+            "checkpointing and a short sequence; use a bigger GPU or a smaller model"
+        )
+    else:
+        lines.append(
+            f"verdict: does not fit (short by {_gib(-spare)} GiB); use {' '.join(suggestion.flags)} "
+            f"(estimated {_gib(suggestion.estimate.total_bytes)} GiB)"
+        )
+    return "\n".join(lines)
