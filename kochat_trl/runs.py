@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -94,6 +95,19 @@ def resume_checkpoint(training_args: Any) -> str | bool | None:
     return str(value)
 
 
+def parameter_sharding(training_args: Any) -> str | None:
+    """The launcher's parameter sharding across processes ("FSDP" or "DeepSpeed ZeRO-3"), or None."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or getattr(training_args, "fsdp", None):
+        return "FSDP"
+    zero3_launch = (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
+    return "DeepSpeed ZeRO-3" if zero3_launch or is_deepspeed_zero3_enabled() else None
+
+
 def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: Any) -> None:
     """Validate settings, build the tiny model if asked, and make sure output_dir may be written."""
     from accelerate import PartialState
@@ -105,6 +119,23 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
         raise ConfigError(f"eval_fraction must be in [0, 1), got {kochat_args.eval_fraction}")
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise ConfigError("load_in_8bit and load_in_4bit are both set; choose one")
+    sharding = parameter_sharding(training_args)
+    if sharding and (model_args.load_in_8bit or model_args.load_in_4bit):
+        # Caught here because the libraries' own errors name neither flag: ZeRO-3 fails in from_pretrained with
+        # "DeepSpeed Zero-3 is not compatible with passing a `device_map`" (k-bit loads one whole model per GPU);
+        # FSDP with "Must flatten tensors with uniform dtype ... torch.uint8/int8" (bnb stores integer weights).
+        flag = "load_in_8bit" if model_args.load_in_8bit else "load_in_4bit"
+        raise ConfigError(
+            f"{flag} does not combine with {sharding}; for (Q)LoRA launch with accelerate_configs/multi_gpu.yaml "
+            f"(DDP), or set {flag}: false to shard the full model"
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        # Without a GPU the processes never join one group: each would train alone and write the same output_dir.
+        raise ConfigError(
+            f"launched {launched} processes but they did not form one process group (no GPU found); "
+            "pass --use_cpu true to train them together on CPU, or launch a single process"
+        )
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path is not set; give a hub id or a local model folder")
     output_dir = Path(training_args.output_dir)
@@ -121,6 +152,11 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
                 f"{model_args.model_name_or_path}: model_name_or_path is neither a folder nor a hub id; "
                 "set init_tiny: true to build the embedded default there"
             )
+    # Seed before any model is built: a new reward/value head is drawn from the global generator
+    # when the model loads, before the Trainer seeds anything (same seed -> same run).
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
@@ -155,6 +191,8 @@ def finish_run(output_dir: str | Path, metrics: dict[str, Any], config: dict[str
     output_dir = Path(output_dir)
     if not is_main_process():
         return output_dir / METRICS_FILE
+    # Trainer.save_model pickles the arguments; loading a pickle runs code, and config.yaml says the same.
+    (output_dir / "training_args.bin").unlink(missing_ok=True)
     write_text_atomic(yaml.safe_dump(config, allow_unicode=True, sort_keys=True), output_dir / "config.yaml")
     write_json_atomic(log_history, output_dir / "log_history.json")
     plot_curves(log_history, curve_keys, output_dir / "curves.png")

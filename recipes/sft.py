@@ -10,15 +10,12 @@ the model learns where to stop. LoRA and 8-bit/4-bit loading come from the model
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import SFTTrainer
 
     from kochat_trl import modeling, runs
-    from kochat_trl.outputs import write_json_atomic
     from kochat_trl.templates import get_template
     from kochat_trl.training_data import sft_dataset
 
@@ -39,16 +36,16 @@ def main(script_args, training_args, model_args):
         peft_config=modeling.build_peft_config(model_args, model, "CAUSAL_LM"),
     )
     checkpoint = runs.resume_checkpoint(training_args)
-    start_file = Path(training_args.output_dir) / "eval_start.json"
-    if checkpoint is None and trainer.eval_dataset is not None:
-        start = trainer.evaluate()  # step 0: the baseline the fall in eval loss is measured against
-        if trainer.is_world_process_zero():
-            write_json_atomic(start, start_file)
+    # The step-0 eval loss is the baseline the fall is measured against. It runs inside train():
+    # a trainer.evaluate() before train() prepares the model for evaluation only, and train() then
+    # skips the DDP wrapper, so ranks would silently never average their gradients.
+    trainer.args.eval_on_start = checkpoint is None and trainer.eval_dataset is not None
     trainer.train(resume_from_checkpoint=checkpoint)
     end = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(training_args.output_dir)
 
-    start = runs.read_json(start_file) or {}
+    # A resumed run gets the step-0 entry back with the checkpoint's log history.
+    start = next((entry for entry in trainer.state.log_history if entry.get("step") == 0 and "eval_loss" in entry), {})
     trainable, total = modeling.trainable_parameter_share(trainer.model)
     metrics = {
         "eval_loss_start": start.get("eval_loss"),
@@ -63,9 +60,8 @@ def main(script_args, training_args, model_args):
         "base_model": model_args.model_name_or_path,
         "template": script_args.template,
     }
-    history = [{"step": 0, **start}, *trainer.state.log_history] if start else trainer.state.log_history
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
-                    history, ["loss", "eval_loss", "learning_rate", "grad_norm"])  # fmt: skip
+                    trainer.state.log_history, ["loss", "eval_loss", "learning_rate", "grad_norm"])  # fmt: skip
     trainer.accelerator.print(f"SFT done: eval loss {metrics['eval_loss_start']} -> {metrics['eval_loss_end']}; "
                               f"saved to {training_args.output_dir}")  # fmt: skip
     return metrics

@@ -403,9 +403,10 @@ def negative(kind: str, topic: Topic, good: str, rng: random.Random) -> str:
     category, name, curt_noun = topic[0], topic[1], topic[2]
     if kind == "curt":
         return fill(rng.choice(CURT_ON_TOPIC), name, curt_noun)
-    if kind == "other_topic":  # a good answer, but to another topic (same category half the time)
-        same = [t for t in TOPICS if t[0] == category and t[1] != name]
-        pool = same if same and rng.random() < 0.5 else [t for t in TOPICS if t[1] != name]
+    if kind == "other_topic":  # a good answer, but to a topic of another category
+        # Same-category swaps (마라톤 vs 야구) proved beyond what the 2-layer tiny model can learn from
+        # 200 records; across categories it learns to read the question (held-out accuracy >= 0.9).
+        pool = [t for t in TOPICS if t[0] != category]
         return rng.choice(good_answers(rng.choice(pool)))
     if kind == "truncated":
         return truncate(good, rng)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,39 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from kochat_trl.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIGS = REPO / "recipes" / "configs" / "tiny"
+
+
+def load_recipe(name: str):
+    """Import recipes/NAME.py (recipes are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_recipe(name: str, config: str, *overrides: str) -> dict:
+    """Run a recipe in-process exactly as `python recipes/NAME.py --config CONFIG ...` would."""
+    from kochat_trl.runs import parse_recipe_args
+
+    module = load_recipe(name)
+    argv = ["--config", str(TINY_CONFIGS / config), "--disable_tqdm", "true", *overrides]
+    return module.main(*parse_recipe_args(module.make_parser(), argv))
+
+
+@pytest.fixture(scope="session")
+def tiny_stages(tiny_model_dir, tmp_path_factory) -> dict:
+    """SFT then reward model on the embedded default with the shipped tiny configs (once per session)."""
+    root = tmp_path_factory.mktemp("stages")
+    sft = run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
+                     "--output_dir", str(root / "sft"))  # fmt: skip
+    rm = run_recipe("reward", "reward.yaml", "--model_name_or_path", str(root / "sft"),
+                    "--output_dir", str(root / "rm"))  # fmt: skip
+    return {"root": root, "base": tiny_model_dir, "sft": root / "sft", "rm": root / "rm",
+            "sft_metrics": sft, "rm_metrics": rm}  # fmt: skip

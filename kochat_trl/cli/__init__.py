@@ -15,7 +15,7 @@ from kochat_trl.errors import EXIT_USER_ERROR, KochatError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kochat_trl.cli import data, fitcheck, generate, merge, tiny
+    from kochat_trl.cli import data, fitcheck, generate, merge, pipeline, tiny
 
     parser = argparse.ArgumentParser(
         prog="kochat-trl",
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kochat-trl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, tiny, merge, generate, fitcheck):
+    for module in (pipeline, data, tiny, merge, generate, fitcheck):
         module.register(commands)
     return parser
 

@@ -1,0 +1,42 @@
+"""`kochat-trl pipeline`: SFT → RM → PPO → merge → decoding comparison → report, in one command."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "pipeline",
+        help="run SFT -> RM -> PPO -> merge -> decoding comparison and write a report",
+        description="With no arguments: the whole loop on the embedded tiny default, offline, on a CPU. "
+        "Stages already finished in the output folder are skipped, so a crashed run continues.",
+    )
+    parser.add_argument("--config", help="pipeline YAML (default: recipes/configs/tiny/pipeline.yaml)")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: from config)")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run folder and start over")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kochat_trl.pipeline import run_pipeline
+
+    report = run_pipeline(args.config, args.output_dir, args.overwrite)
+    sft, rm, ppo = report["sft"], report["rm"], report["ppo"]
+    table = Table(title=f"kochat-trl pipeline: {report['output_dir']}")
+    table.add_column("stage")
+    table.add_column("result")
+    table.add_row("SFT", f"eval loss {sft['eval_loss_start']:.3f} -> {sft['eval_loss_end']:.3f}")
+    table.add_row("RM", f"held-out accuracy {rm['accuracy']:.3f}, margin {rm['mean_margin']:.2f}")
+    table.add_row("PPO", f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f}, KL {ppo['kl']:.2f}, "
+                  f"win-rate {ppo['win_rate']:.2f}")  # fmt: skip
+    table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
+    console = Console()
+    console.print(table)
+    for sample in ppo["samples"]:
+        console.print(f"[bold]{sample['prompt']}[/bold]\n  SFT: {sample['before']}\n  PPO: {sample['after']}")
+    console.print(f"report: {report['output_dir']}/report.md, report.json, decoding.md")
+    return 0

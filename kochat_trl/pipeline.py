@@ -1,0 +1,219 @@
+"""The whole of RLHF in one command: SFT → reward model → PPO → merge → decoding comparison → report.
+
+Each training stage runs its recipe (`recipes/<stage>.py`) in a child process, exactly as a user
+runs it by hand, with the stage's YAML plus the paths that chain the stages. A stage whose folder
+holds `metrics.json` (written last) is finished and skipped on rerun, so a crashed run continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kochat_trl.errors import ConfigError, KochatError
+from kochat_trl.outputs import check_output_dir, write_json_atomic, write_text_atomic
+from kochat_trl.runs import METRICS_FILE, read_json, stage_finished
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "tiny" / "pipeline.yaml"
+TRAINING_STAGES = ("sft", "rm", "ppo")
+RECIPE_OF_STAGE = {"sft": "sft.py", "rm": "reward.py", "ppo": "ppo.py"}
+STATE_FILE = "pipeline_state.json"
+
+
+@dataclass
+class PipelineConfig:
+    """What `recipes/configs/<model>/pipeline.yaml` holds (paths relative to the repository root)."""
+
+    output_dir: str = "runs/tiny"
+    base_model: str | None = None  # None: build the embedded tiny default into OUTPUT_DIR/base
+    seed: int = 0
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> recipe YAML
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> extra recipe settings
+    launcher: list[str] = field(default_factory=list)  # e.g. ["accelerate", "launch", "--num_processes", "2"]
+    decoding_strategies: list[str] = field(default_factory=lambda: ["greedy", "beam", "sampling", "top_k", "top_p"])
+    decoding_prompts: int = 4
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PipelineConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: pipeline config not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML ({error})".replace("\n", " ")) from None
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        config = cls(**raw)
+        missing = [stage for stage in TRAINING_STAGES if stage not in config.stages]
+        if missing:
+            raise ConfigError(f"{path}: stages needs a recipe config for {', '.join(missing)}")
+        for stage, recipe_config in config.stages.items():
+            if stage not in TRAINING_STAGES:
+                raise ConfigError(f"{path}: unknown stage {stage!r}; stages are {', '.join(TRAINING_STAGES)}")
+            if not _in_repo(recipe_config).is_file():
+                raise ConfigError(f"{path}: stages.{stage}: {recipe_config} not found")
+        return config
+
+
+def _in_repo(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _stage_arguments(stage: str, run_dir: Path, base: Path) -> list[str]:
+    """The paths that chain the stages: SFT from the base, RM from SFT, PPO from SFT + RM."""
+    chained = {
+        "sft": ["--model_name_or_path", str(base), "--init_tiny", "false"],
+        "rm": ["--model_name_or_path", str(run_dir / "sft")],
+        "ppo": ["--model_name_or_path", str(run_dir / "sft"), "--reward_model_path", str(run_dir / "rm")],
+    }[stage]
+    return [*chained, "--output_dir", str(run_dir / stage), "--overwrite", "true"]
+
+
+def _override_arguments(overrides: dict[str, Any]) -> list[str]:
+    """YAML values as recipe command-line flags (booleans as true/false, lists as JSON)."""
+    arguments = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        arguments += [f"--{key}", text]
+    return arguments
+
+
+def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path) -> None:
+    """Run one recipe in a child process; its output streams to the console as it trains."""
+    recipe = REPO_ROOT / "recipes" / RECIPE_OF_STAGE[stage]
+    if not recipe.is_file():
+        raise KochatError(f"{recipe}: recipe not found; run the pipeline from a source checkout (pip install -e .)")
+    launcher = config.launcher or [sys.executable]
+    command = [*launcher, str(recipe), "--config", str(_in_repo(config.stages[stage])),
+               *_stage_arguments(stage, run_dir, base), *_override_arguments(config.overrides.get(stage, {}))]
+    print(f"\n[kochat-trl] {stage}: {' '.join(command)}", flush=True)
+    result = subprocess.run(command, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise KochatError(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
+                          f"finished stages in {run_dir} are kept")  # fmt: skip
+
+
+def _export(run_dir: Path) -> dict[str, str]:
+    """merged/policy and merged/reward: LoRA adapters merged into their bases, full models copied."""
+    from kochat_trl.export import merge_adapter
+    from kochat_trl.modeling import adapter_base
+
+    merged = run_dir / "merged"
+    exported = {}
+    for name, stage in (("policy", "ppo"), ("reward", "rm")):
+        source, target = run_dir / stage, merged / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if adapter_base(source) is not None:
+            merge_adapter(source, target, overwrite=True)
+        else:
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "*.bin"))
+        exported[name] = str(target)
+    return exported
+
+
+def _decoding(run_dir: Path, config: PipelineConfig) -> None:
+    from kochat_trl.generation import compare_decoding, default_prompts, render_markdown
+
+    result = compare_decoding(str(run_dir / "merged" / "policy"), default_prompts(config.decoding_prompts),
+                              config.decoding_strategies, reward_model=str(run_dir / "merged" / "reward"),
+                              seed=config.seed)  # fmt: skip
+    write_text_atomic(render_markdown(result), run_dir / "decoding.md")
+
+
+def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
+    """report.json: the numbers other tools read (keys nested: report["sft"]["eval_loss_start"])."""
+    sft, rm, ppo = (read_json(run_dir / stage / METRICS_FILE) for stage in TRAINING_STAGES)
+    return {
+        "sft": {"eval_loss_start": sft["eval_loss_start"], "eval_loss_end": sft["eval_loss_end"]},
+        "rm": {"accuracy": rm["accuracy"], "mean_margin": rm["mean_margin"]},
+        "ppo": {"reward_before": ppo["reward_before"], "reward_after": ppo["reward_after"], "kl": ppo["kl"],
+                "win_rate": ppo["win_rate"], "samples": ppo["samples"]},  # fmt: skip
+        "wall_time_s": wall_time,
+        "output_dir": str(run_dir),
+    }
+
+
+def render_report(report: dict[str, Any]) -> str:
+    sft, rm, ppo = report["sft"], report["rm"], report["ppo"]
+    lines = [
+        "# kochat-trl pipeline report", "",
+        "| stage | metric | value |", "|---|---|---:|",
+        f"| SFT | eval loss (start → end) | {sft['eval_loss_start']:.3f} → {sft['eval_loss_end']:.3f} |",
+        f"| RM | held-out pairwise accuracy | {rm['accuracy']:.3f} |",
+        f"| RM | mean margin | {rm['mean_margin']:.3f} |",
+        f"| PPO | RM reward (SFT → PPO) | {ppo['reward_before']:.3f} → {ppo['reward_after']:.3f} |",
+        f"| PPO | KL to the SFT policy | {ppo['kl']:.3f} |",
+        f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
+        "", "## Wall time (s)", "", "| stage | seconds |", "|---|---:|",
+        *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()),
+        "", "## Sample answers (before → after PPO)", "",
+    ]  # fmt: skip
+    for sample in ppo["samples"]:
+        lines += [f"**{sample['prompt']}**", "",
+                  f"- SFT ({sample['score_before']:.2f}): {sample['before']}",
+                  f"- PPO ({sample['score_after']:.2f}): {sample['after']}", ""]  # fmt: skip
+    lines += ["## Curves", "", "![SFT](sft/curves.png)", "![RM](rm/curves.png)", "![PPO](ppo/curves.png)", "",
+              "Decoding strategies compared: [decoding.md](decoding.md).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run (or continue) the pipeline; returns report.json's content."""
+    config = PipelineConfig.load(config_path or DEFAULT_CONFIG)
+    run_dir = Path(output_dir or _in_repo(config.output_dir))
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE_FILE).is_file() and not overwrite:
+        check_output_dir(run_dir, overwrite=False)  # not a pipeline folder: refuse to write into it
+    if overwrite and run_dir.exists():
+        check_output_dir(run_dir, overwrite=True)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = read_json(run_dir / STATE_FILE) or {"wall_time_s": {}}
+    write_json_atomic(state, run_dir / STATE_FILE)  # marks the folder as a pipeline run
+    wall_time: dict[str, float] = state["wall_time_s"]
+
+    base = Path(config.base_model) if config.base_model else run_dir / "base"
+    if config.base_model is None:
+        from kochat_trl.tiny import ensure_tiny
+
+        ensure_tiny(base, seed=config.seed)
+    redo_after = False  # a redone stage invalidates everything built on it
+    for stage in TRAINING_STAGES:
+        if stage_finished(run_dir / stage) and not redo_after:
+            print(f"[kochat-trl] {stage}: finished in {run_dir / stage}, skipped")
+            continue
+        started = time.perf_counter()
+        run_stage(stage, config, run_dir, base)
+        wall_time[stage] = round(time.perf_counter() - started, 2)
+        redo_after = True
+        write_json_atomic(state, run_dir / STATE_FILE)
+    for step, action in (("merge", lambda: _export(run_dir)), ("decoding", lambda: _decoding(run_dir, config))):
+        started = time.perf_counter()
+        action()
+        wall_time[step] = round(time.perf_counter() - started, 2)
+    write_json_atomic(state, run_dir / STATE_FILE)
+
+    report = build_report(run_dir, wall_time)
+    write_text_atomic(render_report(report), run_dir / "report.md")
+    write_json_atomic(report, run_dir / "report.json")
+    return report

@@ -1,0 +1,236 @@
+"""SFT and RM with 2 CPU processes (gloo DDP) against 1 process with the doubled per-device batch.
+
+With accelerate's default batch sharding both runs see the same global batches: every rank draws the
+same seeded permutation and rank r takes batches r, r+2, ... of 8 rows, so global step k is rows
+16k..16k+15 in both. SFT's loss is token-averaged over the global batch (transformers all-reduces
+the token count, `average_tokens_across_devices`), RM's is a mean over equal-sized halves; eval sets
+are a multiple of the global eval batch (16), so accelerate pads nothing. Hence every logged number
+must agree up to float32 summation order: measured differences are below 1e-6 relative, so a 1e-4
+tolerance has margin, while ranks that do not sync gradients are off by 1e-2 after one update
+(and their step-1 grad_norm is one rank's, about 20% off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONFIG = ROOT / "accelerate_configs" / "cpu_multiprocess.yaml"
+TOLERANCE = 1e-4
+LOGGED_KEYS = ("loss", "grad_norm", "eval_loss", "eval_accuracy")
+
+STAGES = {
+    # max_samples makes the eval split 32 rows (SFT) and 48 pairs (RM): multiples of the global eval batch.
+    "sft": {"recipe": "recipes/sft.py", "config": "recipes/configs/tiny/sft.yaml", "max_samples": 320},
+    "rm": {"recipe": "recipes/reward.py", "config": "recipes/configs/tiny/reward.yaml", "max_samples": 480},
+}
+
+# Runs a recipe unchanged (after seeding) and, on every rank, records what that rank computed: the metrics
+# main() returned, the trained weights' checksum and whether train() ran under DistributedDataParallel.
+RECORDER = """
+import json, os, runpy, sys
+from pathlib import Path
+
+recipe, record_dir = sys.argv[1], Path(sys.argv[2])
+sys.argv = [recipe, *sys.argv[3:]]
+recipe_globals = runpy.run_path(recipe)  # defines main/make_parser; its __main__ block does not run
+
+from transformers import Trainer, set_seed
+from kochat_trl.runs import run_recipe
+
+seen = {}
+original_train = Trainer.train
+
+def train(self, *args, **kwargs):
+    result = original_train(self, *args, **kwargs)
+    model = self.accelerator.unwrap_model(self.model)
+    seen["param_abs_sum"] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    seen["wrapped_in"] = type(self.model_wrapped).__name__
+    seen["world_size"] = self.args.world_size
+    return result
+
+Trainer.train = train
+
+def main(script_args, training_args, model_args):
+    # The reward model's new score head is drawn from the global RNG before the Trainer seeds it: without
+    # this, the 1- and 2-process runs would start from different heads (DDP only makes the 2 ranks agree).
+    set_seed(training_args.seed)
+    metrics = recipe_globals["main"](script_args, training_args, model_args)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    rank = os.environ.get("RANK", "0")
+    (record_dir / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, **seen}))
+    return metrics
+
+run_recipe(recipe_globals["make_parser"], main)
+"""
+
+def accelerate_launch() -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    # One thread per process: 2 processes on 2 shared cores, and the 1-process run is not slowed by contention.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train(stage: str, base_model: Path, work: Path, processes: int) -> SimpleNamespace:
+    """One run of `stage` with `processes` processes and a global batch of 16; returns its folders."""
+    spec = STAGES[stage]
+    batch = str(16 // processes)
+    output_dir, record_dir = work / f"{stage}-{processes}p", work / f"{stage}-{processes}p-ranks"
+    recipe_args = [
+        spec["recipe"], str(record_dir),
+        "--config", spec["config"], "--init_tiny", "false", "--model_name_or_path", str(base_model),
+        "--output_dir", str(output_dir), "--use_cpu", "true", "--max_samples", str(spec["max_samples"]),
+        "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2",
+        "--per_device_train_batch_size", batch, "--per_device_eval_batch_size", batch,
+    ]  # fmt: skip
+    launcher = [*accelerate_launch(), "--config_file", str(CPU_CONFIG)] if processes > 1 else [sys.executable]
+    result = run([*launcher, str(work / "recorder.py"), *recipe_args])
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank*.json"))]
+    return SimpleNamespace(output_dir=output_dir, ranks=ranks)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("multiprocess")
+    (folder / "recorder.py").write_text(RECORDER, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(request, tiny_model_dir, work) -> dict[int, SimpleNamespace]:
+    """The stage trained with 2 processes (batch 8 each) and with 1 process (batch 16), once per module."""
+    return {processes: train(request.param, tiny_model_dir, work, processes) for processes in (2, 1)}
+
+
+def logged(output_dir: Path) -> list[tuple[int, str, float]]:
+    history = json.loads((output_dir / "log_history.json").read_text(encoding="utf-8"))
+    return [(entry["step"], key, entry[key]) for entry in history for key in LOGGED_KEYS if key in entry]
+
+
+def split_numbers(metrics: dict) -> tuple[dict, dict]:
+    floats = {key: value for key, value in metrics.items() if isinstance(value, float)}
+    return floats, {key: value for key, value in metrics.items() if key not in floats}
+
+
+def relative_files(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+def test_two_processes_train_as_one_ddp_group(runs):
+    ranks = runs[2].ranks
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert [rank["wrapped_in"] for rank in ranks] == ["DistributedDataParallel"] * 2
+    # Synchronised gradients give bit-identical weights on every rank.
+    assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
+
+
+@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+def test_two_processes_match_one_process_with_doubled_batch(runs):
+    two, one = logged(runs[2].output_dir), logged(runs[1].output_dir)
+    assert [(step, key) for step, key, _ in two] == [(step, key) for step, key, _ in one]
+    assert {key for _, key, _ in one} >= {"loss", "grad_norm", "eval_loss"}
+    assert [value for *_, value in two] == pytest.approx([value for *_, value in one], rel=TOLERANCE)
+    metrics = [json.loads((runs[n].output_dir / "metrics.json").read_text(encoding="utf-8")) for n in (2, 1)]
+    (floats_two, rest_two), (floats_one, rest_one) = map(split_numbers, metrics)
+    assert rest_two == rest_one  # rows, pairs, steps, parameter counts
+    assert floats_two == pytest.approx(floats_one, rel=TOLERANCE)
+    assert runs[2].ranks[0]["param_abs_sum"] == pytest.approx(runs[1].ranks[0]["param_abs_sum"], rel=TOLERANCE)
+
+
+@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+def test_rank_zero_alone_writes_outputs(runs):
+    two, one = relative_files(runs[2].output_dir), relative_files(runs[1].output_dir)
+    # The same files as a 1-process run (one metrics.json, one model, the same checkpoints, no stray temp
+    # files), except the Trainer's per-rank RNG state in each checkpoint.
+    per_rank_rng = {name.replace("rng_state_0.pth", "rng_state.pth") for name in two if "rng_state_0" in name}
+    assert {name for name in two if "rng_state" not in name} == {name for name in one if "rng_state" not in name}
+    assert {name for name in one if "rng_state" in name} == per_rank_rng
+    assert {name for name in two if "rng_state" in name} == {
+        name.replace("rng_state.pth", f"rng_state_{rank}.pth") for name in per_rank_rng for rank in (0, 1)
+    }
+    assert sorted(name for name in two if name.endswith("metrics.json")) == ["metrics.json"]
+    assert sorted(name.split("/")[0] for name in two if name.endswith("trainer_state.json")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+
+
+@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+def test_metrics_json_holds_the_numbers_every_rank_computed(runs):
+    rank0, rank1 = runs[2].ranks
+    written = json.loads((runs[2].output_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert written == rank0["metrics"]
+    # Eval loss and train loss are gathered across ranks; RM accuracy is computed on every rank over the
+    # whole held-out set: either way each rank must hold the same numbers as the file.
+    assert rank1["metrics"] == rank0["metrics"]
+
+
+def test_cpu_launch_without_use_cpu_stops_with_one_line_error(tiny_model_dir, tmp_path):
+    """Without --use_cpu the processes never join one group; each would train alone into the same folder."""
+    output_dir = tmp_path / "sft"
+    result = run([
+        *accelerate_launch(), "--config_file", str(CPU_CONFIG), "recipes/sft.py",
+        "--config", "recipes/configs/tiny/sft.yaml", "--init_tiny", "false",
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir), "--max_steps", "1",
+    ])  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: launched 2 processes but they did not form one process group (no GPU found); "
+                      "pass --use_cpu true to train them together on CPU, or launch a single process"] * 2  # fmt: skip
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("environment", "flag", "sharding"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, "load_in_4bit", "FSDP"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "load_in_8bit",
+         "DeepSpeed ZeRO-3"),
+    ],
+)  # fmt: skip
+def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, environment, flag, sharding):
+    from trl import ModelConfig
+
+    from kochat_trl.errors import ConfigError
+    from kochat_trl.runs import KochatArguments, prepare_run
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    training_args = SimpleNamespace(output_dir=str(tmp_path / "out"), resume_from_checkpoint=None, fsdp=None,
+                                    world_size=1, seed=0)  # fmt: skip
+    model_args = ModelConfig(model_name_or_path=str(tmp_path), **{flag: True})
+    with pytest.raises(ConfigError, match=f"^{flag} does not combine with {sharding}; .*multi_gpu.yaml"):
+        prepare_run(KochatArguments(template="kochatgpt_short"), training_args, model_args)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("environment", "fsdp_argument", "expected"),
+    [
+        ({}, None, None),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None, None),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, None, "DeepSpeed ZeRO-3"),
+        ({"ACCELERATE_USE_FSDP": "true"}, None, "FSDP"),
+        ({}, "full_shard auto_wrap", "FSDP"),  # `--fsdp` on the recipe instead of an accelerate config
+    ],
+)
+def test_parameter_sharding_reads_the_launcher(monkeypatch, environment, fsdp_argument, expected):
+    from kochat_trl.runs import parameter_sharding
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert parameter_sharding(SimpleNamespace(fsdp=fsdp_argument)) == expected

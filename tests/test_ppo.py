@@ -1,0 +1,87 @@
+"""PPO on the embedded default: reward rises over the SFT policy within the KL bound; the reference
+really is the SFT policy (LoRA adapter disabled)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny_stages):
+    output = tiny_stages["root"] / "ppo"
+    metrics = run_recipe("ppo", "ppo.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
+                         "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
+    return output, metrics
+
+
+def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
+    output, metrics = ppo_run
+    assert metrics["reward_after"] > metrics["reward_before"] + 0.5, metrics
+    assert metrics["win_rate"] > 0.5
+    assert 0 < metrics["kl"] <= metrics["kl_bound"] and metrics["kl_within_bound"] is True
+    assert metrics["episodes"] == 480 and metrics["global_step"] == 30 and metrics["eval_prompts"] == 60
+    assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference costs no memory
+    assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
+    assert 0 < metrics["params"]["value_trainable"] < metrics["params"]["value"]
+    assert len(metrics["samples"]) == 3 and all(sample["after"] for sample in metrics["samples"])
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    history = json.loads((output / "log_history.json").read_text())
+    logged = [entry for entry in history if "objective/scores" in entry]
+    assert len(logged) == 30 and all("val/response_length" in entry and "objective/kl" in entry for entry in logged)
+    assert (output / "curves.png").stat().st_size > 1000
+    assert (output / "adapter_model.safetensors").is_file() and (output / "value" / "adapter_config.json").is_file()
+
+
+def test_reference_is_the_sft_policy_with_the_adapter_disabled(ppo_run, tiny_stages):
+    from peft import PeftModel
+
+    output, _ = ppo_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny_stages["sft"])
+    text = "### Instruction(명령어):\n김치는 무엇인가요?\n\n### Response(응답): 김치는"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    sft = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]), output).eval()
+    with torch.no_grad():
+        sft_logits = sft(ids).logits
+        trained_logits = policy(ids).logits
+        with policy.disable_adapter():
+            reference_logits = policy(ids).logits
+    assert torch.equal(reference_logits, sft_logits)  # the reference is exactly the SFT model
+    assert (trained_logits - sft_logits).abs().max() > 1e-2  # and PPO moved the policy away from it
+
+
+def test_policy_equals_reference_at_step_zero(tiny_stages):
+    from trl import ModelConfig
+
+    from kochat_trl import modeling, rl
+    from kochat_trl.templates import get_template
+    from kochat_trl.training_data import prompt_dataset
+
+    model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    data = prompt_dataset("bundled:ppo", get_template("kochatgpt_short"), tokenizer, 0.0, 0, max_samples=8)
+    rm_args = ModelConfig(model_name_or_path=str(tiny_stages["rm"]))
+    args = rl.PPOConfig(output_dir=str(tiny_stages["root"] / "ppo-step0"), per_device_train_batch_size=4,
+                        total_episodes=8, report_to="none", bf16=False, response_length=8)  # fmt: skip
+    policy = modeling.load_causal_lm(model_args, tokenizer)
+    trainer = rl.build_ppo_trainer(
+        args, tokenizer, policy, modeling.load_reward_model(rm_args, tokenizer),
+        modeling.load_reward_model(rm_args, tokenizer), data["train"].select_columns(["input_ids"]),
+        data["train"].select_columns(["input_ids"]), modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+    )  # fmt: skip
+    assert trainer.ref_model is None  # no second copy: the reference is the adapter-disabled policy
+    model = trainer.accelerator.unwrap_model(trainer.model).policy
+    ids = torch.tensor([data["train"][0]["input_ids"]])
+    with torch.no_grad():
+        policy_logits = model(input_ids=ids).logits
+        with rl.reference_context(trainer):
+            reference_logits = model(input_ids=ids).logits
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(policy_logits, reference_logits, atol=1e-6)
+        assert torch.allclose(reference_logits, fresh(input_ids=ids).logits, atol=1e-6)

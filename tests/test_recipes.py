@@ -1,0 +1,110 @@
+"""SFT and reward-model recipes on the embedded default: they learn, and their outputs are complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, TINY_CONFIGS, run_recipe
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from kochat_trl.rewards import reward_scores
+from kochat_trl.templates import get_template
+
+
+def test_sft_eval_loss_falls_by_30_percent(tiny_stages):
+    metrics = tiny_stages["sft_metrics"]
+    assert metrics["eval_loss_end"] <= 0.7 * metrics["eval_loss_start"], metrics
+    assert metrics["global_step"] == 120 and metrics["train_rows"] + metrics["eval_rows"] == 340
+    out = tiny_stages["sft"]
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 3e-3
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    AutoModelForCausalLM.from_pretrained(out)  # the result loads like any model
+
+
+def test_sft_masks_prompt_tokens_and_ends_completion_with_eos(tiny_model_dir, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from kochat_trl.training_data import sft_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = get_template("kochatgpt_short")
+    dataset = sft_dataset("bundled:sft", template, tokenizer, 0.0, 0, max_samples=4)["train"]
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", loss_type="nll",
+                     bf16=False, completion_only_loss=True, max_length=256)  # fmt: skip
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(len(dataset))])
+    for row, input_ids, labels in zip(dataset, batch["input_ids"], batch["labels"], strict=True):
+        prompt_length = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        completion = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"][prompt_length:]
+        kept = labels[labels != -100].tolist()
+        assert (labels[:prompt_length] == -100).all()  # the prompt is never learned
+        assert kept == [*completion, tokenizer.eos_token_id]  # the whole answer, then eos
+        assert input_ids[prompt_length + len(kept) - 1] == tokenizer.eos_token_id
+
+
+def test_reward_model_held_out_accuracy_and_unseen_pair(tiny_stages):
+    metrics = tiny_stages["rm_metrics"]
+    assert metrics["accuracy"] >= 0.9 and metrics["eval_pairs"] == 60, metrics
+    assert metrics["mean_margin"] > 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_stages["rm"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_stages["rm"])
+    template = get_template("kochatgpt_short")
+    prompt = template.format_prompt("김치는 어떤 음식인지 궁금해요.")  # a question form not in the data
+    chosen, rejected = reward_scores(model, tokenizer, [
+        prompt + template.format_completion("김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다."),
+        prompt + template.format_completion("몰라. 그건 왜 물어?"),
+    ])  # fmt: skip
+    assert chosen > rejected + 1.0
+
+
+def test_lora_sft_trains_only_the_adapter(tiny_model_dir, tmp_path):
+    metrics = run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
+                         "--output_dir", str(tmp_path / "lora"), "--use_peft", "true", "--lora_r", "8",
+                         "--lora_modules_to_save", "lm_head", "--max_steps", "30", "--eval_steps", "30")  # fmt: skip
+    assert metrics["adapter"] is True
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["eval_loss_end"] < metrics["eval_loss_start"] - 1.0
+    adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--learning_rat", "1e-3"], "learning_rat"),
+        (["--template", "nope"], "unknown prompt template 'nope'"),
+        (["--eval_fraction", "1.5"], "eval_fraction must be in [0, 1)"),
+        (["--load_in_8bit", "true", "--load_in_4bit", "true"], "load_in_8bit"),
+        (["--dataset_name", "missing.json"], "missing.json"),
+    ],
+)
+def test_recipe_bad_config_exits_2_with_one_line(tmp_path, tiny_model_dir, overrides, message):
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(TINY_CONFIGS / "sft.yaml"),
+         "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false", "--output_dir", str(output),
+         *overrides],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert not (output / "metrics.json").exists()
+
+
+def test_recipe_refuses_non_empty_output_dir(tmp_path, tiny_model_dir):
+    from kochat_trl.errors import ConfigError
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
+                   "--output_dir", str(tmp_path / "out"))  # fmt: skip
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
