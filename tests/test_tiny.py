@@ -16,10 +16,11 @@ from kochat_trl.tiny import init_tiny
 def test_bundled_data_sizes_and_layouts():
     sft, rm, ppo = (load_stage_data(f"bundled:{stage}", stage) for stage in ("sft", "rm", "ppo"))
     assert (sft.layout, sft.kept, sft.dropped) == ("sft", 340, {"empty": 0, "duplicate": 0, "tie": 0})
-    assert (rm.layout, rm.read, rm.kept) == ("rm", 200, 600)  # 3 ranked completions -> C(3,2) pairs each
+    # 3 ranked completions -> C(3, 2) pairs each, minus the tied pairs (equal ranks carry no preference)
+    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 200, 600, 19, 581)
     assert (ppo.layout, ppo.kept) == ("ppo", 300)
     records = json.loads(bundled_data_path("rm").read_text(encoding="utf-8"))
-    assert all(sorted(record["ranking"]) == [0, 1, 2] for record in records)
+    assert all(record["ranking"].count(0) == 1 and set(record["ranking"]) <= {0, 1, 2} for record in records)
     best = [record[f"completion_{record['ranking'].index(0)}"] for record in records]
     assert all(answer.endswith("니다.") for answer in best)  # best answers are polite and complete
     assert all(row["completion"].endswith("니다.") for row in sft.rows)
