@@ -7,8 +7,10 @@ so replacing the trainer later changes this file and nothing else.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,12 +18,19 @@ from transformers import GenerationConfig, TrainerCallback
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl.experimental.ppo import ppo_trainer as _ppo_module
 
+from kochat_trl import resume
+
 __all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", "reference_context",
-           "sample_responses", "sequence_kl"]  # fmt: skip
+           "sample_responses", "sequence_kl",
+           "CRITIC_FREE_TRAINERS", "critic_free_classes", "place_on", "RewardModelReward", "build_critic_free_trainer",
+           "critic_free_reference", "repeat_each", "sample_and_score", "policy_comparison"]  # fmt: skip
 
 
 class _LoggingPPOTrainer(PPOTrainer):
-    """TRL's PPOTrainer plus the mean response length per update in its logs (TRL does not log it)."""
+    """TRL's PPOTrainer plus the mean response length per update in its logs (TRL does not log it), and
+    checkpoints it can resume from (TRL's cannot, trl#2657): the value model is saved with the policy,
+    and `train(resume_from_checkpoint)` restores weights, optimizer, scheduler, counters, log, RNG and
+    the data position (see `kochat_trl.resume`)."""
 
     _response_lengths: list[float]
 
@@ -31,6 +40,39 @@ class _LoggingPPOTrainer(PPOTrainer):
             logs["val/response_length"] = sum(lengths) / len(lengths)
             self._response_lengths = []
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # TRL saves only the policy. The value model goes in first: trainer_state.json, written last by
+        # super(), then marks the whole checkpoint complete.
+        if self.args.should_save:
+            value_model = self.accelerator.unwrap_model(self.model).value_model
+            resume.save_model_weights(value_model, resume.checkpoint_dir(self.args.output_dir, self.state.global_step)
+                                      / resume.VALUE_SUBDIR)  # fmt: skip
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> None:
+        original_loader, total = self.dataloader, self.args.num_total_batches
+        done, restore_rng, continue_callback = 0, None, None
+        if resume_from_checkpoint is not None:
+            saved = resume.read_trainer_state(resume_from_checkpoint)
+            done = saved["global_step"]
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            resume.load_model_weights(unwrapped.policy, resume_from_checkpoint)
+            resume.load_model_weights(unwrapped.value_model, os.path.join(resume_from_checkpoint, resume.VALUE_SUBDIR))
+            resume.load_optimizer_and_scheduler(self.optimizer, self.lr_scheduler, resume_from_checkpoint)
+            continue_callback = resume.ContinueFromCheckpoint(saved, total)
+            self.callback_handler.callbacks.insert(0, continue_callback)  # before AdaptiveKL, progress bars
+            restore_rng = partial(self._load_rng_state, str(resume_from_checkpoint))
+        # TRL's loop counts updates from 1 and resets its counters in train(); it runs the remaining ones.
+        self.args.num_total_batches = total - done
+        self.dataloader = resume.EpochSeededBatches(original_loader, self.args.seed, skip=done,
+                                                    before_first=restore_rng)  # fmt: skip
+        try:
+            super().train()
+        finally:
+            self.dataloader, self.args.num_total_batches = original_loader, total
+            if continue_callback is not None:
+                self.callback_handler.callbacks.remove(continue_callback)
 
 
 @contextmanager
@@ -62,12 +104,20 @@ class AdaptiveKLCallback(TrainerCallback):
     def __init__(self, target: float, horizon: int = 10000) -> None:
         self.target, self.horizon = target, horizon
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A resumed run continues with the coefficient the interrupted one had reached.
+        args.kl_coef = next((entry["objective/kl_coef"] for entry in reversed(state.log_history)
+                             if "objective/kl_coef" in entry), args.kl_coef)  # fmt: skip
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not logs or "objective/kl" not in logs:
             return
         error = max(-0.2, min(0.2, logs["objective/kl"] / self.target - 1))
         args.kl_coef *= 1 + error * args.batch_size / self.horizon
         logs["objective/kl_coef"] = args.kl_coef
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            # Trainer.log appended a copy of `logs` before calling us: record the coefficient there too.
+            state.log_history[-1]["objective/kl_coef"] = args.kl_coef
 
 
 def build_ppo_trainer(args: PPOConfig, tokenizer: Any, policy: Any, reward_model: Any, value_model: Any,
@@ -75,7 +125,7 @@ def build_ppo_trainer(args: PPOConfig, tokenizer: Any, policy: Any, reward_model
                       ref_model: Any = None, callbacks: Sequence[TrainerCallback] = ()) -> PPOTrainer:  # fmt: skip
     """TRL's PPOTrainer. With a LoRA `peft_config` and `ref_model=None` the reference is the policy
     with its adapter disabled: the SFT model itself, at no extra memory."""
-    return _LoggingPPOTrainer(
+    trainer = _LoggingPPOTrainer(
         args=args,
         processing_class=tokenizer,
         model=policy,
@@ -87,10 +137,27 @@ def build_ppo_trainer(args: PPOConfig, tokenizer: Any, policy: Any, reward_model
         peft_config=peft_config,
         callbacks=list(callbacks),
     )
+    _fix_for_multiple_processes(trainer)
+    return trainer
 
 
-def train_ppo(trainer: PPOTrainer) -> None:
-    """`trainer.train()` without the cost of its per-update `gc.collect()` calls.
+def _fix_for_multiple_processes(trainer: PPOTrainer) -> None:
+    """Two TRL 1.12 PPO bugs that only show with more than one process (DDP)."""
+    # PPO reads `self.model.policy` on the model accelerate prepared (trl#2375): under DDP that is a
+    # DistributedDataParallel without `policy`, so the LoRA reference forward and `null_ref_context`
+    # fail, and `save_model` would save policy + value model. A plain attribute (not a registered
+    # submodule: DDP's parameters and state_dict stay as they are) points it at the unwrapped policy.
+    wrapped = trainer.model
+    if not hasattr(wrapped, "policy"):
+        object.__setattr__(wrapped, "policy", trainer.accelerator.unwrap_model(wrapped).policy)
+    # PPOTrainer skips Trainer.__init__, which sets this; transformers 5's `_save` reads it on every rank
+    # but the writer. PPO never loads a model sharded by transformers.
+    trainer.is_distributed_loading_by_transformers = False
+
+
+def train_ppo(trainer: PPOTrainer, resume_from_checkpoint: str | os.PathLike | None = None) -> None:
+    """`trainer.train()` without the cost of its per-update `gc.collect()` calls; continues from
+    `resume_from_checkpoint` (a `checkpoint-N` folder of an earlier run) when given.
 
     PPOTrainer collects garbage twice per update; with every long-lived object frozen out of the
     collector's view that is cheap (on CPU it was 70 % of PPO time before).
@@ -99,7 +166,7 @@ def train_ppo(trainer: PPOTrainer) -> None:
     gc.freeze()
     try:
         with _recording_response_lengths(trainer):
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     finally:
         gc.unfreeze()
 
@@ -162,3 +229,128 @@ def sequence_kl(policy: Any, reference: Any, reference_ctx: Any, prompt_ids: Seq
         total += (policy_logprobs - reference_logprobs).sum().item()
         count += 1
     return total / max(count, 1)
+
+
+# Critic-free RL: TRL's maintained RLOOTrainer / GRPOTrainer (top-level `trl`) with our reward model,
+# and the held-out evaluation every RL recipe (PPO, RLOO, GRPO) reports with the same metric names.
+
+CRITIC_FREE_TRAINERS = ("rloo", "grpo")
+
+
+def critic_free_classes(name: str) -> tuple[type, type]:
+    """(config class, trainer class) of TRL's RLOO or GRPO."""
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from kochat_trl.errors import ConfigError
+
+    classes = {"rloo": (RLOOConfig, RLOOTrainer), "grpo": (GRPOConfig, GRPOTrainer)}
+    if name not in classes:
+        raise ConfigError(f"trainer must be one of {', '.join(classes)}, got {name!r}")
+    return classes[name]
+
+
+def place_on(model: Any, device: Any) -> Any:
+    """`model` on `device`; k-bit models stay where they were loaded (device_map) since they cannot move."""
+    return model if getattr(model, "hf_device_map", None) else model.to(device)
+
+
+class RewardModelReward:
+    """A reward function for RLOO/GRPO (`reward_funcs=`) that scores token ids with our reward model.
+
+    Given the reward model itself, TRL decodes prompt + completion with `skip_special_tokens=True` and
+    re-tokenizes without special tokens, so the reward model never sees eos: an answer that stops scores
+    like a cut-off one and the policy unlearns stopping. This scores what the policy generated instead:
+    the prompt tokenized as the trainers tokenize plain-string prompts, plus TRL's `completion_ids`
+    (cut after the first eos), less `missing_eos_penalty` when no eos came (`score_responses`).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, missing_eos_penalty: float | None = None,
+                 batch_size: int = 32) -> None:  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.missing_eos_penalty, self.batch_size = missing_eos_penalty, batch_size
+        self.__name__ = "reward_model"  # TRL logs rewards/<__name__>/mean
+
+    def __call__(self, prompts: Sequence[Any], completion_ids: Sequence[Sequence[int]], **_: Any) -> list[float]:
+        from kochat_trl.errors import DataError
+        from kochat_trl.rewards import score_responses
+
+        if prompts and not isinstance(prompts[0], str):
+            raise DataError("RewardModelReward takes template-formatted string prompts, not conversations")
+        prompt_ids = self.tokenizer(text=list(prompts))["input_ids"]  # as RLOO/GRPOTrainer tokenize them
+        return score_responses(self.model, self.tokenizer, prompt_ids, completion_ids, self.missing_eos_penalty,
+                               self.batch_size)  # fmt: skip
+
+
+def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any, reward: RewardModelReward,
+                              train_dataset: Any, peft_config: Any = None,
+                              callbacks: Sequence[TrainerCallback] = ()) -> Any:  # fmt: skip
+    """TRL's RLOOTrainer or GRPOTrainer on string prompts, rewarded by `reward`. With a LoRA `peft_config`
+    the reference is the policy with its adapter disabled (no copy)."""
+    _, trainer_class = critic_free_classes(name)
+    trainer = trainer_class(model=policy, reward_funcs=[reward], args=args, train_dataset=train_dataset,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))  # fmt: skip
+    # TRL places reward *models* on the device; the model inside a reward function is ours to place.
+    place_on(reward.model, trainer.accelerator.device)
+    return trainer
+
+
+def critic_free_reference(trainer: Any) -> tuple[Any, Any] | None:
+    """(model, context factory) computing the SFT policy after RLOO/GRPO training: the trained LoRA policy
+    with its adapter disabled, or None without LoRA (TRL's own reference is reloaded from a path)."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    return (policy, policy.disable_adapter) if hasattr(policy, "disable_adapter") else None
+
+
+def repeat_each(items: Sequence[Any], times: int) -> list[Any]:
+    """Every item `times` times in a row: several seeded answers per held-out prompt, prompt-major."""
+    return [item for item in items for _ in range(times)]
+
+
+def sample_and_score(policy: Any, reward_model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                     max_new_tokens: int, temperature: float, seed: int,
+                     missing_eos_penalty: float | None = None) -> tuple[list[list[int]], list[float]]:  # fmt: skip
+    """One seeded sample per prompt (`sample_responses`) and its reward (`score_responses`)."""
+    from kochat_trl.rewards import score_responses
+
+    answers = sample_responses(policy, tokenizer, prompt_ids, max_new_tokens, temperature, seed)
+    return answers, score_responses(reward_model, tokenizer, prompt_ids, answers, missing_eos_penalty)
+
+
+def policy_comparison(tokenizer: Any, queries: Sequence[str], before: Sequence[Sequence[int]],
+                      scores_before: Sequence[float], after: Sequence[Sequence[int]], scores_after: Sequence[float],
+                      kl: float | None, kl_bound: float | None, samples_per_prompt: int = 1,
+                      samples: int = 3) -> dict[str, Any]:  # fmt: skip
+    """Held-out metrics of an RL run against its SFT policy (the same names for PPO, RLOO and GRPO).
+
+    `before`/`after` hold `samples_per_prompt` answers per query, prompt-major (`repeat_each`); the
+    win-rate pairs the i-th answer before with the i-th after.
+    """
+    count = len(scores_before)
+    if count != len(queries) * samples_per_prompt:
+        raise ValueError(f"{count} answers for {len(queries)} prompts x {samples_per_prompt} samples")
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_after, scores_before, strict=True)]
+    eos = tokenizer.eos_token_id
+
+    def text(ids: Sequence[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    first = slice(None, None, samples_per_prompt)  # each prompt's first answer
+    return {
+        "reward_before": sum(scores_before) / count,
+        "reward_after": sum(scores_after) / count,
+        "kl": kl,
+        "kl_bound": kl_bound,
+        "kl_within_bound": None if kl_bound is None or kl is None else kl <= kl_bound,
+        "win_rate": sum(wins) / count,
+        "eval_prompts": len(queries),
+        "eval_samples_per_prompt": samples_per_prompt,
+        "eos_rate_before": sum(eos in ids for ids in before) / count,
+        "eos_rate_after": sum(eos in ids for ids in after) / count,
+        "length_before": sum(map(len, before)) / count,
+        "length_after": sum(map(len, after)) / count,
+        "samples": [
+            {"prompt": query, "before": text(b), "after": text(a), "score_before": sb, "score_after": sa}
+            for query, b, a, sb, sa in zip(queries, before[first], after[first], scores_before[first],
+                                           scores_after[first], strict=True)
+        ][:samples],  # fmt: skip
+    }

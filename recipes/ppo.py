@@ -38,12 +38,12 @@ class PPOScriptArguments(KochatArguments):
 def main(script_args, training_args, model_args):
     from accelerate import PartialState
 
-    from kochat_trl import modeling, rl, runs
+    from kochat_trl import modeling, resume, rl, runs
     from kochat_trl.rewards import score_responses
     from kochat_trl.templates import get_template
     from kochat_trl.training_data import prompt_dataset
 
-    runs.prepare_run(script_args, training_args, model_args)
+    runs.prepare_run(script_args, training_args, model_args, stage="ppo")
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
     template = get_template(script_args.template)
     with PartialState().main_process_first():
@@ -76,9 +76,9 @@ def main(script_args, training_args, model_args):
         train_dataset=dataset["train"].select_columns(["input_ids"]),
         eval_dataset=held_out.select_columns(["input_ids"]),
         peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *resume.training_callbacks()],
     )  # fmt: skip
-    rl.train_ppo(trainer)
+    rl.train_ppo(trainer, resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         value_model.save_pretrained(f"{training_args.output_dir}/value")

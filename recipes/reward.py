@@ -16,12 +16,12 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import RewardTrainer
 
-    from kochat_trl import modeling, runs
+    from kochat_trl import modeling, resume, runs
     from kochat_trl.rewards import pairwise_accuracy
     from kochat_trl.templates import get_template
     from kochat_trl.training_data import reward_dataset
 
-    runs.prepare_run(script_args, training_args, model_args)
+    runs.prepare_run(script_args, training_args, model_args, stage="rm")
     tokenizer = modeling.load_tokenizer(model_args)
     template = get_template(script_args.template)
     with PartialState().main_process_first():
@@ -36,6 +36,7 @@ def main(script_args, training_args, model_args):
         eval_dataset=dataset.get("eval"),
         processing_class=tokenizer,
         peft_config=modeling.build_peft_config(model_args, model, "SEQ_CLS"),
+        callbacks=resume.training_callbacks(),
     )
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)

@@ -15,11 +15,11 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import SFTTrainer
 
-    from kochat_trl import modeling, runs
+    from kochat_trl import modeling, resume, runs
     from kochat_trl.templates import get_template
     from kochat_trl.training_data import sft_dataset
 
-    runs.prepare_run(script_args, training_args, model_args)
+    runs.prepare_run(script_args, training_args, model_args, stage="sft")
     tokenizer = modeling.load_tokenizer(model_args)
     template = get_template(script_args.template)
     with PartialState().main_process_first():
@@ -34,6 +34,7 @@ def main(script_args, training_args, model_args):
         eval_dataset=dataset.get("eval"),
         processing_class=tokenizer,
         peft_config=modeling.build_peft_config(model_args, model, "CAUSAL_LM"),
+        callbacks=resume.training_callbacks(),
     )
     checkpoint = runs.resume_checkpoint(training_args)
     # The step-0 eval loss is the baseline the fall is measured against. It runs inside train():

@@ -234,3 +234,91 @@ def test_parameter_sharding_reads_the_launcher(monkeypatch, environment, fsdp_ar
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert parameter_sharding(SimpleNamespace(fsdp=fsdp_argument)) == expected
+
+
+# PPO with 2 processes. TRL's PPOTrainer runs its own loop (not Trainer.train), so this recorder wraps
+# the seam's `train_ppo`. Without kochat_trl.rl's fixes the run fails: TRL 1.12 reads `model.policy` on
+# the DDP-wrapped model (trl#2375) and rank 1's save_model reads an attribute PPOTrainer never sets.
+PPO_RECORDER = """
+import json, os, runpy, sys
+from pathlib import Path
+
+recipe, record_dir = sys.argv[1], Path(sys.argv[2])
+sys.argv = [recipe, *sys.argv[3:]]
+recipe_globals = runpy.run_path(recipe)
+
+import torch.distributed as dist
+from kochat_trl import rl
+from kochat_trl.runs import run_recipe
+
+seen = {}
+original_train_ppo = rl.train_ppo
+
+def train_ppo(trainer, *args, **kwargs):
+    original_train_ppo(trainer, *args, **kwargs)
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    seen["param_abs_sum"] = float(sum(p.detach().double().abs().sum() for p in policy.parameters()))
+    seen["wrapped_in"] = type(trainer.model).__name__
+    seen["group"] = [dist.get_backend(), dist.get_world_size(), dist.get_rank()] if dist.is_initialized() else None
+    seen["batch_size"] = trainer.args.batch_size
+
+rl.train_ppo = train_ppo  # the recipe imports kochat_trl.rl inside main(), so it calls this
+
+def main(script_args, training_args, model_args):
+    metrics = recipe_globals["main"](script_args, training_args, model_args)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    (record_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"metrics": metrics, **seen}))
+    return metrics
+
+run_recipe(recipe_globals["make_parser"], main)
+"""
+PPO_EPISODES, PPO_PER_DEVICE_BATCH = 64, 8
+
+
+@pytest.fixture(scope="module")
+def ppo_two_processes(tiny_stages, work) -> SimpleNamespace:
+    output_dir, record_dir = work / "ppo-2p", work / "ppo-2p-ranks"
+    (work / "ppo_recorder.py").write_text(PPO_RECORDER, encoding="utf-8")
+    result = run([
+        *accelerate_launch(), "--config_file", str(CPU_CONFIG), str(work / "ppo_recorder.py"), "recipes/ppo.py",
+        str(record_dir), "--config", "recipes/configs/tiny/ppo.yaml", "--use_cpu", "true",
+        "--model_name_or_path", str(tiny_stages["sft"]), "--reward_model_path", str(tiny_stages["rm"]),
+        "--output_dir", str(output_dir), "--total_episodes", str(PPO_EPISODES), "--eval_prompts", "16",
+        "--per_device_train_batch_size", str(PPO_PER_DEVICE_BATCH),
+        "--local_rollout_forward_batch_size", str(PPO_PER_DEVICE_BATCH),
+    ])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank*.json"))]
+    return SimpleNamespace(output_dir=output_dir, ranks=ranks)
+
+
+def test_ppo_two_processes_train_as_one_ddp_group(ppo_two_processes):
+    ranks = ppo_two_processes.ranks
+    assert [rank["group"] for rank in ranks] == [["gloo", 2, 0], ["gloo", 2, 1]]
+    assert [rank["wrapped_in"] for rank in ranks] == ["DistributedDataParallel"] * 2
+    assert [rank["batch_size"] for rank in ranks] == [2 * PPO_PER_DEVICE_BATCH] * 2  # global batch
+    assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]  # gradients synchronised
+
+
+def test_ppo_two_processes_write_one_run_folder_from_rank_zero(ppo_two_processes):
+    import math
+
+    from safetensors import safe_open
+
+    output_dir, (rank0, rank1) = ppo_two_processes.output_dir, ppo_two_processes.ranks
+    files = relative_files(output_dir)
+    assert sorted(name for name in files if name.endswith("metrics.json")) == ["metrics.json"]
+    assert sorted(name for name in files if name.endswith(".safetensors")) == [
+        "adapter_model.safetensors",
+        "value/adapter_model.safetensors",
+    ]
+    assert not [name for name in files if name.split("/")[-1].startswith((".", "tmp"))]  # no stray temp files
+    with safe_open(str(output_dir / "adapter_model.safetensors"), "pt") as adapter:
+        assert not [key for key in adapter.keys() if "value_model" in key or "score" in key]  # the policy alone
+    written = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert written == rank0["metrics"] == rank1["metrics"]  # same weights, same seeded evaluation on both ranks
+    assert written["episodes"] == PPO_EPISODES and written["global_step"] == PPO_EPISODES // (2 * PPO_PER_DEVICE_BATCH)
+    numbers = [written[key] for key in ("reward_before", "reward_after", "kl", "win_rate", "train_kl_last")]
+    assert all(isinstance(value, float) and math.isfinite(value) for value in numbers), numbers
+    history = json.loads((output_dir / "log_history.json").read_text(encoding="utf-8"))
+    assert [entry["episode"] for entry in history if "objective/kl" in entry] == [16, 32, 48, 64]

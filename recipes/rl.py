@@ -1,0 +1,170 @@
+"""Stage 3 without a critic: TRL's RLOO or GRPO raises the reward model's score of the SFT policy's
+answers, a KL penalty (`beta`) keeping it close to the SFT model.
+
+Same inputs as recipes/ppo.py: policy = the SFT result with a new LoRA adapter (reference = adapter
+disabled), reward = stage 2's model, prompts = the PPO layout through the shared template. Each prompt
+is sampled `num_generations` times; RLOO's baseline is the other samples' mean reward, GRPO's their
+group mean (and spread). The reward model scores prompt ids + answer ids cut after eos, less
+`missing_eos_penalty` when an answer never stopped (`kochat_trl.rl.RewardModelReward`).
+
+    python recipes/rl.py --config recipes/configs/tiny/rloo.yaml
+    python recipes/rl.py --config recipes/configs/tiny/grpo.yaml
+    python recipes/rl.py --config recipes/configs/tiny/rloo.yaml --trainer grpo   # GRPO, same settings
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+from kochat_trl.runs import KochatArguments
+
+
+@dataclass
+class RLScriptArguments(KochatArguments):
+    trainer: str = field(
+        default="rloo",
+        metadata={"help": "TRL trainer: rloo (RLOOTrainer) or grpo (GRPOTrainer).", "choices": ["rloo", "grpo"]},
+    )
+    dataset_name: str = field(default="bundled:ppo", metadata={"help": "Prompts (any layout with a prompt)."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "Stage 2's reward model folder."})
+    missing_eos_penalty: float | None = field(
+        default=1.0, metadata={"help": "Subtracted from the reward of an answer that never produced eos."}
+    )
+    kl_bound: float | None = field(
+        default=None, metadata={"help": "Held-out KL the run must stay under; reported as kl_within_bound."}
+    )
+    eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after training."})
+    eval_samples_per_prompt: int = field(
+        default=4, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
+    )
+
+
+def main(script_args, training_args, model_args):
+    from accelerate import PartialState
+
+    from kochat_trl import modeling, rl, runs
+    from kochat_trl.errors import ConfigError
+    from kochat_trl.templates import get_template
+    from kochat_trl.training_data import prompt_dataset
+
+    if not script_args.reward_model_path:
+        raise ConfigError("reward_model_path is not set; give stage 2's reward model folder")
+    runs.prepare_run(script_args, training_args, model_args)
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    template = get_template(script_args.template)
+    with PartialState().main_process_first():
+        dataset = prompt_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
+                                 training_args.seed, script_args.max_samples)  # fmt: skip
+    held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
+
+    device = training_args.device  # the "before" samples are drawn before the trainer places the policy
+    policy = rl.place_on(modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)
+    reward_args = copy.copy(model_args)
+    reward_args.model_name_or_path, reward_args.use_peft = script_args.reward_model_path, False
+    reward_model = rl.place_on(modeling.load_reward_model(reward_args, tokenizer), device)
+
+    # Reward of the SFT policy on held-out prompts, sampled as the trainer samples (top_k 0, top_p 1), fixed seed.
+    sampling = {"max_new_tokens": training_args.max_completion_length, "temperature": training_args.temperature,
+                "seed": training_args.seed, "missing_eos_penalty": script_args.missing_eos_penalty}  # fmt: skip
+    prompts = rl.repeat_each(held_out["input_ids"], script_args.eval_samples_per_prompt)
+    before, scores_before = rl.sample_and_score(policy, reward_model, tokenizer, prompts, **sampling)
+
+    reward = rl.RewardModelReward(reward_model, tokenizer, script_args.missing_eos_penalty)
+    trainer = rl.build_critic_free_trainer(
+        script_args.trainer, training_args, tokenizer, policy, reward,
+        train_dataset=dataset["train"].select_columns(["prompt"]),
+        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    after, scores_after = rl.sample_and_score(trained, reward_model, tokenizer, prompts, **sampling)
+    # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
+    reference, reference_ctx = rl.critic_free_reference(trainer) or (
+        rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device), nullcontext
+    )  # fmt: skip
+    kl = rl.sequence_kl(trained, reference, reference_ctx, prompts, after, training_args.temperature)
+    policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
+    completions_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                            * training_args.world_size)  # fmt: skip
+    metrics = {
+        **rl.policy_comparison(tokenizer, held_out["query"], before, scores_before, after, scores_after, kl,
+                               script_args.kl_bound, script_args.eval_samples_per_prompt),  # fmt: skip
+        "trainer": script_args.trainer,
+        "train_reward_last": runs.last_logged(trainer.state.log_history, "reward"),
+        "train_kl_last": runs.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer
+        "global_step": trainer.state.global_step,
+        "completions": trainer.state.global_step * completions_per_step,
+        "num_generations": training_args.num_generations,
+        "params": {
+            "policy": policy_total,
+            "policy_trainable": policy_trainable,
+            "reward": sum(p.numel() for p in reward_model.parameters()),
+        },
+        "policy_base": model_args.model_name_or_path,
+        "reward_model": script_args.reward_model_path,
+        "template": script_args.template,
+    }
+    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
+                    trainer.state.log_history,
+                    ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"])  # fmt: skip
+    trainer.accelerator.print(f"{script_args.trainer.upper()} done: reward {metrics['reward_before']:.3f} -> "
+                              f"{metrics['reward_after']:.3f}, KL {kl:.3f}, win-rate {metrics['win_rate']:.2f}; "
+                              f"saved to {training_args.output_dir}")  # fmt: skip
+    return metrics
+
+
+def requested_trainer(args: list[str]) -> str:
+    """The trainer a command line asks for: `--trainer` beats the config file's `trainer:`; default rloo."""
+    import yaml
+
+    for index, arg in enumerate(args):
+        if arg == "--trainer" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--trainer="):
+            return arg.split("=", 1)[1]
+    if "--config" in args[:-1]:
+        try:
+            with open(args[args.index("--config") + 1], encoding="utf-8") as file:
+                config = yaml.safe_load(file)
+        except (OSError, yaml.YAMLError):
+            return "rloo"  # parse_recipe_args reports the unreadable config
+        if isinstance(config, dict) and config.get("trainer"):
+            return str(config["trainer"])
+    return "rloo"
+
+
+def make_parser(trainer: str | None = None):
+    """`TrlParser` over (RLScriptArguments, RLOOConfig or GRPOConfig, ModelConfig). The config class depends
+    on the trainer, so it is read from the command line first (`requested_trainer`)."""
+    from trl import ModelConfig, TrlParser
+
+    from kochat_trl.rl import critic_free_classes
+
+    class RLParser(TrlParser):
+        def __init__(self, trainer: str) -> None:
+            self.trainer = trainer
+            super().__init__((RLScriptArguments, critic_free_classes(trainer)[0], ModelConfig))
+
+        def parse_args_and_config(self, args=None, **kwargs):
+            args = list(sys.argv[1:] if args is None else args)
+            trainer = requested_trainer(args)
+            if trainer == self.trainer:
+                return super().parse_args_and_config(args, **kwargs)
+            # Arguments given in-process (tests, the pipeline) ask for the other trainer: parse with its config.
+            other = RLParser(trainer)
+            kept = ("error", "allow_abbrev")  # what parse_recipe_args set on this parser
+            other.__dict__.update({key: value for key, value in self.__dict__.items() if key in kept})
+            return other.parse_args_and_config(args, **kwargs)
+
+    return RLParser(trainer or requested_trainer(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    from kochat_trl.runs import run_recipe
+
+    run_recipe(make_parser, main)

@@ -1,0 +1,185 @@
+"""RLOO/GRPO (TRL's critic-free trainers) on the embedded default: RLOO raises the held-out reward over
+the SFT policy within the KL bound and keeps answers ending in eos; the reward function scores token
+ids with eos, so stopping matters; the recipe picks the trainer's config class from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_CONFIGS, load_recipe, run_recipe
+
+PENALTY = 1.0  # missing_eos_penalty in the shipped configs
+
+
+@pytest.fixture(scope="module")
+def rloo_run(tiny_stages):
+    output = tiny_stages["root"] / "rloo"
+    metrics = run_recipe("rl", "rloo.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
+                         "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
+    return output, metrics
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_stages):
+    from trl import ModelConfig
+
+    from kochat_trl import modeling
+
+    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), padding_side="left")
+    return modeling.load_reward_model(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), tokenizer), tokenizer
+
+
+def test_rloo_raises_held_out_reward_within_kl_bound(rloo_run):
+    output, metrics = rloo_run
+    # The tiny RM saturates near 7 and SFT answers already score about 6 there: +0.3 over 240 answers (4 per prompt)
+    # is several standard errors; measured +0.52 (KL 2.1) on this fixture, +1.1 on another seed's SFT/RM.
+    assert metrics["reward_after"] > metrics["reward_before"] + 0.3, metrics
+    assert metrics["win_rate"] > 0.5
+    assert 0 < metrics["kl"] <= metrics["kl_bound"] == 12.0 and metrics["kl_within_bound"] is True
+    assert metrics["trainer"] == "rloo" and metrics["num_generations"] == 4
+    assert metrics["global_step"] == 120 and metrics["completions"] == 120 * 16 and metrics["eval_prompts"] == 60
+    assert metrics["eval_samples_per_prompt"] == 4
+    assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
+    assert len(metrics["samples"]) == 3 and all(sample["after"] for sample in metrics["samples"])
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    # Our reward function, not the bare reward model, rewarded every logged step (TRL logs it by __name__).
+    history = json.loads((output / "log_history.json").read_text())
+    logged = [entry for entry in history if "reward" in entry]
+    assert len(logged) == 24 and all("rewards/reward_model/mean" in entry and "kl" in entry for entry in logged)
+    assert yaml.safe_load((output / "config.yaml").read_text())["trainer"] == "rloo"
+    assert (output / "curves.png").stat().st_size > 1000 and (output / "adapter_model.safetensors").is_file()
+
+
+def test_rloo_answers_still_end_in_eos(rloo_run):
+    """With TRL's own reward-model path the RM never sees eos and the policy unlearns stopping."""
+    _, metrics = rloo_run
+    assert metrics["eos_rate_after"] >= 0.9, metrics
+    assert metrics["length_after"] < 48  # answers stop before max_completion_length on average
+
+
+def test_reward_function_scores_ids_up_to_eos_and_penalises_missing_eos(rm):
+    from kochat_trl.errors import DataError
+    from kochat_trl.rewards import reward_scores, score_token_sequences
+    from kochat_trl.rl import RewardModelReward
+    from kochat_trl.templates import get_template
+
+    model, tokenizer = rm
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    template = get_template("kochatgpt_short")
+    prompts = [template.format_prompt(text, tokenizer) for text in ("김치는 무엇인가요?", "서울은 어디인가요?")]
+    answers = [template.format_completion(text) for text in ("김치는 한국의 발효 음식입니다.", "서울은 한국의 수도")]
+    prompt_ids = [tokenizer(text)["input_ids"] for text in prompts]
+    answer_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers]
+    full = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    with_eos = score_token_sequences(model, pad, [ids + [eos] for ids in full])
+    without_eos = score_token_sequences(model, pad, full)
+
+    reward = RewardModelReward(model, tokenizer, missing_eos_penalty=PENALTY)
+    assert reward.__name__ == "reward_model"
+    # TRL passes completion ids cut after eos (first answer) or at the length limit (second, no eos).
+    scores = reward(prompts=prompts, completions=answers, completion_ids=[answer_ids[0] + [eos], answer_ids[1]])
+    assert scores == pytest.approx([with_eos[0], without_eos[1] - PENALTY], abs=1e-5)
+    # Exactly what the reward model was trained on: prompt + answer + eos text, bos added by the tokenizer.
+    assert scores[0] == pytest.approx(reward_scores(model, tokenizer, [prompts[0] + answers[0]])[0], abs=1e-5)
+    # Tokens after eos and padding do not count; no penalty when none is configured.
+    padded = [answer_ids[0] + [eos, 7, 8, pad, pad], answer_ids[1] + [pad]]
+    assert reward(prompts, padded) == pytest.approx(scores, abs=1e-5)
+    unpenalised = RewardModelReward(model, tokenizer)(prompts, [answer_ids[0] + [eos], answer_ids[1]])
+    assert unpenalised == pytest.approx([with_eos[0], without_eos[1]], abs=1e-5)
+    # Scoring the bare text (TRL's path for a reward model) reads a different position: the trap is real.
+    assert abs(without_eos[0] - with_eos[0]) > 0.1
+    with pytest.raises(DataError, match="string prompts"):
+        reward([[{"role": "user", "content": "김치는?"}]], [answer_ids[0]])
+
+
+def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_stages, rm, tmp_path):
+    """What TRL 1.12 hands a reward function: the string prompts and `completion_ids` ending at the first eos
+    (or at max_completion_length); the trainer logs what the function returned."""
+    from trl import GRPOConfig, ModelConfig
+
+    from kochat_trl import modeling, rl
+    from kochat_trl.rewards import score_responses
+    from kochat_trl.templates import get_template
+    from kochat_trl.training_data import prompt_dataset
+
+    reward_model, tokenizer = rm
+    calls = []
+
+    class RecordingReward(rl.RewardModelReward):
+        def __call__(self, prompts, completion_ids, **kwargs):
+            scores = super().__call__(prompts, completion_ids, **kwargs)
+            calls.append({"prompts": list(prompts), "completion_ids": completion_ids, "scores": scores,
+                          "keys": set(kwargs)})  # fmt: skip
+            return scores
+
+    model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
+    data = prompt_dataset("bundled:ppo", get_template("kochatgpt_short"), tokenizer, 0.0, 0, max_samples=8)
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_steps=1,
+                      max_completion_length=16, beta=0.05, report_to="none", logging_steps=1, save_strategy="no",
+                      use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    policy = modeling.load_causal_lm(model_args, tokenizer)
+    reward = RecordingReward(reward_model, tokenizer, PENALTY)
+    prompts = data["train"].select_columns(["prompt"])
+    trainer = rl.build_critic_free_trainer("grpo", args, tokenizer, policy, reward, prompts,
+                                           modeling.build_peft_config(model_args, policy, "CAUSAL_LM"))  # fmt: skip
+    assert type(trainer).__name__ == "GRPOTrainer"
+    trainer.train()
+
+    assert len(calls) == 1
+    call = calls[0]
+    assert {"completions", "trainer_state", "log_extra", "log_metric"} <= call["keys"]
+    assert len(call["prompts"]) == len(call["completion_ids"]) == 8 and set(call["prompts"]) <= set(prompts["prompt"])
+    eos = tokenizer.eos_token_id
+    for ids in call["completion_ids"]:
+        assert ids and (ids.index(eos) == len(ids) - 1 if eos in ids else len(ids) == 16)
+    prompt_ids = [tokenizer(text)["input_ids"] for text in call["prompts"]]
+    assert call["scores"] == score_responses(reward_model, tokenizer, prompt_ids, call["completion_ids"], PENALTY)
+    logged = trainer.state.log_history[0]["rewards/reward_model/mean"]
+    assert logged == pytest.approx(sum(call["scores"]) / 8, abs=1e-5)
+
+
+def test_recipe_parses_with_the_requested_trainers_config(tmp_path):
+    from trl import GRPOConfig, RLOOConfig
+
+    from kochat_trl.errors import ConfigError
+    from kochat_trl.runs import parse_recipe_args
+
+    recipe = load_recipe("rl")
+    base = ["--output_dir", str(tmp_path / "out"), "--reward_model_path", str(tmp_path)]
+
+    def parse(config: str, *extra: str):
+        return parse_recipe_args(recipe.make_parser(), ["--config", str(TINY_CONFIGS / config), *base, *extra])
+
+    script_args, training_args, _ = parse("rloo.yaml")
+    assert (script_args.trainer, type(training_args)) == ("rloo", RLOOConfig) and training_args.beta == 0.05
+    script_args, training_args, _ = parse("grpo.yaml")
+    assert (script_args.trainer, type(training_args)) == ("grpo", GRPOConfig) and training_args.num_generations == 4
+    script_args, training_args, _ = parse("rloo.yaml", "--trainer", "grpo")  # the command line beats the file
+    assert (script_args.trainer, type(training_args)) == ("grpo", GRPOConfig)
+    with pytest.raises(ConfigError, match="trainer must be one of rloo, grpo, got 'ppo'"):
+        parse("rloo.yaml", "--trainer", "ppo")
+    script_args, training_args, model_args = parse("rloo.yaml", "--reward_model_path", "")
+    with pytest.raises(ConfigError, match="reward_model_path is not set"):
+        recipe.main(script_args, training_args, model_args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_is_the_sft_policy_with_the_adapter_disabled(rloo_run, tiny_stages):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, _ = rloo_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny_stages["sft"])
+    text = "### Instruction(명령어):\n김치는 무엇인가요?\n\n### Response(응답): 김치는"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    sft = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]), output).eval()
+    with torch.no_grad():
+        sft_logits, trained_logits = sft(ids).logits, policy(ids).logits
+        with policy.disable_adapter():
+            reference_logits = policy(ids).logits
+    assert torch.equal(reference_logits, sft_logits)
+    assert (trained_logits - sft_logits).abs().max() > 1e-2  # RLOO moved the policy away from the SFT model
