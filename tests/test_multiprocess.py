@@ -209,7 +209,9 @@ def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, 
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     training_args = SimpleNamespace(output_dir=str(tmp_path / "out"), resume_from_checkpoint=None, fsdp=None,
-                                    world_size=1, seed=0)  # fmt: skip
+                                    world_size=1, seed=0, per_device_train_batch_size=1,
+                                    per_device_eval_batch_size=1, gradient_accumulation_steps=1,
+                                    learning_rate=1e-4)  # fmt: skip
     model_args = ModelConfig(model_name_or_path=str(tmp_path), **{flag: True})
     with pytest.raises(ConfigError, match=f"^{flag} does not combine with {sharding}; .*multi_gpu.yaml"):
         prepare_run(KochatArguments(template="kochatgpt_short"), training_args, model_args)
