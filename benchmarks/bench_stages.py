@@ -145,6 +145,7 @@ def render(model: str, summaries: dict[str, dict[str, dict[str, Any]]], machine:
         memory_key = "peak_cuda_bytes" if ours.get("peak_cuda_bytes") is not None else "peak_rss_bytes"
         ratios.append([stage, harness.ratio(ours["throughput"], bare["throughput"]),
                        harness.ratio(ours["step_s"], bare["step_s"]), harness.ratio(ours["loop_s"], bare["loop_s"]),
+                       harness.ratio(ours["loop_cpu_s"], bare["loop_cpu_s"]),
                        harness.ratio(ours[memory_key], bare[memory_key]),
                        harness.ratio(ours["process_wall_s"], bare["process_wall_s"])])  # fmt: skip
     memory = "peak CUDA allocated" if machine["device"] == "cuda" else "peak RSS"
@@ -152,7 +153,8 @@ def render(model: str, summaries: dict[str, dict[str, dict[str, Any]]], machine:
         ["stage", "side", "throughput", "s/step", "loop s", "import s", "setup s", "process s", memory,
          "trainable", "train loss", "clean runs", "load1", "foreign CPU"], rows)  # fmt: skip
     ratio_table = harness.markdown_table(
-        ["stage", "throughput ours/bare", "s/step ours/bare", "loop ours/bare", f"{memory} ours/bare",
+        ["stage", "throughput ours/bare", "s/step ours/bare", "loop ours/bare", "loop CPU time ours/bare",
+         f"{memory} ours/bare",
          "process ours/bare"], ratios)  # fmt: skip
     return f"### {model}: ours vs bare TRL ({machine['device']}, {machine['torch_threads']} threads)\n\n" \
            f"{table}\n\n{ratio_table}"  # fmt: skip

@@ -230,7 +230,7 @@ def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-SUMMARY_KEYS = ("throughput", "step_s", "loop_s", "import_s", "setup_s", "post_s", "process_wall_s",
+SUMMARY_KEYS = ("throughput", "step_s", "loop_s", "loop_cpu_s", "import_s", "setup_s", "post_s", "process_wall_s",
                 "peak_rss_bytes", "rss_loop_start_bytes", "peak_cuda_bytes", "foreign_cpu", "load1_before",
                 "load1_after")  # fmt: skip
 

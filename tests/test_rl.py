@@ -17,8 +17,15 @@ PENALTY = 1.0  # missing_eos_penalty in the shipped configs
 @pytest.fixture(scope="module")
 def rloo_run(tiny_stages):
     output = tiny_stages["root"] / "rloo"
-    metrics = run_recipe("rl", "rloo.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
-                         "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
+    # One thread: the same floats as `OMP_NUM_THREADS=1 python recipes/rl.py ...`, and no thread oversubscription
+    # on shared cores (2 threads on 2 busy cores made this run 10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = run_recipe("rl", "rloo.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
+                             "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return output, metrics
 
 
