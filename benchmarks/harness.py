@@ -140,13 +140,20 @@ class Gate:
         return cls(max_load, args.max_wait, args.max_foreign, args.retries)
 
     def wait_quiet(self) -> tuple[float, float]:
-        """Block until load1 < max_load (or max_wait passes); returns (load1, seconds waited)."""
+        """Block until load1 < max_load and, over the last few seconds, other processes used at most
+        max_foreign of the CPU (this process sleeps meanwhile), or until max_wait passes.
+
+        Returns (load1, seconds waited). The busy sample reacts at once; load1 lags by about a minute.
+        """
+        import psutil
+
         started = time.monotonic()
-        load = os.getloadavg()[0]
-        while load >= self.max_load and time.monotonic() - started < self.max_wait:
-            time.sleep(5)
+        while True:
+            sample = psutil.cpu_times_percent(interval=3)
+            busy = 1 - (sample.idle + sample.iowait) / 100
             load = os.getloadavg()[0]
-        return load, time.monotonic() - started
+            if (load < self.max_load and busy <= self.max_foreign) or time.monotonic() - started >= self.max_wait:
+                return load, time.monotonic() - started
 
     def clean(self, result: dict[str, Any], load_before: float) -> bool:
         return result.get("ok", False) and load_before < self.max_load and result["foreign_cpu"] <= self.max_foreign
