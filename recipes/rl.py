@@ -15,7 +15,6 @@ group mean (and spread). The reward model scores prompt ids + answer ids cut aft
 from __future__ import annotations
 
 import copy
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -89,8 +88,6 @@ def main(script_args, training_args, model_args):
     )  # fmt: skip
     kl = rl.sequence_kl(trained, reference, reference_ctx, prompts, after, training_args.temperature)
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
-    completions_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                            * training_args.world_size)  # fmt: skip
     metrics = {
         **rl.policy_comparison(tokenizer, held_out["query"], before, scores_before, after, scores_after, kl,
                                script_args.kl_bound, script_args.eval_samples_per_prompt),  # fmt: skip
@@ -98,7 +95,9 @@ def main(script_args, training_args, model_args):
         "train_reward_last": runs.last_logged(trainer.state.log_history, "reward"),
         "train_kl_last": runs.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer
         "global_step": trainer.state.global_step,
-        "completions": trainer.state.global_step * completions_per_step,
+        # Sampled answers: every optimizer step uses a global batch of them, each batch num_iterations times.
+        "completions": trainer.state.global_step * training_args.per_device_train_batch_size * training_args.world_size
+        * training_args.gradient_accumulation_steps // training_args.num_iterations,  # fmt: skip
         "num_generations": training_args.num_generations,
         "params": {
             "policy": policy_total,
@@ -118,50 +117,10 @@ def main(script_args, training_args, model_args):
     return metrics
 
 
-def requested_trainer(args: list[str]) -> str:
-    """The trainer a command line asks for: `--trainer` beats the config file's `trainer:`; default rloo."""
-    import yaml
-
-    for index, arg in enumerate(args):
-        if arg == "--trainer" and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith("--trainer="):
-            return arg.split("=", 1)[1]
-    if "--config" in args[:-1]:
-        try:
-            with open(args[args.index("--config") + 1], encoding="utf-8") as file:
-                config = yaml.safe_load(file)
-        except (OSError, yaml.YAMLError):
-            return "rloo"  # parse_recipe_args reports the unreadable config
-        if isinstance(config, dict) and config.get("trainer"):
-            return str(config["trainer"])
-    return "rloo"
-
-
 def make_parser(trainer: str | None = None):
-    """`TrlParser` over (RLScriptArguments, RLOOConfig or GRPOConfig, ModelConfig). The config class depends
-    on the trainer, so it is read from the command line first (`requested_trainer`)."""
-    from trl import ModelConfig, TrlParser
+    from kochat_trl.rl import critic_free_parser
 
-    from kochat_trl.rl import critic_free_classes
-
-    class RLParser(TrlParser):
-        def __init__(self, trainer: str) -> None:
-            self.trainer = trainer
-            super().__init__((RLScriptArguments, critic_free_classes(trainer)[0], ModelConfig))
-
-        def parse_args_and_config(self, args=None, **kwargs):
-            args = list(sys.argv[1:] if args is None else args)
-            trainer = requested_trainer(args)
-            if trainer == self.trainer:
-                return super().parse_args_and_config(args, **kwargs)
-            # Arguments given in-process (tests, the pipeline) ask for the other trainer: parse with its config.
-            other = RLParser(trainer)
-            kept = ("error", "allow_abbrev")  # what parse_recipe_args set on this parser
-            other.__dict__.update({key: value for key, value in self.__dict__.items() if key in kept})
-            return other.parse_args_and_config(args, **kwargs)
-
-    return RLParser(trainer or requested_trainer(sys.argv[1:]))
+    return critic_free_parser(RLScriptArguments, trainer)  # RLOOConfig or GRPOConfig, as --trainer/trainer: say
 
 
 if __name__ == "__main__":
