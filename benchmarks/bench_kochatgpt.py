@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = {variant.label: harness.summarize(variant) for variant in variants}
     markdown = render(args.model, summaries, machine)
     print("\n" + markdown)
-    name = f"kochatgpt-{models.RANDOM_ALIASES.get(args.model, args.model).split('/')[-1]}-{args.device}"
+    name = f"kochatgpt-{args.model.split('/')[-1]}-{args.device}"
     payload = {"benchmark": "kochatgpt", "command": harness.command_line(), "model": args.model,
                "params": models.model_params(model_dir), "settings": config, "pad_to": PAD_TO, "machine": machine,
                "gate": vars(harness.Gate.from_args(args)), "summary": summaries,

@@ -26,12 +26,12 @@ import models
 STAGES = ("sft", "rm", "ppo", "generate")
 # Per model: enough steps for a stable median on 2 CPU cores, each invocation well under 10 minutes.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "sft": {"max_steps": 40, "per_device_train_batch_size": 16, "max_length": 256},
-        "rm": {"max_steps": 40, "per_device_train_batch_size": 16, "max_length": 256},
-        "ppo": {"total_episodes": 128, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
+    "tiny": {  # the shipped tiny configs' batch sizes and lengths; SFT's 120 steps; PPO 16 of its 30 updates
+        "sft": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
+        "rm": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
+        "ppo": {"total_episodes": 256, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
                 "response_length": 48, "eval_prompts": 16},
-        "generate": {"prompts": 32, "batch_size": 8, "max_new_tokens": 64},
+        "generate": {"prompts": 64, "batch_size": 8, "max_new_tokens": 64},
     },  # fmt: skip
     "small": {  # ~100M+ random models on CPU (kogpt2-random)
         "sft": {"max_steps": 6, "per_device_train_batch_size": 4, "max_length": 128},
@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         raw[stage] = {variant.label: variant.runs for variant in variants}
     markdown = render(args.model, summaries, machine)
     print("\n" + markdown)
-    name = f"stages-{models.RANDOM_ALIASES.get(args.model, args.model).split('/')[-1]}-{args.device}"
+    name = f"stages-{args.model.split('/')[-1]}-{args.device}"
+    if args.stages != list(STAGES):
+        name += "-" + "-".join(args.stages)
     payload = {"benchmark": "stages", "command": harness.command_line(), "model": args.model,
                "params": models.model_params(model_dir), "profile": PROFILES[args.profile], "machine": machine,
                "gate": vars(harness.Gate.from_args(args)), "summary": summaries, "runs": raw}  # fmt: skip

@@ -186,7 +186,8 @@ def _model_path(model_args: ModelConfig) -> str:
 
 
 def _trust_remote_code(model_args: ModelConfig) -> bool:
-    # trl 1.x moved trust_remote_code from ModelConfig to the trainer configs; a subclass may add it back.
+    # trl 1.x moved trust_remote_code from ModelConfig to the trainer configs; runs.parse_recipe_args copies
+    # the trainer config's value onto model_args.
     return bool(getattr(model_args, "trust_remote_code", False))
 
 

@@ -2,7 +2,8 @@
 
 Each training stage runs its recipe (`recipes/<stage>.py`) in a child process, exactly as a user
 runs it by hand, with the stage's YAML plus the paths that chain the stages. A stage whose folder
-holds `metrics.json` (written last) is finished and skipped on rerun, so a crashed run continues.
+holds `metrics.json` (written last) is finished and skipped on rerun, so a crashed run continues; an
+unfinished stage with a complete `checkpoint-N` resumes from the newest one instead of starting over.
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def _in_repo(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def _stage_arguments(stage: str, run_dir: Path, base: Path) -> list[str]:
-    """The paths that chain the stages: SFT from the base, RM from SFT, PPO from SFT + RM."""
+def _stage_arguments(stage: str, run_dir: Path, base: Path, resume: bool = False) -> list[str]:
+    """The paths that chain the stages: SFT from the base, RM from SFT, PPO from SFT + RM; a fresh stage
+    replaces what a failed attempt left, a resumed one continues from its newest checkpoint."""
     chained = {
         "sft": ["--model_name_or_path", str(base), "--init_tiny", "false"],
         "rm": ["--model_name_or_path", str(run_dir / "sft")],
         "ppo": ["--model_name_or_path", str(run_dir / "sft"), "--reward_model_path", str(run_dir / "rm")],
     }[stage]
-    return [*chained, "--output_dir", str(run_dir / stage), "--overwrite", "true"]
+    continuation = ["--resume_from_checkpoint", "last"] if resume else ["--overwrite", "true"]
+    return [*chained, "--output_dir", str(run_dir / stage), *continuation]
 
 
 def _override_arguments(overrides: dict[str, Any]) -> list[str]:
@@ -97,14 +100,15 @@ def _override_arguments(overrides: dict[str, Any]) -> list[str]:
     return arguments
 
 
-def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path) -> None:
-    """Run one recipe in a child process; its output streams to the console as it trains."""
+def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path, resume: bool = False) -> None:
+    """Run one recipe in a child process; its output streams to the console as it trains. `resume`: continue
+    from the newest complete checkpoint in the stage folder."""
     recipe = REPO_ROOT / "recipes" / RECIPE_OF_STAGE[stage]
     if not recipe.is_file():
         raise KochatError(f"{recipe}: recipe not found; run the pipeline from a source checkout (pip install -e .)")
     launcher = config.launcher or [sys.executable]
     command = [*launcher, str(recipe), "--config", str(_in_repo(config.stages[stage])),
-               *_stage_arguments(stage, run_dir, base), *_override_arguments(config.overrides.get(stage, {}))]
+               *_stage_arguments(stage, run_dir, base, resume), *_override_arguments(config.overrides.get(stage, {}))]
     print(f"\n[kochat-trl] {stage}: {' '.join(command)}", flush=True)
     result = subprocess.run(command, cwd=REPO_ROOT)
     if result.returncode != 0:
@@ -197,13 +201,19 @@ def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str |
         from kochat_trl.tiny import ensure_tiny
 
         ensure_tiny(base, seed=config.seed)
+    from kochat_trl.resume import last_complete_checkpoint  # imports torch: only when a run starts
+
     redo_after = False  # a redone stage invalidates everything built on it
     for stage in TRAINING_STAGES:
         if stage_finished(run_dir / stage) and not redo_after:
             print(f"[kochat-trl] {stage}: finished in {run_dir / stage}, skipped")
             continue
+        # Resuming is only valid while everything the stage was built on is unchanged.
+        checkpoint = None if redo_after else last_complete_checkpoint(run_dir / stage)
+        if checkpoint is not None:
+            print(f"[kochat-trl] {stage}: unfinished, resuming from {checkpoint}")
         started = time.perf_counter()
-        run_stage(stage, config, run_dir, base)
+        run_stage(stage, config, run_dir, base, resume=checkpoint is not None)
         wall_time[stage] = round(time.perf_counter() - started, 2)
         redo_after = True
         write_json_atomic(state, run_dir / STATE_FILE)

@@ -71,7 +71,7 @@ def parse_recipe_args(parser: Any, argv: Sequence[str] | None = None) -> tuple:
     parser.error = one_line_error
     parser.allow_abbrev = False  # argparse would silently take a typo such as --learning_rat for --learning_rate
     try:
-        return parser.parse_args_and_config(args)
+        parsed = parser.parse_args_and_config(args)
     except (ValueError, TypeError) as error:
         text = str(error).replace("\n", " ")
         if "8 bit and 4 bit" in text:  # trl's ModelConfig names neither flag
@@ -81,6 +81,13 @@ def parse_recipe_args(parser: Any, argv: Sequence[str] | None = None) -> tuple:
             raise ConfigError(f"unknown option(s) {_with_suggestions(unknown, actions)}") from None
         where = f"{config_path}: " if config_path else ""
         raise ConfigError(f"{where}{text}") from None
+    # trl 1.x keeps trust_remote_code on the trainer configs (SFT, RM, RLOO, GRPO), not on ModelConfig,
+    # which is what the loaders read: hand it over so the YAML setting is not silently ignored.
+    trust_remote_code = any(getattr(part, "trust_remote_code", False) for part in parsed)
+    for part in parsed:
+        if hasattr(part, "model_name_or_path"):
+            part.trust_remote_code = trust_remote_code or getattr(part, "trust_remote_code", False)
+    return parsed
 
 
 def _read_yaml_config(config_path: str) -> dict[str, Any]:

@@ -33,13 +33,15 @@ class PPOScriptArguments(KochatArguments):
         default=None, metadata={"help": "Held-out KL the run must stay under; reported as kl_within_bound."}
     )
     eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after PPO."})
+    eval_samples_per_prompt: int = field(
+        default=1, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
+    )
 
 
 def main(script_args, training_args, model_args):
     from accelerate import PartialState
 
     from kochat_trl import modeling, resume, rl, runs
-    from kochat_trl.rewards import score_responses
     from kochat_trl.templates import get_template
     from kochat_trl.training_data import prompt_dataset
 
@@ -65,10 +67,9 @@ def main(script_args, training_args, model_args):
 
     # Reward of the SFT policy on held-out prompts, sampled exactly as PPO samples, fixed seed.
     sampling = {"max_new_tokens": training_args.response_length, "temperature": training_args.temperature,
-                "seed": training_args.seed}  # fmt: skip
-    prompts = held_out["input_ids"]
-    before = rl.sample_responses(policy, tokenizer, prompts, **sampling)
-    scores_before = score_responses(reward_model, tokenizer, prompts, before, training_args.missing_eos_penalty)
+                "seed": training_args.seed, "missing_eos_penalty": training_args.missing_eos_penalty}  # fmt: skip
+    prompts = rl.repeat_each(held_out["input_ids"], script_args.eval_samples_per_prompt)
+    before, scores_before = rl.sample_and_score(policy, reward_model, tokenizer, prompts, **sampling)
 
     callbacks = [rl.AdaptiveKLCallback(script_args.kl_target)] if script_args.kl_target else []
     trainer = rl.build_ppo_trainer(
@@ -85,26 +86,15 @@ def main(script_args, training_args, model_args):
         tokenizer.save_pretrained(f"{training_args.output_dir}/value")
 
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
-    after = rl.sample_responses(trained, tokenizer, prompts, **sampling)
-    scores_after = score_responses(reward_model, tokenizer, prompts, after, training_args.missing_eos_penalty)
+    after, scores_after = rl.sample_and_score(trained, reward_model, tokenizer, prompts, **sampling)
     reference = trained if trainer.ref_model is None else trainer.ref_model
     kl = rl.sequence_kl(trained, reference, lambda: rl.reference_context(trainer), prompts, after,
                         training_args.temperature)  # fmt: skip
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_after, scores_before, strict=True)]
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
     value_trainable, value_total = modeling.trainable_parameter_share(value_model)
     metrics = {
-        "reward_before": sum(scores_before) / len(scores_before),
-        "reward_after": sum(scores_after) / len(scores_after),
-        "kl": kl,
-        "kl_bound": script_args.kl_bound,
-        "kl_within_bound": None if script_args.kl_bound is None else kl <= script_args.kl_bound,
-        "win_rate": sum(wins) / len(wins),
-        "eval_prompts": len(prompts),
-        "eos_rate_before": sum(tokenizer.eos_token_id in ids for ids in before) / len(before),
-        "eos_rate_after": sum(tokenizer.eos_token_id in ids for ids in after) / len(after),
-        "length_before": sum(map(len, before)) / len(before),
-        "length_after": sum(map(len, after)) / len(after),
+        **rl.policy_comparison(tokenizer, held_out["query"], before, scores_before, after, scores_after, kl,
+                               script_args.kl_bound, script_args.eval_samples_per_prompt),  # fmt: skip
         "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
         "kl_coef_final": training_args.kl_coef,
         "episodes": trainer.state.episode,
@@ -114,11 +104,6 @@ def main(script_args, training_args, model_args):
                    "reference_extra": 0 if trainer.ref_model is None else policy_total,
                    "reward": sum(p.numel() for p in reward_model.parameters()),
                    "value": value_total, "value_trainable": value_trainable},  # fmt: skip
-        "samples": [
-            {"prompt": query, "before": tokenizer.decode(b, skip_special_tokens=True).strip(),
-             "after": tokenizer.decode(a, skip_special_tokens=True).strip(), "score_before": sb, "score_after": sa}
-            for query, b, a, sb, sa in zip(held_out["query"], before, after, scores_before, scores_after, strict=False)
-        ][:3],  # fmt: skip
         "policy_base": model_args.model_name_or_path,
         "reward_model": training_args.reward_model_path,
         "template": script_args.template,

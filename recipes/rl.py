@@ -44,14 +44,14 @@ class RLScriptArguments(KochatArguments):
 def main(script_args, training_args, model_args):
     from accelerate import PartialState
 
-    from kochat_trl import modeling, rl, runs
+    from kochat_trl import modeling, resume, rl, runs
     from kochat_trl.errors import ConfigError
     from kochat_trl.templates import get_template
     from kochat_trl.training_data import prompt_dataset
 
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder")
-    runs.prepare_run(script_args, training_args, model_args)
+    runs.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
     template = get_template(script_args.template)
     with PartialState().main_process_first():
@@ -76,8 +76,9 @@ def main(script_args, training_args, model_args):
         script_args.trainer, training_args, tokenizer, policy, reward,
         train_dataset=dataset["train"].select_columns(["prompt"]),
         peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        callbacks=resume.training_callbacks(),
     )  # fmt: skip
-    trainer.train()
+    trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
     trained = trainer.accelerator.unwrap_model(trainer.model)

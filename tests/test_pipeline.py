@@ -1,4 +1,5 @@
-"""`kochat-trl pipeline` end to end on the embedded default, and a rerun that redoes only PPO."""
+"""`kochat-trl pipeline` end to end on the embedded default; reruns redo only unfinished stages and resume
+them from their newest checkpoint."""
 
 from __future__ import annotations
 
@@ -60,6 +61,27 @@ def test_rerun_after_deleting_ppo_redoes_only_ppo(pipeline_run, capsys):
     report = json.loads((pipeline_run / "report.json").read_text())
     assert report["wall_time_s"]["sft"] == first_report["wall_time_s"]["sft"]  # kept from the first run
     assert report["ppo"]["reward_after"] == _metrics(pipeline_run, "ppo")["reward_after"]
+
+
+def test_rerun_resumes_an_unfinished_stage_from_its_checkpoint(pipeline_run, capsys):
+    rm_dir = pipeline_run / "rm"
+    finished = _metrics(pipeline_run, "rm")
+    assert sorted(path.name for path in rm_dir.glob("checkpoint-*")) == ["checkpoint-200", "checkpoint-300"]
+    # A crash after step 200: checkpoint-300 and metrics.json never written.
+    shutil.rmtree(rm_dir / "checkpoint-300")
+    (rm_dir / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(["pipeline", "--output_dir", str(pipeline_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"rm: unfinished, resuming from {rm_dir / 'checkpoint-200'}" in out
+    assert "sft: finished" in out and "ppo: finished" not in out  # PPO is built on the RM: redone
+    resumed = _metrics(pipeline_run, "rm")
+    state = json.loads((rm_dir / "checkpoint-300" / "trainer_state.json").read_text())
+    assert state["global_step"] == 300
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry][:1] == [10]  # history carried over
+    # The resumed run restores optimizer, scheduler and RNG state: it ends where the uninterrupted run ended.
+    assert resumed["accuracy"] == pytest.approx(finished["accuracy"], abs=1e-6)
+    assert resumed["mean_margin"] == pytest.approx(finished["mean_margin"], rel=1e-3)
 
 
 def test_pipeline_refuses_a_foreign_non_empty_folder(tmp_path, capsys):

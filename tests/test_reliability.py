@@ -95,6 +95,9 @@ BAD_INPUTS = [
     ("ppo_response_over_context", "ppo", [*PPO, "--response_length", "500"], {},
      ["response_length 500 exceeds the context", "512 positions", "lower response_length to"]),
     ("ppo_no_held_out_prompts", "ppo", [*PPO, "--eval_fraction", "0"], {}, ["held-out prompts", "eval_fraction > 0"]),
+    ("rl_prompts_bad_json", "rl", [*PPO, "--dataset_name", "{in}/p.jsonl"],
+     {"p.jsonl": '{"prompt": "a"}\n{"prompt": \n'}, ["p.jsonl", "line 2", "invalid JSON"]),
+    ("rl_prompts_missing_file", "rl", [*PPO, "--dataset_name", "{in}/none.json"], {}, ["none.json", "file not found"]),
     # paths and output folders
     ("model_path_missing", "sft", ["--model_name_or_path", "{in}/no/model", "--init_tiny", "false",
                                    "--output_dir", "{out}"], {},
@@ -154,7 +157,7 @@ def test_bad_input_is_refused_before_loading_with_one_line_and_no_output(
     for auto_class in ("AutoModelForCausalLM", "AutoModelForSequenceClassification"):
         monkeypatch.setattr(getattr(transformers, auto_class), "from_pretrained", no_model_loading)
     arguments = _materialise(tmp_path, files, overrides, tiny_model_dir)
-    config = {"sft": "sft.yaml", "reward": "reward.yaml", "ppo": "ppo.yaml"}[recipe]
+    config = {"sft": "sft.yaml", "reward": "reward.yaml", "ppo": "ppo.yaml", "rl": "rloo.yaml"}[recipe]
     message = _recipe_error(recipe, config, arguments)
     for fragment in fragments:
         assert fragment in message, message
@@ -460,3 +463,16 @@ def test_loaders_never_trust_remote_code_by_default():
         _, training_args, model_args = parse_recipe_args(module.make_parser(), ["--config", str(TINY_CONFIGS / config)])
         assert getattr(training_args, "trust_remote_code", False) is False
         assert model_init_kwargs(model_args)["trust_remote_code"] is False
+
+
+def test_trust_remote_code_set_in_a_config_reaches_the_loaders():
+    # trl keeps the flag on SFTConfig/RewardConfig, not on ModelConfig, which is what the loaders read.
+    from kochat_trl.modeling import model_init_kwargs
+    from kochat_trl.runs import parse_recipe_args
+
+    for recipe, config in (("sft", "sft.yaml"), ("reward", "reward.yaml")):
+        module = load_recipe(recipe)
+        _, training_args, model_args = parse_recipe_args(module.make_parser(), [
+            "--config", str(TINY_CONFIGS / config), "--trust_remote_code", "true"])  # fmt: skip
+        assert training_args.trust_remote_code is True
+        assert model_init_kwargs(model_args)["trust_remote_code"] is True
