@@ -1,5 +1,5 @@
 """Reliability: bad input fails before any model loads (one line, exit 2, nothing written); a signal
-saves a checkpoint and stops without the stage looking finished; SFT, RM and PPO resume from it and
+saves a checkpoint and stops without the stage looking finished; SFT, RM, PPO and RLOO resume from it and
 continue exactly where they stopped; same seed, same run; no pickles or tokens in outputs."""
 
 from __future__ import annotations
@@ -430,6 +430,43 @@ def test_ppo_interrupted_resumes_with_no_update_repeated_or_skipped(tmp_path, ti
         }
     assert resumed["global_step"] == 6 and resumed["episodes"] == 96
     assert resumed["kl_coef_final"] == full["kl_coef_final"] != 0.2  # adaptive KL continued from the checkpoint
+    assert resumed["reward_after"] == full["reward_after"] and resumed["kl"] == full["kl"]
+    assert_no_pickles_or_bins(tmp_path / "out")
+
+
+RLOO_RUN = ["--max_steps", "6", "--max_samples", "50", "--eval_prompts", "4", "--eval_samples_per_prompt", "1",
+            "--max_completion_length", "16", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
+            "--seed", "42"]  # fmt: skip
+RLOO_VARYING = {"step_time"}  # wall-clock; the final summary entry (runtime, mean loss of this process) is skipped
+
+
+def test_rloo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
+    """RLOO/GRPO are plain Trainer loops: the recipe's interrupt callbacks and `resume_from_checkpoint` give them
+    the same stop-and-continue as SFT. Policy and reward start from the tiny base, as in the PPO test."""
+
+    def run(output: Path, *extra: str) -> dict:
+        return run_recipe("rl", "rloo.yaml", "--model_name_or_path", str(tiny_model_dir),
+                          "--reward_model_path", str(tiny_model_dir), *RLOO_RUN, "--output_dir", str(output),
+                          *extra)  # fmt: skip
+
+    with one_thread():
+        full = run(tmp_path / "full")
+        with sigint_when(tmp_path / "out" / "checkpoint-2" / "trainer_state.json"), \
+                pytest.raises(TrainingInterrupted) as stopped:  # fmt: skip
+            run(tmp_path / "out")
+        stop_step = stopped.value.step
+        assert 2 <= stop_step < 6 and not (tmp_path / "out" / "metrics.json").exists()
+        assert last_complete_checkpoint(tmp_path / "out").name == f"checkpoint-{stop_step}"
+        resumed = run(tmp_path / "out", "--resume_from_checkpoint", "last")
+
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    reference = json.loads((tmp_path / "full" / "log_history.json").read_text())
+    assert resumed["global_step"] == 6 and steps_logged(history, "reward") == [1, 2, 3, 4, 5, 6]
+    steps, reference_steps = ([entry for entry in log if "reward" in entry] for log in (history, reference))
+    for mine, theirs in zip(steps, reference_steps, strict=True):  # same completions, rewards, KL, gradients
+        assert {k: v for k, v in mine.items() if k not in RLOO_VARYING} == {
+            k: v for k, v in theirs.items() if k not in RLOO_VARYING
+        }
     assert resumed["reward_after"] == full["reward_after"] and resumed["kl"] == full["kl"]
     assert_no_pickles_or_bins(tmp_path / "out")
 
