@@ -248,6 +248,24 @@ def sigint_when(path: Path):
         watcher.join()
 
 
+def interrupted_then_resumed(run, tmp_path: Path, max_step: int) -> tuple[dict, int, dict]:
+    """`run(folder, *extra)` once uninterrupted into full/, once into out/ stopped by SIGINT as soon as
+    checkpoint-2 is written, then resumed there: (full metrics, the step it stopped at, resumed metrics)."""
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "out"
+    with one_thread():
+        full = run(tmp_path / "full")
+        with sigint_when(out / "checkpoint-2" / "trainer_state.json"), pytest.raises(TrainingInterrupted) as stopped:
+            run(out)
+        assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
+        stop_step = stopped.value.step
+        assert 2 <= stop_step < max_step and not (out / "metrics.json").exists()
+        assert last_complete_checkpoint(out).name == f"checkpoint-{stop_step}"
+        assert signal.getsignal(signal.SIGINT) is handler  # our handler is gone after the stop
+        resumed = run(out, "--resume_from_checkpoint", "last")
+    return full, stop_step, resumed
+
+
 def steps_logged(history: list[dict], key: str) -> list[int]:
     return [entry["step"] for entry in history if key in entry]
 
@@ -368,17 +386,7 @@ def test_reward_model_interrupted_in_process_resumes_exactly(tmp_path, tiny_mode
         return run_recipe("reward", "reward.yaml", "--model_name_or_path", str(tiny_model_dir), *RM_RUN,
                           "--output_dir", str(output), *extra)  # fmt: skip
 
-    handler = signal.getsignal(signal.SIGINT)
-    with one_thread():
-        full = run(tmp_path / "full")
-        with sigint_when(tmp_path / "out" / "checkpoint-2" / "trainer_state.json"), \
-                pytest.raises(TrainingInterrupted) as stopped:  # fmt: skip
-            run(tmp_path / "out")
-        assert stopped.value.signum == signal.SIGINT and stopped.value.exit_code == 130
-        assert 2 <= stopped.value.step < 12 and not (tmp_path / "out" / "metrics.json").exists()
-        assert last_complete_checkpoint(tmp_path / "out").name == f"checkpoint-{stopped.value.step}"
-        assert signal.getsignal(signal.SIGINT) is handler  # our handler is gone after the stop
-        resumed = run(tmp_path / "out", "--resume_from_checkpoint", "last")
+    full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=12)
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     reference = json.loads((tmp_path / "full" / "log_history.json").read_text())
     assert resumed["global_step"] == 12 and steps_logged(history, "loss") == list(range(1, 13))
@@ -405,19 +413,12 @@ def test_ppo_interrupted_resumes_with_no_update_repeated_or_skipped(tmp_path, ti
                           "--reward_model_path", str(tiny_model_dir), *PPO_RUN, "--output_dir", str(output),
                           *extra)  # fmt: skip
 
-    with one_thread():
-        full = run(tmp_path / "full")
-        with sigint_when(tmp_path / "out" / "checkpoint-2" / "trainer_state.json"), \
-                pytest.raises(TrainingInterrupted) as stopped:  # fmt: skip
-            run(tmp_path / "out")
-        stop_step = stopped.value.step
-        assert 2 <= stop_step < 6 and not (tmp_path / "out" / "metrics.json").exists()
-        checkpoint = tmp_path / "out" / f"checkpoint-{stop_step}"
-        assert (checkpoint / "adapter_model.safetensors").is_file()
-        assert (checkpoint / "value" / "adapter_model.safetensors").is_file()  # TRL saves only the policy
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())
-        assert saved["global_step"] == stop_step and saved["episode"] == 16 * stop_step
-        resumed = run(tmp_path / "out", "--resume_from_checkpoint", "last")
+    full, stop_step, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
+    checkpoint = tmp_path / "out" / f"checkpoint-{stop_step}"  # the one the stopped run saved (still there)
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "value" / "adapter_model.safetensors").is_file()  # TRL saves only the policy
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert saved["global_step"] == stop_step and saved["episode"] == 16 * stop_step
 
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     reference = json.loads((tmp_path / "full" / "log_history.json").read_text())
@@ -449,15 +450,7 @@ def test_rloo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
                           "--reward_model_path", str(tiny_model_dir), *RLOO_RUN, "--output_dir", str(output),
                           *extra)  # fmt: skip
 
-    with one_thread():
-        full = run(tmp_path / "full")
-        with sigint_when(tmp_path / "out" / "checkpoint-2" / "trainer_state.json"), \
-                pytest.raises(TrainingInterrupted) as stopped:  # fmt: skip
-            run(tmp_path / "out")
-        stop_step = stopped.value.step
-        assert 2 <= stop_step < 6 and not (tmp_path / "out" / "metrics.json").exists()
-        assert last_complete_checkpoint(tmp_path / "out").name == f"checkpoint-{stop_step}"
-        resumed = run(tmp_path / "out", "--resume_from_checkpoint", "last")
+    full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
 
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     reference = json.loads((tmp_path / "full" / "log_history.json").read_text())
