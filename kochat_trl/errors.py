@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 EXIT_USER_ERROR = 2
+
+
+def print_error_line(line: str) -> None:
+    """`line` to stderr in one write: under `python -u` (PYTHONUNBUFFERED) `print` writes the text and the
+    newline separately, and the lines of several launched processes sharing stderr run into each other."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 class KochatError(Exception):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kochat_trl.errors import EXIT_USER_ERROR, ConfigError, DataError, KochatError
+from kochat_trl.errors import EXIT_USER_ERROR, ConfigError, DataError, KochatError, print_error_line
 from kochat_trl.outputs import write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.json"  # written last: its presence means the stage finished
@@ -153,14 +153,14 @@ def user_errors():
     try:
         yield
     except KochatError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error_line(f"error: {error}")
         sys.exit(EXIT_USER_ERROR)
     except TrainingInterrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
+        print_error_line(f"stopped: {error}")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:  # outside training: nothing to save, and the stage is not marked finished
-        print("stopped: interrupted by SIGINT before training started or after it ended; rerun to finish the stage",
-              file=sys.stderr)  # fmt: skip
+        print_error_line("stopped: interrupted by SIGINT before training started or after it ended; "
+                         "rerun to finish the stage")  # fmt: skip
         sys.exit(128 + 2)
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from kochat_trl import __version__
-from kochat_trl.errors import EXIT_USER_ERROR, KochatError
+from kochat_trl.errors import EXIT_USER_ERROR, KochatError, print_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except KochatError as error:
-        print(f"kochat-trl: error: {error}", file=sys.stderr)
+        print_error_line(f"kochat-trl: error: {error}")
         return EXIT_USER_ERROR
 
 
