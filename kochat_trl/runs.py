@@ -252,6 +252,9 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
     if stage is None:
         return
     rows = _check_data(kochat_args, stage)
+    if stage == "ppo" and kochat_args.eval_fraction == 0:
+        raise ConfigError("PPO, RLOO and GRPO score the policy on held-out prompts before and after training; "
+                          "set eval_fraction > 0")  # fmt: skip
     if stage == "ppo" and hasattr(training_args, "num_mini_batches"):  # TRL's PPOConfig (not RLOO/GRPO's configs)
         _check_ppo(kochat_args, training_args, model_args, rows, template, context)
 
@@ -261,6 +264,9 @@ def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args
         raise ConfigError(f"eval_fraction must be in [0, 1), got {kochat_args.eval_fraction}")
     if kochat_args.max_samples is not None and kochat_args.max_samples < 1:
         raise ConfigError(f"max_samples must be at least 1 (or unset for all rows), got {kochat_args.max_samples}")
+    for name in ("eval_prompts", "eval_samples_per_prompt"):  # the RL recipes' held-out comparison
+        if getattr(kochat_args, name, 1) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(kochat_args, name)}")
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise ConfigError("load_in_8bit and load_in_4bit are both set; choose one")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -375,9 +381,6 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
         raise ConfigError("stop_token and stop_token_id are both set; choose one")
     if training_args.total_episodes is not None and training_args.total_episodes < 1:
         raise ConfigError(f"total_episodes must be at least 1, got {training_args.total_episodes}")
-    if kochat_args.eval_fraction == 0 or getattr(kochat_args, "eval_prompts", 1) < 1:
-        raise ConfigError("PPO scores the policy on held-out prompts before and after training; "
-                          "set eval_fraction > 0 and eval_prompts >= 1")  # fmt: skip
     train_rows, _ = _split_sizes(len(rows), kochat_args.eval_fraction)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if train_rows < local_batch * world:

@@ -97,6 +97,9 @@ BAD_INPUTS = [
     ("ppo_no_held_out_prompts", "ppo", [*PPO, "--eval_fraction", "0"], {}, ["held-out prompts", "eval_fraction > 0"]),
     ("rl_prompts_bad_json", "rl", [*PPO, "--dataset_name", "{in}/p.jsonl"],
      {"p.jsonl": '{"prompt": "a"}\n{"prompt": \n'}, ["p.jsonl", "line 2", "invalid JSON"]),
+    ("rl_no_held_out_prompts", "rl", [*PPO, "--eval_fraction", "0"], {}, ["held-out prompts", "eval_fraction > 0"]),
+    ("rl_no_samples_per_prompt", "rl", [*PPO, "--eval_samples_per_prompt", "0"], {},
+     ["eval_samples_per_prompt must be at least 1, got 0"]),
     ("rl_prompts_missing_file", "rl", [*PPO, "--dataset_name", "{in}/none.json"], {}, ["none.json", "file not found"]),
     # paths and output folders
     ("model_path_missing", "sft", ["--model_name_or_path", "{in}/no/model", "--init_tiny", "false",
