@@ -76,7 +76,7 @@ def recipe_config(stage: str, precision: str, args: argparse.Namespace, model_di
         config.update({"reward_model_path": str(model_dir), "total_episodes": args.batch_size * args.steps,
                        "local_rollout_forward_batch_size": args.batch_size, "num_mini_batches": 1,
                        "response_length": args.response_length, "eval_fraction": 0.2,
-                       "eval_prompts": args.batch_size})  # fmt: skip
+                       "eval_prompts": args.batch_size, "eval_samples_per_prompt": 1})  # fmt: skip
     else:
         config.update({"max_steps": args.steps, "max_length": args.seq_len, "eval_fraction": 0.0})
     return config

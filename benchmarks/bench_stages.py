@@ -30,21 +30,21 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "sft": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
         "rm": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
         "ppo": {"total_episodes": 256, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
-                "response_length": 48, "eval_prompts": 16},
+                "response_length": 48, "eval_prompts": 16, "eval_samples_per_prompt": 1},
         "generate": {"prompts": 64, "batch_size": 8, "max_new_tokens": 64},
     },  # fmt: skip
     "small": {  # ~100M+ random models on CPU (kogpt2-random)
         "sft": {"max_steps": 6, "per_device_train_batch_size": 4, "max_length": 128},
         "rm": {"max_steps": 6, "per_device_train_batch_size": 4, "max_length": 128},
         "ppo": {"total_episodes": 16, "per_device_train_batch_size": 4, "local_rollout_forward_batch_size": 4,
-                "response_length": 32, "eval_prompts": 4},
+                "response_length": 32, "eval_prompts": 4, "eval_samples_per_prompt": 1},
         "generate": {"prompts": 8, "batch_size": 8, "max_new_tokens": 32},
     },  # fmt: skip
     "gpu": {
         "sft": {"max_steps": 20, "per_device_train_batch_size": 8, "max_length": 512},
         "rm": {"max_steps": 20, "per_device_train_batch_size": 8, "max_length": 512},
         "ppo": {"total_episodes": 64, "per_device_train_batch_size": 8, "local_rollout_forward_batch_size": 8,
-                "response_length": 64, "eval_prompts": 8},
+                "response_length": 64, "eval_prompts": 8, "eval_samples_per_prompt": 1},
         "generate": {"prompts": 32, "batch_size": 8, "max_new_tokens": 64},
     },  # fmt: skip
 }
