@@ -51,13 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scratch-models-keep", action="store_true", help="keep the random checkpoints")
     harness.add_common_arguments(parser, repeats=1)
     args = parser.parse_args(argv)
-    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
-    args.precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
-    args.stages = [name.strip() for name in args.stages.split(",") if name.strip()]
-    for option, chosen, known in (("--precisions", args.precisions, PRECISIONS), ("--stages", args.stages, STAGES)):
-        unknown = [name for name in chosen if name not in known]
-        if unknown:
-            raise harness.BenchmarkError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    args.models = harness.choices_list("--models", args.models)
+    args.precisions = harness.choices_list("--precisions", args.precisions, list(PRECISIONS))
+    args.stages = harness.choices_list("--stages", args.stages, STAGES)
     return args
 
 
@@ -127,9 +123,7 @@ def render(cells: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    harness.check_device(args.device)
-    scratch = harness.scratch_dir(args, "gpu")
-    machine = harness.machine_info(args.threads, args.device)
+    scratch, machine = harness.start(args, "gpu")
     cells: list[dict[str, Any]] = []
     for preset in args.models:
         started = time.perf_counter()

@@ -52,12 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None)
     harness.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = [name for name in args.variants if name not in VARIANTS]
-    if unknown:
-        raise harness.BenchmarkError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if args.profile is None:
-        args.profile = "gpu" if args.device == "cuda" else "tiny" if args.model == "tiny" else "small"
+    args.variants = harness.choices_list("--variants", args.variants, VARIANTS)
+    args.profile = args.profile or harness.default_profile(args)
     return args
 
 
@@ -99,11 +95,8 @@ def render(model: str, summaries: dict[str, dict[str, Any]], machine: dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    harness.check_device(args.device)
-    scratch = harness.scratch_dir(args, "kochatgpt")
-    machine = harness.machine_info(args.threads, args.device)
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
-    model_dir = models.model_folder(args.model, scratch / "models", args.device, dtype)
+    scratch, machine = harness.start(args, "kochatgpt")
+    model_dir = models.model_folder(args.model, scratch / "models", args.device)
     from transformers import AutoConfig
 
     from kochat_trl.modeling import lora_target_modules

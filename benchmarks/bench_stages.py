@@ -69,12 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=None, help="override PPO total_episodes")
     harness.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    args.stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
-    unknown = [stage for stage in args.stages if stage not in STAGES]
-    if unknown:
-        raise harness.BenchmarkError(f"--stages: unknown {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    if args.profile is None:
-        args.profile = "gpu" if args.device == "cuda" else "tiny" if args.model == "tiny" else "small"
+    args.stages = harness.choices_list("--stages", args.stages, STAGES)
+    args.profile = args.profile or harness.default_profile(args)
     return args
 
 
@@ -162,11 +158,8 @@ def render(model: str, summaries: dict[str, dict[str, dict[str, Any]]], machine:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    harness.check_device(args.device)
-    scratch = harness.scratch_dir(args, "stages")
-    machine = harness.machine_info(args.threads, args.device)
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
-    model_dir = models.model_folder(args.model, scratch / "models", args.device, dtype)
+    scratch, machine = harness.start(args, "stages")
+    model_dir = models.model_folder(args.model, scratch / "models", args.device)
     print(f"[bench] model {args.model} at {model_dir}; machine {machine['cpu']} x{machine['cpu_count']}, "
           f"{args.threads} torch threads", flush=True)  # fmt: skip
     summaries: dict[str, dict[str, dict[str, Any]]] = {}

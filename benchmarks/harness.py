@@ -63,6 +63,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 3) -> N
     group.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/NAME.json)")
 
 
+def choices_list(option: str, text: str, known: Sequence[str] | None = None) -> list[str]:
+    """A comma-separated option value as a list; with `known`, an unknown name stops with a one-line error."""
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if known is not None and name not in known]
+    if unknown:
+        raise BenchmarkError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
+
+
+def default_profile(args: argparse.Namespace) -> str:
+    """gpu on CUDA, tiny for the embedded default, small for the ~100M+ random models on CPU."""
+    return "gpu" if args.device == "cuda" else "tiny" if args.model == "tiny" else "small"
+
+
 def check_device(device: str) -> None:
     if device != "cuda":
         return
@@ -298,6 +312,12 @@ def memory_cell(summary: dict[str, Any]) -> str:
     if summary.get("peak_rss_bytes") is None:
         return "–"
     return f"{summary['peak_rss_bytes'] / MB:,.0f} MB"
+
+
+def start(args: argparse.Namespace, name: str) -> tuple[Path, dict[str, Any]]:
+    """Every benchmark's opening: the device checked, its scratch folder, and the machine facts it reports."""
+    check_device(args.device)
+    return scratch_dir(args, name), machine_info(args.threads, args.device)
 
 
 def scratch_dir(args: argparse.Namespace, name: str) -> Path:

@@ -19,8 +19,9 @@ RANDOM_ALIASES = {"kogpt2-random": "skt/kogpt2-base-v2"}
 MARKER = "kochat_bench_model.json"
 
 
-def model_folder(name: str, root: Path, device: str = "cpu", dtype: str = "float32") -> Path:
-    """A loadable model folder for `name` under `root`, built once and reused."""
+def model_folder(name: str, root: Path, device: str = "cpu") -> Path:
+    """A loadable model folder for `name` under `root`, built once and reused (bf16 weights on CUDA)."""
+    dtype = "bfloat16" if device == "cuda" else "float32"
     if name == "tiny":
         from kochat_trl.tiny import ensure_tiny
 

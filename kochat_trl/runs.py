@@ -45,6 +45,20 @@ class KochatArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
+@dataclass
+class RLArguments(KochatArguments):
+    """What the RL recipes (PPO, RLOO/GRPO) add: prompts, and the held-out comparison with the SFT policy."""
+
+    dataset_name: str = field(default="bundled:ppo", metadata={"help": "Prompts (any layout with a prompt)."})
+    kl_bound: float | None = field(
+        default=None, metadata={"help": "Held-out KL the run must stay under; reported as kl_within_bound."}
+    )
+    eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after training."})
+    eval_samples_per_prompt: int = field(
+        default=1, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
+    )
+
+
 def parse_recipe_args(parser: Any, argv: Sequence[str] | None = None) -> tuple:
     """`TrlParser.parse_args_and_config`, with config mistakes turned into one-line errors.
 
@@ -264,9 +278,10 @@ def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args
         raise ConfigError(f"eval_fraction must be in [0, 1), got {kochat_args.eval_fraction}")
     if kochat_args.max_samples is not None and kochat_args.max_samples < 1:
         raise ConfigError(f"max_samples must be at least 1 (or unset for all rows), got {kochat_args.max_samples}")
-    for name in ("eval_prompts", "eval_samples_per_prompt"):  # the RL recipes' held-out comparison
-        if getattr(kochat_args, name, 1) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(kochat_args, name)}")
+    if isinstance(kochat_args, RLArguments):
+        for name in ("eval_prompts", "eval_samples_per_prompt"):
+            if getattr(kochat_args, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(kochat_args, name)}")
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise ConfigError("load_in_8bit and load_in_4bit are both set; choose one")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

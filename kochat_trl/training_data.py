@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kochat_trl.data import LoadedData, load_stage_data, to_dataset_dict
-from kochat_trl.templates import PromptTemplate
+from kochat_trl.templates import PromptTemplate, get_template
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
 
 
 def _split(loaded: LoadedData, rows: list[dict[str, Any]], eval_fraction: float, seed: int,
@@ -67,3 +67,15 @@ def prompt_dataset(source: str, template: PromptTemplate, tokenizer: Any, eval_f
         # Default special tokens, as TRL's SFT and reward trainers tokenize (bos for Llama-style models).
         rows.append({"query": row["prompt"], "prompt": text, "input_ids": tokenizer(text)["input_ids"]})
     return _split(loaded, rows, eval_fraction, seed, max_samples)
+
+
+def rl_prompts(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[DatasetDict, Dataset]:
+    """The RL recipes' prompts (`prompt_dataset` with the run's template, built on the main process first) and
+    the first `eval_prompts` held-out rows, on which the policy is scored before and after training."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        dataset = prompt_dataset(script_args.dataset_name, get_template(script_args.template), tokenizer,
+                                 script_args.eval_fraction, training_args.seed, script_args.max_samples)  # fmt: skip
+    held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
+    return dataset, held_out

@@ -17,41 +17,26 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from kochat_trl.runs import KochatArguments
+from kochat_trl.runs import RLArguments
 
 
 @dataclass
-class PPOScriptArguments(KochatArguments):
-    dataset_name: str = field(default="bundled:ppo", metadata={"help": "Prompts (any layout with a prompt)."})
+class PPOScriptArguments(RLArguments):
     value_model_path: str | None = field(
         default=None, metadata={"help": "Value model initialisation; defaults to reward_model_path."}
     )
     kl_target: float | None = field(
         default=None, metadata={"help": "Adapt kl_coef so the per-answer KL approaches this value (None: fixed)."}
     )
-    kl_bound: float | None = field(
-        default=None, metadata={"help": "Held-out KL the run must stay under; reported as kl_within_bound."}
-    )
-    eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after PPO."})
-    eval_samples_per_prompt: int = field(
-        default=1, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
-    )
 
 
 def main(script_args, training_args, model_args):
-    from accelerate import PartialState
-
     from kochat_trl import modeling, resume, rl, runs
-    from kochat_trl.templates import get_template
-    from kochat_trl.training_data import prompt_dataset
+    from kochat_trl.training_data import rl_prompts
 
     runs.prepare_run(script_args, training_args, model_args, stage="ppo")
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
-    template = get_template(script_args.template)
-    with PartialState().main_process_first():
-        dataset = prompt_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
-                                 training_args.seed, script_args.max_samples)  # fmt: skip
-    held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
+    dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     policy = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
     reward_args = copy.copy(model_args)

@@ -18,46 +18,35 @@ import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from kochat_trl.runs import KochatArguments
+from kochat_trl.runs import RLArguments
 
 
 @dataclass
-class RLScriptArguments(KochatArguments):
+class RLScriptArguments(RLArguments):
     trainer: str = field(
         default="rloo",
         metadata={"help": "TRL trainer: rloo (RLOOTrainer) or grpo (GRPOTrainer).", "choices": ["rloo", "grpo"]},
     )
-    dataset_name: str = field(default="bundled:ppo", metadata={"help": "Prompts (any layout with a prompt)."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Stage 2's reward model folder."})
     missing_eos_penalty: float | None = field(
         default=1.0, metadata={"help": "Subtracted from the reward of an answer that never produced eos."}
     )
-    kl_bound: float | None = field(
-        default=None, metadata={"help": "Held-out KL the run must stay under; reported as kl_within_bound."}
-    )
-    eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for reward before/after training."})
+    # Several answers per prompt by default: they are the group RLOO/GRPO sample anyway.
     eval_samples_per_prompt: int = field(
         default=4, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
     )
 
 
 def main(script_args, training_args, model_args):
-    from accelerate import PartialState
-
     from kochat_trl import modeling, resume, rl, runs
     from kochat_trl.errors import ConfigError
-    from kochat_trl.templates import get_template
-    from kochat_trl.training_data import prompt_dataset
+    from kochat_trl.training_data import rl_prompts
 
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder")
     runs.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
-    template = get_template(script_args.template)
-    with PartialState().main_process_first():
-        dataset = prompt_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
-                                 training_args.seed, script_args.max_samples)  # fmt: skip
-    held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
+    dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     device = training_args.device  # the "before" samples are drawn before the trainer places the policy
     policy = rl.place_on(modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)

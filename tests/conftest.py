@@ -69,3 +69,22 @@ def tiny_stages(tiny_model_dir, tmp_path_factory) -> dict:
                     "--output_dir", str(root / "rm"))  # fmt: skip
     return {"root": root, "base": tiny_model_dir, "sft": root / "sft", "rm": root / "rm",
             "sft_metrics": sft, "rm_metrics": rm}  # fmt: skip
+
+
+def adapter_and_reference_logits(sft_dir: Path, adapter_dir: Path):
+    """Logits on one Korean prompt of: the SFT model, SFT + an RL run's LoRA adapter, and the same with the
+    adapter disabled (what PPO/RLOO use as the reference)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    text = "### Instruction(명령어):\n김치는 무엇인가요?\n\n### Response(응답): 김치는"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_dir), adapter_dir).eval()
+    with torch.no_grad():
+        sft_logits, trained_logits = sft(ids).logits, policy(ids).logits
+        with policy.disable_adapter():
+            reference_logits = policy(ids).logits
+    return sft_logits, trained_logits, reference_logits

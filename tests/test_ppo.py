@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_recipe
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import adapter_and_reference_logits, run_recipe
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +40,8 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
 
 
 def test_reference_is_the_sft_policy_with_the_adapter_disabled(ppo_run, tiny_stages):
-    from peft import PeftModel
-
     output, _ = ppo_run
-    tokenizer = AutoTokenizer.from_pretrained(tiny_stages["sft"])
-    text = "### Instruction(명령어):\n김치는 무엇인가요?\n\n### Response(응답): 김치는"
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
-    sft = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]), output).eval()
-    with torch.no_grad():
-        sft_logits = sft(ids).logits
-        trained_logits = policy(ids).logits
-        with policy.disable_adapter():
-            reference_logits = policy(ids).logits
+    sft_logits, trained_logits, reference_logits = adapter_and_reference_logits(tiny_stages["sft"], output)
     assert torch.equal(reference_logits, sft_logits)  # the reference is exactly the SFT model
     assert (trained_logits - sft_logits).abs().max() > 1e-2  # and PPO moved the policy away from it
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIGS, load_recipe, run_recipe
+from conftest import TINY_CONFIGS, adapter_and_reference_logits, load_recipe, run_recipe
 
 PENALTY = 1.0  # missing_eos_penalty in the shipped configs
 
@@ -175,18 +175,7 @@ def test_recipe_parses_with_the_requested_trainers_config(tmp_path):
 
 
 def test_reference_is_the_sft_policy_with_the_adapter_disabled(rloo_run, tiny_stages):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     output, _ = rloo_run
-    tokenizer = AutoTokenizer.from_pretrained(tiny_stages["sft"])
-    text = "### Instruction(명령어):\n김치는 무엇인가요?\n\n### Response(응답): 김치는"
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
-    sft = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]), output).eval()
-    with torch.no_grad():
-        sft_logits, trained_logits = sft(ids).logits, policy(ids).logits
-        with policy.disable_adapter():
-            reference_logits = policy(ids).logits
+    sft_logits, trained_logits, reference_logits = adapter_and_reference_logits(tiny_stages["sft"], output)
     assert torch.equal(reference_logits, sft_logits)
     assert (trained_logits - sft_logits).abs().max() > 1e-2  # RLOO moved the policy away from the SFT model

@@ -10,7 +10,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "pipeline",
         help="run SFT -> RM -> PPO -> merge -> decoding comparison and write a report",
         description="With no arguments: the whole loop on the embedded tiny default, offline, on a CPU. "
-        "Stages already finished in the output folder are skipped, so a crashed run continues.",
+        "Stages already finished in the output folder are skipped and an unfinished one resumes from its "
+        "newest checkpoint, so a crashed run continues.",
     )
     parser.add_argument("--config", help="pipeline YAML (default: recipes/configs/tiny/pipeline.yaml)")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: from config)")
