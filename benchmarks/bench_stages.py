@@ -116,7 +116,7 @@ def build_variants(stage: str, args: argparse.Namespace, model_dir: Path, scratc
 
         prompts = load_prompts("bundled:ppo")
         raw = [prompts[index % len(prompts)] for index in range(settings["prompts"])]
-        texts = models.generation_texts(settings["prompts"], template)
+        texts = models.generation_texts(settings["prompts"], model_dir)
         base.update({"template": template, "prompts": raw, "texts": texts, "generate": settings})
     else:
         config = stage_config(stage, args, model_dir)

@@ -42,12 +42,15 @@ def random_model(preset: str, root: Path, device: str = "cpu", dtype: str = "flo
 
     from kochat_trl.fitcheck import resolve_model_config
     from kochat_trl.outputs import atomic_output_dir
+    from kochat_trl.templates import install_template
     from kochat_trl.tiny import TinyModelSpec, build_tokenizer
 
     folder = root / f"{_slug(preset)}-{dtype}"
     if (folder / MARKER).is_file():
         return folder
-    tokenizer = build_tokenizer(TinyModelSpec())
+    spec = TinyModelSpec()
+    tokenizer = build_tokenizer(spec)
+    install_template(tokenizer, spec.template)
     config = resolve_model_config(preset)
     config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
@@ -86,13 +89,14 @@ def stage_rows(stage: str, config: dict[str, Any], model_dir: Path) -> dict[str,
     from trl import ModelConfig
 
     from kochat_trl.modeling import load_tokenizer
-    from kochat_trl.templates import get_template
     from kochat_trl.training_data import prompt_dataset, reward_dataset, sft_dataset
 
-    build = {"sft": sft_dataset, "rm": reward_dataset, "ppo": prompt_dataset}[stage]
-    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(model_dir)), "left" if stage == "ppo" else "right")
-    dataset = build(config["dataset_name"], get_template(config["template"]), tokenizer,
-                    config.get("eval_fraction", 0.1), config.get("seed", 42), config.get("max_samples"))  # fmt: skip
+    split = (config.get("eval_fraction", 0.1), config.get("seed", 42), config.get("max_samples"))
+    if stage == "ppo":
+        tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(model_dir)), "left", config.get("template"))
+        dataset = prompt_dataset(config["dataset_name"], tokenizer, *split)
+    else:  # conversations: the trainers render them with the model folder's chat template
+        dataset = {"sft": sft_dataset, "rm": reward_dataset}[stage](config["dataset_name"], *split)
     splits = {name: split.to_list() for name, split in dataset.items()}
     if stage == "ppo":  # PPOTrainer takes token ids only; the recipe scores the first eval_prompts held-out rows
         splits["eval"] = splits.get("eval", [])[: config.get("eval_prompts", 64)]
@@ -100,14 +104,16 @@ def stage_rows(stage: str, config: dict[str, Any], model_dir: Path) -> dict[str,
     return splits
 
 
-def generation_texts(count: int, template: str) -> list[str]:
-    """`count` held-out bundled prompts formatted with `template` (the pipeline's decoding prompts)."""
-    from kochat_trl.generation import load_prompts
-    from kochat_trl.templates import get_template
+def generation_texts(count: int, model_dir: Path) -> list[str]:
+    """`count` bundled prompts rendered by the model folder's chat template (the pipeline's decoding prompts)."""
+    from transformers import AutoTokenizer
 
+    from kochat_trl.generation import load_prompts
+    from kochat_trl.templates import prompt_text
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_prompts("bundled:ppo")
-    chosen = [prompts[index % len(prompts)] for index in range(count)]
-    return [get_template(template).format_prompt(prompt) for prompt in chosen]
+    return [prompt_text(tokenizer, prompts[index % len(prompts)]) for index in range(count)]
 
 
 # --- fixed-length data (GPU mode: the fit-check estimate assumes every row is exactly seq_len tokens) ---
@@ -138,30 +144,26 @@ def fixed_length_records(stage: str, model_dir: Path, template: str, seq_len: in
     """`count` distinct raw records that the recipes turn into rows of exactly `seq_len` tokens.
 
     The data module drops duplicates, so every record differs (random one-token words). SFT: the completion
-    is longer than seq_len and SFTTrainer truncates to max_length = seq_len. RM: formatted prompt + answer +
-    eos is exactly seq_len for chosen and rejected (RewardTrainer drops longer rows). PPO: the formatted
+    is longer than seq_len and SFTTrainer truncates to max_length = seq_len. RM: the rendered (prompt, answer)
+    conversation is exactly seq_len for chosen and rejected (RewardTrainer drops longer rows). PPO: the rendered
     prompt (the query) is exactly seq_len tokens; answers add response_length.
     """
     import random
 
     from transformers import AutoTokenizer
 
-    from kochat_trl.templates import get_template
+    from kochat_trl.templates import answered, conversation_ids, install_template, prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    chat = get_template(template)
+    install_template(tokenizer, template)
     words = _one_token_words(tokenizer)
 
-    def tokens(text: str) -> int:
-        return len(tokenizer(text)["input_ids"])
-
-    def answer(prompt: str, stream: list[str]) -> str:  # RM: formatted prompt + answer + eos
-        formatted = chat.format_prompt(prompt)
+    def answer(prompt: str, stream: list[str]) -> str:  # RM: the (prompt, answer) conversation, eos included
         return _fit(lambda k: "".join(stream[:k]).strip(),
-                    lambda text: tokens(formatted + chat.format_completion(text) + tokenizer.eos_token), seq_len)
+                    lambda text: len(conversation_ids(tokenizer, answered(prompt, text))), seq_len)  # fmt: skip
 
-    def query(prompt: str, stream: list[str]) -> str:  # PPO: the formatted prompt alone
-        return _fit(lambda k: prompt + "".join(stream[:k]), lambda text: tokens(chat.format_prompt(text)), seq_len)
+    def query(prompt: str, stream: list[str]) -> str:  # PPO: the rendered prompt alone
+        return _fit(lambda k: prompt + "".join(stream[:k]), lambda text: len(prompt_ids(tokenizer, text)), seq_len)
 
     records = []
     for index in range(count):

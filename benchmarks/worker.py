@@ -329,7 +329,9 @@ def bare_generate(spec: dict[str, Any]) -> dict[str, Any]:
     def generate(texts: list[str], max_new_tokens: int) -> int:
         produced = 0
         for offset in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[offset : offset + batch_size], return_tensors="pt", padding=True).to(model.device)
+            # The texts are rendered by the chat template, which writes any special token they need.
+            batch = tokenizer(texts[offset : offset + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)  # fmt: skip
             with torch.no_grad():
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
             for row in output[:, batch["input_ids"].shape[1] :].tolist():
@@ -364,11 +366,13 @@ def kochatgpt_sft(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=_dtype(spec))
 
-    def encode(row: dict[str, str]) -> dict[str, list[int]]:
-        # KoChatGPT's SFT_dataset: source + target + eos, the source masked out of the loss with -100.
-        encoded = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token, max_length=pad_to,
-                            truncation=True, padding="max_length")  # fmt: skip
-        prompt_length = len(tokenizer(row["prompt"])["input_ids"])
+    def encode(row: dict[str, Any]) -> dict[str, list[int]]:
+        # KoChatGPT's SFT_dataset: source + target + eos (the chat template writes the eos), the source masked out
+        # of the loss with -100.
+        source = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        encoded = tokenizer(text, max_length=pad_to, truncation=True, padding="max_length", add_special_tokens=False)
+        prompt_length = len(tokenizer(source, add_special_tokens=False)["input_ids"])
         pairs = enumerate(zip(encoded["input_ids"], encoded["attention_mask"], strict=True))
         encoded["labels"] = [token if index >= prompt_length and mask else -100 for index, (token, mask) in pairs]
         return encoded

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kochat_trl.errors import ConfigError, KochatError
 from kochat_trl.outputs import atomic_output_dir, check_output_dir
 from kochat_trl.runs import METRICS_FILE
+from kochat_trl.templates import EXAMPLE_ANSWER, EXAMPLE_QUESTION, answered, prompt_text, saved_template_name
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -60,7 +61,7 @@ def merge_adapter(
     run_metrics = _read_json(adapter_dir / METRICS_FILE) or {}  # a broken file fails here, before loading
     training_config = _read_training_config(adapter_dir)
 
-    tokenizer = _adapter_tokenizer(adapter_dir, base)
+    tokenizer = _adapter_tokenizer(adapter_dir, base, run_metrics.get("template") or training_config.get("template"))
     task_type = adapter_config["task_type"]
     model = _load_full_precision_base(base, base_config, tokenizer, dtype, task_type, adapter_dir, adapter_config)
     try:
@@ -69,6 +70,7 @@ def merge_adapter(
     except (AttributeError, ValueError, RuntimeError, KeyError) as error:
         raise KochatError(f"{adapter_dir}: cannot merge this adapter into {base}: {_first_line(error)}") from error
     merged.config.pad_token_id = tokenizer.pad_token_id
+    _set_generation_tokens(merged, tokenizer)
     merged.eval()
 
     info = {
@@ -78,14 +80,14 @@ def merge_adapter(
         "dtype": dtype,
         "stage": _stage_name(task_type, run_metrics, training_config),
         "dataset": training_config.get("dataset_name") or run_metrics.get("dataset_name"),
-        "template": run_metrics.get("template") or training_config.get("template"),
+        "template": saved_template_name(tokenizer),
         "lora": {key: adapter_config.get(key) for key in ("r", "lora_alpha", "target_modules", "modules_to_save")},
         "trained_quantized": _training_quantization(training_config),
         "metrics": run_metrics,
         "extra_metrics": dict(metrics or {}),
         "push_to_hub": push_to_hub,  # requested; a failed upload is reported, the folder stays
     }
-    info["example_input"] = _example_input(info["template"], tokenizer, task_type)
+    info["example_input"] = _example_input(tokenizer, task_type)
     with atomic_output_dir(output, overwrite) as staging:
         # transformers 5 writes safetensors only (the `safe_serialization` switch is gone).
         merged.save_pretrained(staging)
@@ -174,16 +176,34 @@ def _full_precision_base_config(base: str) -> PretrainedConfig:
     return config
 
 
-def _adapter_tokenizer(adapter_dir: Path, base: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside the adapter (it may have added tokens), else the base's, fixed as in training."""
+def _adapter_tokenizer(adapter_dir: Path, base: str, recorded_template: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the adapter (it may have added tokens), else the base's, fixed as in training.
+
+    It carries the chat template the run trained with; a run saved before tokenizers carried it gets the
+    template its metrics.json / config.yaml record (`recorded_template`)."""
     from transformers import AutoTokenizer
     from trl import ModelConfig
 
     from kochat_trl.modeling import load_tokenizer
+    from kochat_trl.templates import CHAT, TEMPLATES, install_template
 
     if (adapter_dir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(adapter_dir)
-    return load_tokenizer(ModelConfig(model_name_or_path=base))
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    else:
+        tokenizer = load_tokenizer(ModelConfig(model_name_or_path=base), announce=False)
+    if not getattr(tokenizer, "chat_template", None) and recorded_template in TEMPLATES and recorded_template != CHAT:
+        install_template(tokenizer, recorded_template)
+    return tokenizer
+
+
+def _set_generation_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """eos and pad in generation_config.json, so a serving client (vLLM, TGI, pipeline) stops where the model stops."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not model.can_generate():
+        return
+    config.pad_token_id = tokenizer.pad_token_id
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
 
 
 def _load_full_precision_base(base: str, base_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
@@ -259,20 +279,13 @@ def _stage_name(task_type: str, metrics: dict[str, Any], config: dict[str, Any])
     return "SFT"
 
 
-def _example_input(template_name: str | None, tokenizer: PreTrainedTokenizerBase, task_type: str) -> str | None:
-    """A prompt formatted as in training (plus an answer and eos for a reward model), for the card."""
-    from kochat_trl.templates import get_template
-
-    if not template_name:
-        return None
-    try:
-        template = get_template(template_name)
-        text = template.format_prompt("한국의 수도는 어디인가요?", tokenizer)
-    except (KochatError, ValueError):  # unknown template, or a chat template the tokenizer lacks
+def _example_input(tokenizer: PreTrainedTokenizerBase, task_type: str) -> str | None:
+    """The card's example conversation as the chat template renders it (with the answer for a reward model)."""
+    if not getattr(tokenizer, "chat_template", None):
         return None
     if task_type == "SEQ_CLS":
-        text += template.format_completion("한국의 수도는 서울입니다.") + (tokenizer.eos_token or "")
-    return text
+        return tokenizer.apply_chat_template(answered(EXAMPLE_QUESTION, EXAMPLE_ANSWER), tokenize=False)
+    return prompt_text(tokenizer, EXAMPLE_QUESTION)
 
 
 def _first_line(error: BaseException) -> str:
@@ -344,26 +357,39 @@ def model_card(info: dict[str, Any], output: str | os.PathLike) -> str:
                            ("추가 지표 / extra metrics", info["extra_metrics"])):  # fmt: skip
         if metrics:
             lines += ["", f"## {title}", "", *_metrics_table(metrics)]
-    lines += ["", "## 사용법 / How to load", "", "```python", "import torch",
-              f"from transformers import AutoTokenizer, {auto_class}", "",
+    lines += ["", "## 사용법 / How to load", "",
+              "토크나이저에 학습 때의 프롬프트 템플릿이 chat template으로 들어 있습니다: `apply_chat_template`으로 "
+              "형식을 맞추세요. / The tokenizer carries the training prompt template as its chat template: format "
+              "conversations with `apply_chat_template`.", "",
+              "```python", "import torch",
+              f"from transformers import AutoTokenizer, {auto_class}" + ("" if is_classifier else ", pipeline"), "",
               f'path = "{Path(output).name}"  # this folder or its hub repo id',
               "tokenizer = AutoTokenizer.from_pretrained(path)",
               f"model = {auto_class}.from_pretrained(path, dtype=torch.{info['dtype']})"]  # fmt: skip
-    example = json.dumps(info.get("example_input") or "...", ensure_ascii=False)  # a valid Python string literal
+    question, answer = json.dumps(EXAMPLE_QUESTION, ensure_ascii=False), json.dumps(EXAMPLE_ANSWER, ensure_ascii=False)
     if is_classifier:
         lines += [
-            f"text = {example}  # prompt + answer + eos in the training template",
-            'inputs = tokenizer(text, return_tensors="pt")',
+            f'messages = [{{"role": "user", "content": {question}}}, {{"role": "assistant", "content": {answer}}}]',
+            'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)',
             "reward = model(**inputs).logits[0, 0].item()",
         ]
     else:
         lines += [
-            f"prompt = {example}  # the training template",
-            'inputs = tokenizer(prompt, return_tensors="pt")',
+            f'messages = [{{"role": "user", "content": {question}}}]',
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+            "return_dict=True)",
             "output = model.generate(**inputs, max_new_tokens=64)",
             'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "",
+            "# the same through the transformers chat pipeline (it samples unless do_sample=False)",
+            'chat = pipeline("text-generation", model=path)',
+            'print(chat(messages, do_sample=False, max_new_tokens=64)[0]["generated_text"][-1]["content"])',
         ]
     lines += ["```", ""]
+    if info.get("example_input"):
+        what = "the conversation with its answer" if is_classifier else "the prompt"
+        lines += [f"The chat template renders {what} as (template `{info['template']}`):", "", "```text",
+                  info["example_input"], "```", ""]  # fmt: skip
     return "\n".join(lines)
 
 

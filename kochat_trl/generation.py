@@ -1,7 +1,8 @@
 """Generation: named decoding presets, batched answers, decoding metrics, a comparison report, chat.
 
-Every prompt goes through the shared `PromptTemplate`, like training did. Prompts are left-padded
-so a batch generates the same answers as one prompt at a time; only the new text is returned.
+Every prompt is rendered by the tokenizer's chat template (the one the model was trained with, saved in its
+folder), like training did. Prompts are left-padded so a batch generates the same answers as one prompt at a
+time; only the new text is returned.
 
 Metrics tokenisation (documented because the numbers depend on it): distinct-n and the repeated
 n-gram rate count whitespace-separated words (`str.split()`, Korean eojeol); mean length counts
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from kochat_trl.errors import KochatError
-from kochat_trl.templates import Message, PromptTemplate, get_template
+from kochat_trl.judge import JUDGE_KEYS
+from kochat_trl.templates import Message, prompt_text, saved_template_name
 
 # Presets fix the knobs that define the strategy (do_sample, num_beams, temperature, top_k, top_p),
 # so a model's own generation_config (say top_p 0.9) cannot leak into another preset. transformers
@@ -33,10 +35,6 @@ DECODING_PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_STRATEGY = "greedy"
 DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_TEMPLATE = "kochatgpt"
-# Where a trained folder records its template, checked in this order (adapter folder first):
-# a recipe's metrics.json and config.yaml, then the embedded default's kochat_tiny.json.
-TEMPLATE_FILES = ("metrics.json", "config.yaml", "kochat_tiny.json")
 REPEAT_N = 2  # repeated n-gram rate counts word bigrams
 # Default comparison prompts: the held-out split of bundled:ppo made like recipes/configs/tiny/ppo.yaml.
 DEFAULT_PROMPTS_SOURCE, HELD_OUT_FRACTION, HELD_OUT_SEED, DEFAULT_PROMPT_COUNT = "bundled:ppo", 0.2, 42, 4
@@ -91,26 +89,6 @@ def decoding_kwargs(
     return {**length, **DECODING_PRESETS[strategy], **overrides}
 
 
-def resolve_template_name(model_path: str, adapter_path: str | None = None) -> str:
-    """The template recorded in the adapter or model folder (see TEMPLATE_FILES), else DEFAULT_TEMPLATE."""
-    for folder in (adapter_path, model_path):
-        if not folder or not Path(folder).is_dir():
-            continue
-        for name in TEMPLATE_FILES:
-            path = Path(folder) / name
-            if not path.is_file():
-                continue
-            if path.suffix == ".yaml":
-                import yaml
-
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            else:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("template"), str):
-                return data["template"]
-    return DEFAULT_TEMPLATE
-
-
 @dataclass
 class Generation:
     """Answers to a list of prompts with what metrics need: token ids, counts and wall time."""
@@ -135,16 +113,20 @@ def _model_source_error(path: str, what: str) -> KochatError | None:
 
 
 class Generator:
-    """A causal LM + left-padding tokenizer + prompt template, ready for batched `generate`."""
+    """A causal LM + left-padding tokenizer carrying its chat template, ready for batched `generate`."""
 
-    def __init__(self, model: Any, tokenizer: Any, template: PromptTemplate) -> None:
+    def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.template = template
+
+    @property
+    def template_name(self) -> str | None:
+        return saved_template_name(self.tokenizer)
 
     @classmethod
     def load(cls, model_path: str, adapter: str | None = None, template: str | None = None) -> Generator:
-        """Load by path; `adapter` is a PEFT adapter folder (merged for speed); template from the folders."""
+        """Load by path; `adapter` is a PEFT adapter folder (merged for speed). Prompts are formatted with the chat
+        template saved with the tokenizer; `template` names another one (and says so when it differs)."""
         from trl import ModelConfig
 
         from kochat_trl.modeling import load_causal_lm, load_tokenizer
@@ -154,11 +136,11 @@ class Generator:
             raise error
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise KochatError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); check --adapter")
-        template_obj = _template(template or resolve_template_name(str(model_path), adapter))
-        # A LoRA run saves the tokenizer it trained with (maybe with an added pad token) next to the adapter.
+        # A LoRA run saves the tokenizer it trained with (chat template, maybe an added pad token) by the adapter.
         tokenizer_path = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
         try:
-            tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(tokenizer_path)), padding_side="left")
+            tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(tokenizer_path)), padding_side="left",
+                                       template=template)  # fmt: skip
             model = load_causal_lm(ModelConfig(model_name_or_path=str(model_path)), tokenizer)
             if adapter is not None:
                 from peft import PeftModel
@@ -170,10 +152,11 @@ class Generator:
 
         if torch.cuda.is_available() and getattr(model, "hf_device_map", None) is None:
             model = model.to("cuda")
-        return cls(model.eval(), tokenizer, template_obj)
+        return cls(model.eval(), tokenizer)
 
-    def format(self, prompt: str) -> str:
-        return self.template.format_prompt(prompt, self.tokenizer)
+    def format(self, prompt: str | list[Message]) -> str:
+        """A user prompt (or a conversation ending in a user turn) as the model's input text."""
+        return prompt_text(self.tokenizer, prompt)
 
     def generate(
         self,
@@ -196,8 +179,9 @@ class Generator:
         device = next(self.model.parameters()).device
         start = time.perf_counter()
         for offset in range(0, len(texts), batch_size):
-            # Tokenised as SFTTrainer tokenises prompts (the tokenizer's own special tokens, e.g. a bos).
-            batch = self.tokenizer(list(texts[offset : offset + batch_size]), return_tensors="pt", padding=True)
+            # The chat template writes every special token it needs (a bos too): tokenized as apply_chat_template does.
+            batch = self.tokenizer(list(texts[offset : offset + batch_size]), return_tensors="pt", padding=True,
+                                   add_special_tokens=False)  # fmt: skip
             batch = batch.to(device)
             try:
                 with torch.no_grad():
@@ -213,7 +197,7 @@ class Generator:
         return Generation(answers, token_ids, generated, time.perf_counter() - start)
 
     def answer(self, prompt: str, strategy: str = DEFAULT_STRATEGY, **kwargs: Any) -> str:
-        """The answer to one raw user prompt (formatted with the template)."""
+        """The answer to one raw user prompt (formatted with the chat template)."""
         return self.generate([self.format(prompt)], strategy, **kwargs).answers[0]
 
     def context_limit(self) -> int | None:
@@ -228,13 +212,6 @@ class Generator:
         ids = set(configured if isinstance(configured, list) else [configured])
         ids.add(self.tokenizer.eos_token_id)
         return {token for token in ids if token is not None}
-
-
-def _template(name: str) -> PromptTemplate:
-    try:
-        return get_template(name)
-    except ValueError as error:
-        raise KochatError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,10 +250,15 @@ class DecodingMetrics:
     mean_chars: float
     tokens_per_second: float
     mean_reward: float | None = None
+    judge: dict[str, Any] | None = None  # kochat_trl.judge rates, when the prompts are known
 
 
-def decoding_metrics(generation: Generation, rewards: Sequence[float] | None = None) -> DecodingMetrics:
-    """Diversity, repetition, length and speed of one strategy's answers (+ mean reward if scored)."""
+def decoding_metrics(generation: Generation, rewards: Sequence[float] | None = None,
+                     prompts: Sequence[str] | None = None) -> DecodingMetrics:  # fmt: skip
+    """Diversity, repetition, length and speed of one strategy's answers (+ mean reward if scored, + the rule-based
+    judge's rates when the `prompts` they answer are given)."""
+    from kochat_trl.judge import judge_answers
+
     answers, count = generation.answers, max(len(generation.answers), 1)
     return DecodingMetrics(
         distinct_1=distinct_n(answers, 1),
@@ -286,6 +268,7 @@ def decoding_metrics(generation: Generation, rewards: Sequence[float] | None = N
         mean_chars=sum(len(answer) for answer in answers) / count,
         tokens_per_second=generation.generated_tokens / generation.seconds if generation.seconds > 0 else 0.0,
         mean_reward=sum(rewards) / len(rewards) if rewards else None,
+        judge=judge_answers(prompts, answers) if prompts is not None else None,
     )
 
 
@@ -364,8 +347,8 @@ def compare_decoding(
 ) -> DecodingComparison:
     """Answer the same prompts with each strategy (each seeded with `seed`) and measure the answers.
 
-    `model` is a model folder or a loaded `Generator`; `reward_model` a folder or a (model, tokenizer)
-    pair whose scores of `template prompt + format_completion(answer)` give the mean reward.
+    `model` is a model folder or a loaded `Generator`; `reward_model` a folder or a (model, tokenizer) pair that
+    scores each (prompt, answer) conversation in its own chat template; the judge rates every answer.
     """
     strategies = check_strategies(strategies)
     if isinstance(reward_model, str) and (error := _model_source_error(reward_model, "reward model")):
@@ -381,25 +364,21 @@ def compare_decoding(
         generation = generator.generate(texts, strategy, overrides, max_new_tokens, seed, batch_size)
         rewards = None
         if scorer is not None:
-            from kochat_trl.rewards import reward_scores
+            from kochat_trl.rewards import score_answers
 
-            scored = [
-                text + generator.template.format_completion(answer)
-                for text, answer in zip(texts, generation.answers, strict=True)
-            ]
-            rewards = reward_scores(scorer[0], scorer[1], scored)
+            rewards = score_answers(scorer[0], scorer[1], prompts, generation.answers)
         results.append(
             StrategyResult(
                 strategy,
                 decoding_kwargs(strategy, overrides, max_new_tokens),
                 generation.answers,
-                decoding_metrics(generation, rewards),
+                decoding_metrics(generation, rewards, prompts),
                 rewards,
             )
         )
     return DecodingComparison(
         model=model if isinstance(model, str) else str(getattr(generator.model, "name_or_path", "model")),
-        template=generator.template.name,
+        template=generator.template_name or "none",
         prompts=prompts,
         results=results,
         max_new_tokens=max_new_tokens,
@@ -419,9 +398,15 @@ SUMMARY_COLUMNS = (
     "mean tokens",
     "mean chars",
     "tokens/s",
+    *(f"judge: {name}" for name in ("broken", "hangul", "polite", "on-topic", "repeats")),
 )
-# The same columns, short enough for an 80-column terminal.
-SHORT_SUMMARY_COLUMNS = ("strategy", "reward", "dist-1", "dist-2", f"rep-{REPEAT_N}", "tokens", "chars", "tok/s")
+# The same columns, short enough for a terminal.
+SHORT_SUMMARY_COLUMNS = ("strategy", "reward", "dist-1", "dist-2", f"rep-{REPEAT_N}", "tokens", "chars", "tok/s",
+                         "broken", "hangul", "polite", "topic", "repeat")  # fmt: skip
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def summary_row(result: StrategyResult) -> list[str]:
@@ -437,6 +422,7 @@ def summary_row(result: StrategyResult) -> list[str]:
         f"{metrics.mean_tokens:.1f}",
         f"{metrics.mean_chars:.1f}",
         f"{metrics.tokens_per_second:.1f}",
+        *(_rate((metrics.judge or {}).get(key)) for key in JUDGE_KEYS),
     ]
 
 
@@ -459,7 +445,10 @@ def render_markdown(result: DecodingComparison) -> str:
     lines += [
         "",
         f"distinct-n and repeated {REPEAT_N}-gram rate count whitespace-separated words; mean tokens "
-        "counts the model tokenizer's tokens before eos; tokens/s = generated tokens / wall time.",
+        "counts the model tokenizer's tokens before eos; tokens/s = generated tokens / wall time. judge (rule-based, "
+        "`kochat_trl.judge`): share of answers with a broken character (U+FFFD), mean Hangul share of letters, "
+        "share ending in 합니다체, share naming the asked topic (prompts about a bundled topic), share repeating a "
+        "word bigram.",
         "",
     ]
     lines += _table(
@@ -482,7 +471,7 @@ def _fit_history(generator: Generator, history: list[Message], max_new_tokens: i
     """The formatted conversation, dropping the oldest turns while it would overflow the context."""
     limit = generator.context_limit()
     while True:
-        text = generator.template.format_messages(history, generator.tokenizer)
+        text = generator.format(history)
         too_long = limit is not None and len(generator.tokenizer(text)["input_ids"]) + max_new_tokens > limit
         if not too_long or len(history) <= 1:
             return text
@@ -512,7 +501,7 @@ def chat_loop(
 
     history: list[Message] = []
     answers = 0
-    say(f"chat with template {generator.template.name}, strategy {strategy}; {CHAT_HELP}")
+    say(f"chat with template {generator.template_name}, strategy {strategy}; {CHAT_HELP}")
     try:
         while True:
             output_stream.write(prompt_marker)

@@ -161,9 +161,15 @@ def fix_tokenizer(
     return tokenizer
 
 
-def load_tokenizer(model_args: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
-    """The tokenizer of `model_args.model_name_or_path`, fixed by `fix_tokenizer`."""
+def load_tokenizer(model_args: ModelConfig, padding_side: str = "right", template: str | None = None,
+                   announce: bool = True) -> PreTrainedTokenizerBase:  # fmt: skip
+    """The tokenizer of `model_args.model_name_or_path`, fixed by `fix_tokenizer`, carrying prompt template
+    `template` as its chat template (None: the one it was saved with; see `templates.install_template`).
+    `announce`: print a note when the template is replaced or defaulted."""
     from transformers import AutoConfig, AutoTokenizer
+
+    from kochat_trl.console import note
+    from kochat_trl.templates import install_template
 
     model_path = _model_path(model_args)
     if padding_side not in ("left", "right"):
@@ -176,6 +182,9 @@ def load_tokenizer(model_args: ModelConfig, padding_side: str = "right") -> PreT
         model_type = None
     fix_tokenizer(tokenizer, model_type, model_path)
     tokenizer.padding_side = padding_side
+    _, message = install_template(tokenizer, template, where=model_path)
+    if message and announce:
+        note(message)
     return tokenizer
 
 

@@ -152,13 +152,25 @@ def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
         "rm": {"accuracy": rm["accuracy"], "mean_margin": rm["mean_margin"]},
         "ppo": {"reward_before": ppo["reward_before"], "reward_after": ppo["reward_after"], "kl": ppo["kl"],
                 "win_rate": ppo["win_rate"], "samples": ppo["samples"]},  # fmt: skip
+        # The rule-based judge on the answers PPO's held-out reward is measured on (SFT policy, then PPO policy).
+        "judge": {"sft": _judge_rates(ppo["judge_before"]), "ppo": _judge_rates(ppo["judge_after"])},
         "wall_time_s": wall_time,
         "output_dir": str(run_dir),
     }
 
 
+def _judge_rates(judged: dict[str, Any]) -> dict[str, Any]:
+    from kochat_trl.judge import JUDGE_KEYS
+
+    return {key: judged[key] for key in JUDGE_KEYS}
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def render_report(report: dict[str, Any]) -> str:
-    sft, rm, ppo = report["sft"], report["rm"], report["ppo"]
+    sft, rm, ppo, judge = report["sft"], report["rm"], report["ppo"], report["judge"]
     lines = [
         "# kochat-trl pipeline report", "",
         "| stage | metric | value |", "|---|---|---:|",
@@ -168,6 +180,15 @@ def render_report(report: dict[str, Any]) -> str:
         f"| PPO | RM reward (SFT → PPO) | {ppo['reward_before']:.3f} → {ppo['reward_after']:.3f} |",
         f"| PPO | KL to the SFT policy | {ppo['kl']:.3f} |",
         f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
+        "", "## Held-out answers: reward model and rule-based judge", "",
+        "The same held-out answers, scored by the reward model and by `kochat_trl.judge` (rules of the bundled data: "
+        "no broken character, Hangul, 합니다체 ending, names the asked topic, no repeated word bigram). RM reward up "
+        "with the judge's rates down would be reward hacking.", "",
+        "| policy | RM reward | broken | Hangul share | polite (합니다체) | on topic | repeats |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {reward:.3f} | " + " | ".join(_rate(rates[key]) for key in rates) + " |"
+          for name, reward, rates in (("SFT", ppo["reward_before"], judge["sft"]),
+                                      ("PPO", ppo["reward_after"], judge["ppo"]))),
         "", "## Wall time (s)", "", "| stage | seconds |", "|---|---:|",
         *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()),
         "", "## Sample answers (before → after PPO)", "",

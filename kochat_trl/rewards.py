@@ -1,4 +1,5 @@
-"""Scoring answers with a reward model, the same way it was trained (prompt + answer + eos)."""
+"""Scoring answers with a reward model, the way it was trained: the conversation rendered by its chat template
+(prompt, answer, eos), the score read at the last token."""
 
 from __future__ import annotations
 
@@ -32,16 +33,23 @@ def score_token_sequences(model: Any, pad_token_id: int, sequences: Sequence[Seq
     return scores
 
 
-def reward_scores(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> list[float]:
-    """Scalar reward per full text (template-formatted prompt + completion); eos appended if missing.
+def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]],
+                        batch_size: int = 32) -> list[float]:  # fmt: skip
+    """Scalar reward per conversation ending in an answer, rendered and tokenized exactly as RewardTrainer does
+    with conversational pairs (`apply_chat_template`, whose assistant turn ends with eos)."""
+    from kochat_trl.templates import conversation_ids
 
-    RewardTrainer trains on `prompt + answer + eos` and the score is read at the last token, so
-    scoring without eos would read a position the model never learned to score.
-    """
-    eos = tokenizer.eos_token or ""
-    texts = [text if text.endswith(eos) else text + eos for text in texts]
-    sequences = tokenizer(list(texts))["input_ids"]  # special tokens as RewardTrainer adds them (bos)
+    sequences = [conversation_ids(tokenizer, messages) for messages in conversations]
     return score_token_sequences(model, tokenizer.pad_token_id, sequences, batch_size)
+
+
+def score_answers(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+                  batch_size: int = 32) -> list[float]:  # fmt: skip
+    """Scalar reward of each `answer` to the user prompt beside it."""
+    from kochat_trl.templates import answered
+
+    conversations = [answered(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)]
+    return score_conversations(model, tokenizer, conversations, batch_size)
 
 
 def score_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
@@ -65,10 +73,10 @@ def score_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
     return [score - penalty for score, penalty in zip(scores, penalties, strict=True)]
 
 
-def pairwise_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], batch_size: int = 32) -> dict:
-    """Accuracy (chosen scored above rejected) and mean margin over formatted preference rows."""
-    chosen = reward_scores(model, tokenizer, [row["prompt"] + row["chosen"] for row in rows], batch_size)
-    rejected = reward_scores(model, tokenizer, [row["prompt"] + row["rejected"] for row in rows], batch_size)
+def pairwise_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int = 32) -> dict:
+    """Accuracy (chosen scored above rejected) and mean margin over conversational preference rows."""
+    chosen = score_conversations(model, tokenizer, [row["prompt"] + row["chosen"] for row in rows], batch_size)
+    rejected = score_conversations(model, tokenizer, [row["prompt"] + row["rejected"] for row in rows], batch_size)
     margins = [better - worse for better, worse in zip(chosen, rejected, strict=True)]
     return {
         "accuracy": sum(margin > 0 for margin in margins) / len(margins),

@@ -308,10 +308,10 @@ class RewardModelReward:
     """A reward function for RLOO/GRPO (`reward_funcs=`) that scores token ids with our reward model.
 
     Given the reward model itself, TRL decodes prompt + completion with `skip_special_tokens=True` and
-    re-tokenizes without special tokens, so the reward model never sees eos: an answer that stops scores
-    like a cut-off one and the policy unlearns stopping. This scores what the policy generated instead:
-    the prompt tokenized as the trainers tokenize plain-string prompts, plus TRL's `completion_ids`
-    (cut after the first eos), less `missing_eos_penalty` when no eos came (`score_responses`).
+    re-tokenizes, so the reward model never sees eos: an answer that stops scores like a cut-off one and the
+    policy unlearns stopping. This scores what the policy generated instead: the conversational prompt
+    rendered and tokenized as the trainers do (`apply_chat_template` with the generation prompt), plus TRL's
+    `completion_ids` (cut after the first eos), less `missing_eos_penalty` when no eos came (`score_responses`).
     """
 
     def __init__(self, model: Any, tokenizer: Any, missing_eos_penalty: float | None = None,
@@ -323,18 +323,19 @@ class RewardModelReward:
     def __call__(self, prompts: Sequence[Any], completion_ids: Sequence[Sequence[int]], **_: Any) -> list[float]:
         from kochat_trl.errors import DataError
         from kochat_trl.rewards import score_responses
+        from kochat_trl.templates import prompt_ids
 
-        if prompts and not isinstance(prompts[0], str):
-            raise DataError("RewardModelReward takes template-formatted string prompts, not conversations")
-        prompt_ids = self.tokenizer(text=list(prompts))["input_ids"]  # as RLOO/GRPOTrainer tokenize them
-        return score_responses(self.model, self.tokenizer, prompt_ids, completion_ids, self.missing_eos_penalty,
+        if prompts and isinstance(prompts[0], str):
+            raise DataError("RewardModelReward takes conversational prompts (lists of messages), not strings")
+        ids = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]  # as RLOO/GRPOTrainer tokenize them
+        return score_responses(self.model, self.tokenizer, ids, completion_ids, self.missing_eos_penalty,
                                self.batch_size)  # fmt: skip
 
 
 def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any, reward: RewardModelReward,
                               train_dataset: Any, peft_config: Any = None,
                               callbacks: Sequence[TrainerCallback] = ()) -> Any:  # fmt: skip
-    """TRL's RLOOTrainer or GRPOTrainer on string prompts, rewarded by `reward`. With a LoRA `peft_config`
+    """TRL's RLOOTrainer or GRPOTrainer on conversational prompts, rewarded by `reward`. With a LoRA `peft_config`
     the reference is the policy with its adapter disabled (no copy)."""
     _, trainer_class = critic_free_classes(name)
     trainer = trainer_class(model=policy, reward_funcs=[reward], args=args, train_dataset=train_dataset,
@@ -373,8 +374,11 @@ def policy_comparison(tokenizer: Any, queries: Sequence[str], before: Sequence[S
     """Held-out metrics of an RL run against its SFT policy (the same names for PPO, RLOO and GRPO).
 
     `before`/`after` hold `samples_per_prompt` answers per query, prompt-major (`repeat_each`); the
-    win-rate pairs the i-th answer before with the i-th after.
+    win-rate pairs the i-th answer before with the i-th after. `judge_before` / `judge_after` are the rule-based
+    judge's rates (`kochat_trl.judge`) on the same answers.
     """
+    from kochat_trl.judge import judge_answers
+
     count = len(scores_before)
     if count != len(queries) * samples_per_prompt:
         raise ValueError(f"{count} answers for {len(queries)} prompts x {samples_per_prompt} samples")
@@ -385,6 +389,7 @@ def policy_comparison(tokenizer: Any, queries: Sequence[str], before: Sequence[S
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     first = slice(None, None, samples_per_prompt)  # each prompt's first answer
+    asked = repeat_each(queries, samples_per_prompt)
     return {
         "reward_before": sum(scores_before) / count,
         "reward_after": sum(scores_after) / count,
@@ -398,6 +403,8 @@ def policy_comparison(tokenizer: Any, queries: Sequence[str], before: Sequence[S
         "eos_rate_after": sum(eos in ids for ids in after) / count,
         "length_before": sum(map(len, before)) / count,
         "length_after": sum(map(len, after)) / count,
+        "judge_before": judge_answers(asked, [text(ids) for ids in before]),
+        "judge_after": judge_answers(asked, [text(ids) for ids in after]),
         "samples": [
             {"prompt": query, "before": text(b), "after": text(a), "score_before": sb, "score_after": sa}
             for query, b, a, sb, sa in zip(queries, before[first], after[first], scores_before[first],

@@ -32,10 +32,12 @@ class KochatArguments:
         default="bundled:sft",
         metadata={"help": "Data file (any supported layout), bundled:sft|rm|ppo, or a hub dataset id."},
     )
-    template: str = field(
-        default="kochatgpt",
-        metadata={"help": "Prompt template: kochatgpt, kochatgpt_short, koalpaca, kullm or chat."},
-    )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Prompt template, installed as the tokenizer's chat template: kochatgpt, kochatgpt_short, "
+                  "koalpaca, kullm, or chat (the model's own). Default: the chat template the model folder carries, "
+                  "else kochatgpt."},
+    )  # fmt: skip
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of rows held out for evaluation."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick trials)."})
     init_tiny: bool = field(
@@ -249,11 +251,11 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
 def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: Any, stage: str | None = None) -> None:
     """Every check that needs no model weights: settings, paths, output_dir, context lengths and, when
     `stage` (sft, rm or ppo) is given, the data read in that stage's layout. One-line `KochatError`s."""
-    from kochat_trl.templates import get_template
+    from kochat_trl.templates import check_template_name
 
     try:
-        template = get_template(kochat_args.template)  # unknown names fail here, before any model is loaded
-    except ValueError as error:
+        check_template_name(kochat_args.template)  # unknown names fail here, before any model is loaded
+    except ConfigError as error:
         raise ConfigError(f"template: {error}") from None
     _check_settings(kochat_args, training_args, model_args)
     _check_output_dir(kochat_args, training_args)
@@ -270,7 +272,7 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
         raise ConfigError("PPO, RLOO and GRPO score the policy on held-out prompts before and after training; "
                           "set eval_fraction > 0")  # fmt: skip
     if stage == "ppo" and hasattr(training_args, "num_mini_batches"):  # TRL's PPOConfig (not RLOO/GRPO's configs)
-        _check_ppo(kochat_args, training_args, model_args, rows, template, context)
+        _check_ppo(kochat_args, training_args, model_args, rows, context)
 
 
 def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args: Any) -> None:
@@ -381,7 +383,7 @@ def _check_data(kochat_args: KochatArguments, stage: str) -> list[dict[str, Any]
     return rows
 
 
-def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]], template: Any,
+def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]],
                context: int | None) -> None:  # fmt: skip
     local_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     minibatches = training_args.num_mini_batches
@@ -409,13 +411,14 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
     if context is None or not Path(model_args.model_name_or_path).is_dir():
         return
     from kochat_trl.modeling import load_tokenizer
+    from kochat_trl.templates import prompt_ids, saved_template_name
 
-    tokenizer = load_tokenizer(model_args, padding_side="left")
-    prompts = [template.format_prompt(row["prompt"], tokenizer) for row in rows]
-    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    tokenizer = load_tokenizer(model_args, padding_side="left", template=kochat_args.template, announce=False)
+    longest = max(len(prompt_ids(tokenizer, row["prompt"])) for row in rows)
     if longest + training_args.response_length > context:
-        raise ConfigError(f"longest prompt ({longest} tokens with template {kochat_args.template}) + response_length "
-                          f"{training_args.response_length} exceeds the context of {model_args.model_name_or_path} "
+        raise ConfigError(f"longest prompt ({longest} tokens with template {saved_template_name(tokenizer)}) + "
+                          f"response_length {training_args.response_length} exceeds the context of "
+                          f"{model_args.model_name_or_path} "
                           f"({context} positions); lower response_length to {context - longest} or "
                           "drop the longest prompts")  # fmt: skip
 

@@ -1,9 +1,10 @@
 """The embedded default: a tiny Korean causal LM that runs every stage offline on a CPU in seconds.
 
-`init_tiny(OUTDIR)` trains a byte-level BPE tokenizer on the bundled Korean sample data (formatted
-with the shared prompt template, so the template's markers become single tokens), builds a small
-Llama from a config, and saves both with `save_pretrained`: afterwards OUTDIR loads by path exactly
-like a hub model. Deterministic: the same seed gives byte-identical files.
+`init_tiny(OUTDIR)` trains a character-level BPE tokenizer with byte fallback on the bundled Korean
+sample data (rendered with the prompt template, so the template's markers become single tokens), gives
+it that template as its chat template, builds a small Llama from a config, and saves both with
+`save_pretrained`: afterwards OUTDIR loads by path exactly like a hub model. Deterministic: the same seed
+gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from pathlib import Path
 
 from kochat_trl.data import bundled_data_path
 from kochat_trl.outputs import atomic_output_dir
-from kochat_trl.templates import get_template
+from kochat_trl.templates import answered, get_template, install_template, user_turn
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"  # ids 0..3: pad and eos distinct on purpose
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+BYTE_TOKENS = [f"<0x{value:02X}>" for value in range(256)]  # ids 4..259: byte fallback
+SPACE = "\u2581"  # "▁", SentencePiece's word-start marker
+# A Korean particle (조사) closing a word is a token of its own: the topic is the same token whichever particle
+# a question or an answer puts after it (김치에 / 김치는 / 김치를 -> 김치 + particle).
+PARTICLE = r"(?<=[가-힣])(은|는|이|가|을|를|에|의|와|과|로|으로|도)(?=[.,?!]*$)"
 
 
 @dataclass(frozen=True)
 class TinyModelSpec:
     """Sizes of the embedded default (measured to learn SFT → RM → PPO in seconds on 2 cores)."""
 
-    vocab_size: int = 1024
+    vocab_size: int = 2048
     hidden_size: int = 128
     intermediate_size: int = 256
     num_hidden_layers: int = 2
@@ -34,34 +41,56 @@ class TinyModelSpec:
 
 
 def tokenizer_training_texts(template_name: str) -> list[str]:
-    """Every bundled text the tiny model will see, formatted as the stages format it."""
+    """Every bundled text the tiny model will see, rendered as its chat template renders it. Without eos: a
+    special token is matched before BPE runs, so merges across it (`니다.</s>`) could never be used."""
     template = get_template(template_name)
     texts: list[str] = []
     for name in ("sft", "rm", "ppo"):
         for record in json.loads(bundled_data_path(name).read_text(encoding="utf-8")):
-            prompt = template.format_prompt(record["prompt"])
+            question = user_turn(record["prompt"])
             answers = [value for key, value in record.items() if key.startswith("completion")]
-            texts.extend(prompt + template.format_completion(answer) for answer in answers)
+            texts.extend(template.format_messages(answered(question, answer), "", add_generation_prompt=False)
+                         for answer in answers)  # fmt: skip
             if not answers:
-                texts.append(prompt)
+                texts.append(template.format_messages(question, ""))
     return texts
 
 
 def build_tokenizer(spec: TinyModelSpec):
-    """A byte-level BPE tokenizer trained on the bundled data, as a `PreTrainedTokenizerFast`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A character-level BPE with byte fallback (the Llama / SentencePiece design) trained on the bundled data.
+
+    Every character of the bundled texts is in the vocabulary and frequent words are whole tokens, so a
+    model can only ever emit whole Hangul syllables; a character never seen is spelled as its UTF-8 bytes
+    (`<0x00>`..`<0xFF>`, ordinary vocabulary entries after the special tokens) and decodes back exactly.
+    Words keep their leading space as `▁`; a newline is a token of its own, and the word after it gets a `▁`
+    too (removed again when decoding), so a word is the same token at the start of a line (a user prompt
+    after `### Instruction(명령어):`) as inside a sentence (an answer): the reward model can see that the
+    answer talks about what was asked. For the same reason a particle closing a word is split off (`PARTICLE`).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE(unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=[PAD, BOS, EOS, UNK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    core = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+    core.normalizer = normalizers.Replace("\n", "\n" + SPACE)
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True),
+        pre_tokenizers.Split(Regex(PARTICLE), behavior="isolated"),
+    ])  # fmt: skip
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size - len(BYTE_TOKENS), special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)  # fmt: skip
     core.train_from_iterator(tokenizer_training_texts(spec.template), trainer=trainer)
+    # The trainer knows byte tokens only as added (special) tokens, which decoding with skip_special_tokens
+    # would drop: insert them as plain vocabulary entries right after the special tokens instead.
+    state = json.loads(core.to_str())
+    vocab = state["model"]["vocab"]
+    shifted = {token: index if index < len(SPECIAL_TOKENS) else index + len(BYTE_TOKENS)
+               for token, index in vocab.items()}  # fmt: skip
+    shifted.update({token: len(SPECIAL_TOKENS) + index for index, token in enumerate(BYTE_TOKENS)})
+    state["model"]["vocab"] = shifted
+    core = Tokenizer.from_str(json.dumps(state))
+    core.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Replace("\n ", "\n")])  # fmt: skip
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
@@ -108,6 +137,7 @@ def init_tiny(output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
     """Build and save the embedded default model + tokenizer into `output_dir` (atomically)."""
     spec = spec or TinyModelSpec()
     tokenizer = build_tokenizer(spec)
+    install_template(tokenizer, spec.template)
     model = build_model(spec, tokenizer, seed)
     with atomic_output_dir(output_dir, overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True)

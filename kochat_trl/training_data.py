@@ -1,7 +1,9 @@
-"""Stage datasets for the trainers: Korean data (kochat_trl.data) formatted with the shared template.
+"""Stage datasets for the trainers: Korean data (kochat_trl.data) as conversations for the chat template.
 
-Every stage formats prompts through the same `PromptTemplate`, so what SFT trains on is exactly
-what the reward model scores and what PPO and generation feed the policy.
+SFT and reward rows are conversational (lists of `{"role", "content"}` messages), so TRL's trainers render
+them with the tokenizer's chat template, the same template PPO, generation and reward scoring format
+with: what SFT trains on is exactly what the reward model scores and what PPO and generation feed the
+policy.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kochat_trl.data import LoadedData, load_stage_data, to_dataset_dict
-from kochat_trl.templates import PromptTemplate, get_template
+from kochat_trl.errors import DataError
+from kochat_trl.templates import check_messages, prompt_ids, user_turn
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -26,56 +29,58 @@ def _split(loaded: LoadedData, rows: list[dict[str, Any]], eval_fraction: float,
     return to_dataset_dict(rows, eval_fraction, seed)
 
 
-def sft_dataset(source: str, template: PromptTemplate, tokenizer: Any, eval_fraction: float, seed: int,
-                max_samples: int | None = None) -> DatasetDict:  # fmt: skip
-    """Prompt-completion rows (loss on the completion only); conversations train on their last answer."""
+def _answer(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def sft_dataset(source: str, eval_fraction: float, seed: int, max_samples: int | None = None) -> DatasetDict:
+    """Conversational prompt-completion rows (loss on the completion only: the last answer and its eos)."""
     loaded = load_stage_data(source, "sft")
     rows = []
     for row in loaded.rows:
         if "messages" in row:
-            rows.append(template.split_conversation(row["messages"], tokenizer))
+            messages = row["messages"]
+            try:
+                check_messages(messages)
+            except ValueError as error:
+                raise DataError(f"{source}: conversation {len(rows) + 1}: {error}") from None
+            if not any(message["role"] == "user" for message in messages[:-1]):
+                raise DataError(f"{source}: conversation {len(rows) + 1}: no user turn before the answer")
+            rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
         else:
-            rows.append({
-                "prompt": template.format_prompt(row["prompt"], tokenizer),
-                "completion": template.format_completion(row["completion"]),
-            })  # fmt: skip
+            rows.append({"prompt": user_turn(row["prompt"]), "completion": _answer(row["completion"])})
     return _split(loaded, rows, eval_fraction, seed, max_samples)
 
 
-def reward_dataset(source: str, template: PromptTemplate, tokenizer: Any, eval_fraction: float, seed: int,
-                   max_samples: int | None = None) -> DatasetDict:  # fmt: skip
-    """Preference pairs with an explicit prompt; RewardTrainer appends eos to both answers."""
+def reward_dataset(source: str, eval_fraction: float, seed: int, max_samples: int | None = None) -> DatasetDict:
+    """Conversational preference pairs with an explicit prompt (the chat template ends each answer with eos)."""
     loaded = load_stage_data(source, "rm")
     rows = [
-        {
-            "prompt": template.format_prompt(row["prompt"], tokenizer),
-            "chosen": template.format_completion(row["chosen"]),
-            "rejected": template.format_completion(row["rejected"]),
-        }
+        {"prompt": user_turn(row["prompt"]), "chosen": _answer(row["chosen"]), "rejected": _answer(row["rejected"])}
         for row in loaded.rows
     ]
     return _split(loaded, rows, eval_fraction, seed, max_samples)
 
 
-def prompt_dataset(source: str, template: PromptTemplate, tokenizer: Any, eval_fraction: float, seed: int,
+def prompt_dataset(source: str, tokenizer: Any, eval_fraction: float, seed: int,
                    max_samples: int | None = None) -> DatasetDict:  # fmt: skip
-    """Formatted prompts plus `input_ids` (PPO takes pre-tokenised prompts; the raw prompt is kept)."""
+    """RL prompts: the raw `query`, the conversational `prompt` (RLOO/GRPO render it) and its chat-template
+    `input_ids` (PPO takes pre-tokenised prompts)."""
     loaded = load_stage_data(source, "ppo")
     rows = []
     for row in loaded.rows:
-        text = template.format_prompt(row["prompt"], tokenizer)
-        # Default special tokens, as TRL's SFT and reward trainers tokenize (bos for Llama-style models).
-        rows.append({"query": row["prompt"], "prompt": text, "input_ids": tokenizer(text)["input_ids"]})
+        conversation = user_turn(row["prompt"])
+        rows.append({"query": row["prompt"], "prompt": conversation, "input_ids": prompt_ids(tokenizer, conversation)})
     return _split(loaded, rows, eval_fraction, seed, max_samples)
 
 
 def rl_prompts(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[DatasetDict, Dataset]:
-    """The RL recipes' prompts (`prompt_dataset` with the run's template, built on the main process first) and
-    the first `eval_prompts` held-out rows, on which the policy is scored before and after training."""
+    """The RL recipes' prompts (`prompt_dataset`, built on the main process first) and the first
+    `eval_prompts` held-out rows, on which the policy is scored before and after training."""
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        dataset = prompt_dataset(script_args.dataset_name, get_template(script_args.template), tokenizer,
-                                 script_args.eval_fraction, training_args.seed, script_args.max_samples)  # fmt: skip
+        dataset = prompt_dataset(script_args.dataset_name, tokenizer, script_args.eval_fraction, training_args.seed,
+                                 script_args.max_samples)  # fmt: skip
     held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
     return dataset, held_out

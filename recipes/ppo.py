@@ -32,10 +32,11 @@ class PPOScriptArguments(RLArguments):
 
 def main(script_args, training_args, model_args):
     from kochat_trl import modeling, resume, rl, runs
+    from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
     runs.prepare_run(script_args, training_args, model_args, stage="ppo")
-    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     policy = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
@@ -91,7 +92,7 @@ def main(script_args, training_args, model_args):
                    "value": value_total, "value_trainable": value_trainable},  # fmt: skip
         "policy_base": model_args.model_name_or_path,
         "reward_model": training_args.reward_model_path,
-        "template": script_args.template,
+        "template": saved_template_name(tokenizer),
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history,

@@ -18,15 +18,14 @@ def main(script_args, training_args, model_args):
 
     from kochat_trl import modeling, resume, runs
     from kochat_trl.rewards import pairwise_accuracy
-    from kochat_trl.templates import get_template
+    from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import reward_dataset
 
     runs.prepare_run(script_args, training_args, model_args, stage="rm")
-    tokenizer = modeling.load_tokenizer(model_args)
-    template = get_template(script_args.template)
+    tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
-        dataset = reward_dataset(script_args.dataset_name, template, tokenizer, script_args.eval_fraction,
-                                 training_args.seed, script_args.max_samples)  # fmt: skip
+        dataset = reward_dataset(script_args.dataset_name, script_args.eval_fraction, training_args.seed,
+                                 script_args.max_samples)  # fmt: skip
     model = modeling.load_reward_model(model_args, tokenizer, 1, training_args.gradient_checkpointing)
 
     trainer = RewardTrainer(
@@ -55,7 +54,7 @@ def main(script_args, training_args, model_args):
         "total_params": total,
         "adapter": model_args.use_peft,
         "base_model": model_args.model_name_or_path,
-        "template": script_args.template,
+        "template": saved_template_name(tokenizer),
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history, ["loss", "eval_loss", "eval_accuracy", "eval_margin"])  # fmt: skip

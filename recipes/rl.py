@@ -40,12 +40,13 @@ class RLScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from kochat_trl import modeling, resume, rl, runs
     from kochat_trl.errors import ConfigError
+    from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder")
     runs.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
-    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     device = training_args.device  # the "before" samples are drawn before the trainer places the policy
@@ -96,7 +97,7 @@ def main(script_args, training_args, model_args):
         },
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
-        "template": script_args.template,
+        "template": saved_template_name(tokenizer),
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history,

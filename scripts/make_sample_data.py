@@ -6,6 +6,8 @@ The data is written for this project (nothing is copied from elsewhere) in KoCha
 - rm.json: ``[{"prompt", "completion_0", "completion_1", "completion_2", "ranking"}]`` where
   ``ranking[i]`` is the rank of ``completion_i`` (0 = best).
 - ppo.json: ``[{"prompt"}]``.
+- topics.json: ``[{"name", "category", "held_out"}]``: the topic table, which `kochat_trl.judge` reads to
+  tell whether an answer names the asked topic.
 
 It is compositional so that a tiny model trained on a CPU in seconds can learn it: a hand-written table
 of everyday topics, each with a short Korean name and two or three short, true sentences in polite
@@ -24,7 +26,7 @@ the question, not just check politeness.
 
 Run from the repository root (stdlib only, deterministic for a given seed)::
 
-    python scripts/make_sample_data.py            # writes kochat_trl/resources/{sft,rm,ppo}.json
+    python scripts/make_sample_data.py            # writes kochat_trl/resources/{sft,rm,ppo,topics}.json
     python scripts/make_sample_data.py --seed 0 --out-dir /tmp/sample
 """
 
@@ -274,7 +276,8 @@ FORMS: list[str] = [
 HELD_OUT_FORMS = (5, 6, 7)  # indices into FORMS never used for SFT
 SFT_FORMS_PER_TOPIC = 4  # of the 5 SFT forms, how many each SFT topic gets
 HELD_OUT_TOPIC_SHARE = 0.15
-RM_RECORDS_PER_TOPIC = 2
+RM_RECORDS_PER_TOPIC = 6
+OTHER_TOPIC_ANSWERS = 1  # per reward-model record (see TIER below); 2 needed twice the RM steps for the same accuracy
 PPO_PROMPTS_PER_TOPIC = 3
 MAX_ANSWER_CHARS = 90
 MAX_SENTENCE_CHARS = 32
@@ -306,21 +309,20 @@ CURT_OFF_TOPIC = [  # 반말, says nothing about the topic
     "그런 거 관심 없어.",
     "다른 거 물어봐.",
 ]
-# Tiers: lower is better. Each record takes the good answer plus two bad ones from different tiers.
-# A curt answer on topic and a polite answer about another topic are equally bad: same tier, so the
-# record ranks them equal (a tie, which carries no preference and is skipped when pairs are built).
-TIER = {"good": 0, "curt": 1, "other_topic": 1, "truncated": 2, "english": 3, "curt_off": 3}
-NEGATIVE_PAIRS = [  # (kind, kind), weight
-    # The hard negative (a polite answer about another topic, tied with the curt on-topic one) is kept
-    # rare: with it in half the records the 2-layer tiny reward model reached only ~0.85 held-out
-    # accuracy (it cannot learn topic matching from 200 records); at this share it reaches >= 0.9.
-    (("curt", "other_topic"), 1),
-    (("curt", "truncated"), 3),
-    (("curt", "english"), 2),
-    (("curt", "curt_off"), 2),
-    (("truncated", "english"), 2),
-    (("truncated", "curt_off"), 2),
-]
+# Tiers: lower is better. Each record ranks the good answer, a polite answer to another topic's question, and
+# one more bad answer. A polite answer that is wrong in content (about another topic, drifting to another
+# topic, spliced from two sentences, repeating itself, or cut off) ranks below the curt on-topic answer; answers
+# of the same tier tie (equal ranks carry no preference and are skipped as pairs).
+TIER = {"good": 0, "curt": 1, "other_topic": 2, "drifted": 2, "spliced": 2, "repeated": 2, "truncated": 2,
+        "english": 3, "curt_off": 3}  # fmt: skip
+# Why every record has the other-topic answer: each good answer then appears as often rejected (for another
+# topic's question) as chosen, so a reward model cannot score the answer text alone and has to read the
+# question. With it in 1 of 12 records the tiny reward model scored the policy's off-topic answers as high as
+# its on-topic ones (6.29 vs 6.43), and PPO against it could not make answers more on topic. The third answer:
+# a reward model that never saw a repeated sentence or a sentence spliced from two topics rewarded both, and PPO
+# learned to repeat itself and to ramble (measured on the tiny default with kochat_trl.judge).
+THIRD_ANSWER_WEIGHT = {"curt": 3, "drifted": 2, "spliced": 2, "repeated": 2, "truncated": 1, "english": 1,
+                       "curt_off": 1}  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
 # Korean particles
@@ -402,15 +404,46 @@ def truncate(answer: str, rng: random.Random) -> str:
     return f"{prefix}. {cut}" if prefix else cut
 
 
+def other_sentence(topic: Topic, rng: random.Random) -> str:
+    """A true sentence about a different topic (one of its further facts)."""
+    other = rng.choice([t for t in TOPICS if t[1] != topic[1]])
+    return rng.choice(other[4])
+
+
+def drift(answer: str, topic: Topic, rng: random.Random) -> str:
+    """Start on topic, then change the subject: the last sentence is a fact about another topic."""
+    sentences = answer.split(". ")
+    kept = sentences[:-1] if len(sentences) > 1 else sentences
+    return ". ".join([*(sentence.rstrip(".") for sentence in kept), other_sentence(topic, rng)])
+
+
+def splice(answer: str, topic: Topic, rng: random.Random) -> str:
+    """Word salad that still ends politely: the first words of the answer, then the tail of another topic's sentence."""
+    words, tail = answer.split(". ")[0].split(" "), other_sentence(topic, rng).split(" ")
+    head = words[: rng.randint(2, max(2, len(words) - 1))]
+    return " ".join([*head, *tail[rng.randint(1, len(tail) - 1) :]]) if len(tail) > 1 else " ".join([*head, *tail])
+
+
+def repeat(answer: str, rng: random.Random) -> str:
+    """The answer with one of its sentences said twice in a row."""
+    sentences = [sentence.rstrip(".") for sentence in answer.split(". ")]
+    index = rng.randrange(len(sentences))
+    return ". ".join([*sentences[: index + 1], *sentences[index:]]) + "."
+
+
 def negative(kind: str, topic: Topic, good: str, rng: random.Random) -> str:
-    category, name, curt_noun = topic[0], topic[1], topic[2]
+    name, curt_noun = topic[1], topic[2]
     if kind == "curt":
         return fill(rng.choice(CURT_ON_TOPIC), name, curt_noun)
-    if kind == "other_topic":  # a good answer, but to a topic of another category
-        # Same-category swaps (마라톤 vs 야구) proved beyond what the 2-layer tiny model can learn from
-        # 200 records; across categories it learns to read the question (held-out accuracy >= 0.9).
-        pool = [t for t in TOPICS if t[0] != category]
+    if kind == "other_topic":  # a good answer, but to another topic
+        pool = [t for t in TOPICS if t[1] != name]
         return rng.choice(good_answers(rng.choice(pool)))
+    if kind == "drifted":
+        return drift(good, topic, rng)
+    if kind == "spliced":
+        return splice(good, topic, rng)
+    if kind == "repeated":
+        return repeat(good, rng)
     if kind == "truncated":
         return truncate(good, rng)
     if kind == "english":
@@ -430,7 +463,8 @@ def choose_held_out_topics(rng: random.Random) -> set[str]:
 
 
 def build(seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # held-out topics and SFT
+    rm_rng, ppo_rng = random.Random(f"{seed}:rm"), random.Random(f"{seed}:ppo")  # tuning one set moves no other
     held_topics = choose_held_out_topics(rng)
     sft_forms = [i for i in range(len(FORMS)) if i not in HELD_OUT_FORMS]
 
@@ -443,29 +477,33 @@ def build(seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
             sft.append({"prompt": question(topic, form), "completion": rng.choice(answers)})
     rng.shuffle(sft)
 
-    pairs, weights = zip(*NEGATIVE_PAIRS, strict=True)
+    kinds, weights = zip(*THIRD_ANSWER_WEIGHT.items(), strict=True)
     rm = []
     for topic in TOPICS:
-        for form in rng.sample(range(len(FORMS)), RM_RECORDS_PER_TOPIC):
-            good = rng.choice(good_answers(topic))
-            mid, worst = rng.choices(pairs, weights=weights)[0]
-            completions = [("good", good), (mid, negative(mid, topic, good, rng))]
-            completions.append((worst, negative(worst, topic, good, rng)))
-            rng.shuffle(completions)
+        for form in rm_rng.sample(range(len(FORMS)), RM_RECORDS_PER_TOPIC):
+            good = rm_rng.choice(good_answers(topic))
+            third = rm_rng.choices(kinds, weights=weights)[0]
+            completions = [("good", good)]
+            while len(completions) < 1 + OTHER_TOPIC_ANSWERS:  # distinct other topics' answers
+                other = negative("other_topic", topic, good, rm_rng)
+                if other not in {text for _, text in completions}:
+                    completions.append(("other_topic", other))
+            completions.append((third, negative(third, topic, good, rm_rng)))
+            rm_rng.shuffle(completions)
             record: dict = {"prompt": question(topic, form)}
             for i, (_, text) in enumerate(completions):
                 record[f"completion_{i}"] = text
             tiers = [TIER[kind] for kind, _ in completions]
             record["ranking"] = [sorted(set(tiers)).index(tier) for tier in tiers]  # dense: ties share a rank
             rm.append(record)
-    rng.shuffle(rm)
+    rm_rng.shuffle(rm)
 
     ppo = []
     for topic in TOPICS:
-        forms = [rng.choice(HELD_OUT_FORMS)]
-        forms += rng.sample([f for f in range(len(FORMS)) if f != forms[0]], PPO_PROMPTS_PER_TOPIC - 1)
+        forms = [ppo_rng.choice(HELD_OUT_FORMS)]
+        forms += ppo_rng.sample([f for f in range(len(FORMS)) if f != forms[0]], PPO_PROMPTS_PER_TOPIC - 1)
         ppo.extend({"prompt": question(topic, form)} for form in forms)
-    rng.shuffle(ppo)
+    ppo_rng.shuffle(ppo)
 
     info = {
         "held_out_topics": sorted(held_topics, key=[t[1] for t in TOPICS].index),
@@ -507,12 +545,12 @@ def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
         assert row["completion"].endswith("니다."), row
         assert len(row["completion"]) <= MAX_ANSWER_CHARS, row
     for row in rm:
-        assert row["ranking"].count(0) == 1 and max(row["ranking"]) <= 2, row
-        texts = [row[f"completion_{i}"] for i in range(3)]
-        assert len(set(texts)) == 3, row
+        texts = [row[f"completion_{i}"] for i in range(len(row["ranking"]))]
+        assert row["ranking"].count(0) == 1 and max(row["ranking"]) <= 2 and len(texts) == 2 + OTHER_TOPIC_ANSWERS, row
+        assert len(set(texts)) == len(texts), row
         assert texts[row["ranking"].index(0)].endswith("니다."), row
     best_positions = {row["ranking"].index(0) for row in rm}
-    assert best_positions == {0, 1, 2}, "best answer is always in the same position"
+    assert best_positions == set(range(2 + OTHER_TOPIC_ANSWERS)), "best answer is always in the same position"
 
 
 def write_json(path: Path, rows: list[dict]) -> None:
@@ -532,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
 
     sft, rm, ppo, info = build(args.seed)
     check(sft, rm, ppo)
-    for name, rows in (("sft", sft), ("rm", rm), ("ppo", ppo)):
+    topics = [{"name": t[1], "category": t[0], "held_out": t[1] in info["held_out_topics"]} for t in TOPICS]
+    for name, rows in (("sft", sft), ("rm", rm), ("ppo", ppo), ("topics", topics)):
         write_json(args.out_dir / f"{name}.json", rows)
         print(f"{args.out_dir / (name + '.json')}: {len(rows)} records")
     print(f"{len(TOPICS)} topics, {len(FORMS)} question forms")

@@ -88,3 +88,13 @@ def adapter_and_reference_logits(sft_dir: Path, adapter_dir: Path):
         with policy.disable_adapter():
             reference_logits = policy(ids).logits
     return sft_logits, trained_logits, reference_logits
+
+
+def plain_reward(model, tokenizer, prompt: str, answer: str) -> float:
+    """A reward model's score of one (prompt, answer) chat with plain transformers, as any client would compute it."""
+    import torch
+
+    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    inputs = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        return model(**inputs).logits[0, 0].item()

@@ -9,7 +9,7 @@ from conftest import REPO, load_recipe
 
 from kochat_trl.pipeline import PipelineConfig
 from kochat_trl.runs import parse_recipe_args
-from kochat_trl.templates import get_template
+from kochat_trl.templates import check_template_name
 
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*/*.yaml"))
 RECIPE_OF = {"sft": "sft", "reward": "reward", "ppo": "ppo", "rloo": "rl", "grpo": "rl"}
@@ -27,7 +27,7 @@ def test_recipe_config_parses(path: Path):
     # bf16 is what a GPU run wants; this CPU check turns it off so only the keys and values are checked.
     script_args, training_args, model_args = parse_recipe_args(recipe.make_parser(), ["--config", str(path),
                                                                                        "--bf16", "false"])  # fmt: skip
-    get_template(script_args.template)
+    check_template_name(script_args.template)
     assert not (model_args.load_in_8bit and model_args.load_in_4bit)
     assert training_args.output_dir.startswith(f"runs/{path.parent.name}/")
     if path.parent.name == "polyglot-ko-5.8b" and path.stem in ("sft", "reward"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from kochat_trl.cli import main
 from kochat_trl.errors import KochatError
 from kochat_trl.export import merge_adapter, push_folder_to_hub
 from kochat_trl.modeling import build_peft_config, load_causal_lm, load_tokenizer
+from kochat_trl.templates import saved_template_name
 
 TEXTS = ["### Instruction(명령어):\n한국의 수도는 어디인가요?\n\n### Response(응답): 서울입니다.", "안녕하세요"]
 LORA_R = 8
@@ -121,6 +123,25 @@ def test_causal_lm_merge_matches_the_adapter_and_loads_plainly(causal, tiny_mode
     assert "base_model:" not in card  # a local path is no hub id: the hub would reject the card
     info = json.loads((out / "kochat_merge.json").read_text())
     assert (info["base_model"], info["task_type"], info["metrics"]) == (str(tiny_model_dir), "CAUSAL_LM", METRICS)
+    # The card shows how to format with the chat template the merged tokenizer carries (and what it renders).
+    assert info["template"] == "kochatgpt_short"
+    assert "tokenizer.apply_chat_template(messages, add_generation_prompt=True" in card
+    assert 'pipeline("text-generation", model=path)' in card
+    assert "### Instruction(명령어):\n한국의 수도는 어디인가요?\n\n### Response(응답):\n```" in card
+    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(causal.dir).chat_template
+
+
+def test_an_adapter_saved_without_a_chat_template_gets_the_one_its_run_recorded(causal, tmp_path):
+    """Runs saved before tokenizers carried the template still export one: the template named in config.yaml."""
+    old = tmp_path / "old-run"
+    shutil.copytree(causal.dir, old)
+    (old / "chat_template.jinja").unlink()
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(old).chat_template is None
+    out = merge_adapter(old, tmp_path / "merged")
+    assert saved_template_name(AutoTokenizer.from_pretrained(out)) == "kochatgpt_short"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -162,6 +183,8 @@ def test_reward_model_merge_keeps_the_trained_score_head(tiny_model_dir, batch, 
     assert weight_files(out) == ["model.safetensors"]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "reward model (RM)" in card and "AutoModelForSequenceClassification" in card
+    assert 'tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)' in card
+    assert "### Response(응답): 한국의 수도는 서울입니다.</s>" in card  # the scored conversation ends with eos
 
 
 def test_adapter_trained_on_a_4bit_base_merges_into_full_precision(tiny_model_dir, batch, tmp_path):

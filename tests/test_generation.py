@@ -7,11 +7,11 @@ padding, seeding, n-gram blocking, eos cutting, templates, scoring) are exact an
 from __future__ import annotations
 
 import io
-import json
 import re
 
 import pytest
 import torch
+from conftest import plain_reward
 
 from kochat_trl import generation
 from kochat_trl.cli import main
@@ -26,9 +26,8 @@ from kochat_trl.generation import (
     parse_generate_overrides,
     render_markdown,
     repeated_ngram_rate,
-    resolve_template_name,
 )
-from kochat_trl.templates import get_template
+from kochat_trl.judge import JUDGE_KEYS
 
 PROMPTS = ["안녕하세요", "화성은 무엇인가요? 태양계에서 몇 번째 행성인지 자세히 설명해 주세요."]
 MORE_PROMPTS = ["김치는 무엇인가요?", "서울을 소개해 주세요.", "고양이에 대해 알려 주세요.", "비는 왜 내리나요?"]
@@ -49,8 +48,8 @@ def bigrams(ids: list[int]) -> list[tuple[int, int]]:
     return list(zip(ids, ids[1:], strict=False))
 
 
-def test_loader_uses_recorded_template_and_left_padding(generator, texts):
-    assert generator.template.name == "kochatgpt_short"  # from the folder's kochat_tiny.json
+def test_loader_uses_the_saved_chat_template_and_left_padding(generator, texts):
+    assert generator.template_name == "kochatgpt_short"  # the chat template init-tiny saved with the tokenizer
     assert texts[0] == "### Instruction(명령어):\n안녕하세요\n\n### Response(응답):"
     batch = generator.tokenizer(texts, padding=True, return_tensors="pt")
     short = len(generator.tokenizer(texts[0])["input_ids"])
@@ -140,18 +139,6 @@ def test_overrides_parse_as_json_and_win_over_presets():
     assert decoding_kwargs("greedy", {"max_length": 30})["max_new_tokens"] is None
 
 
-def test_template_lookup_order(tmp_path):
-    model, adapter = tmp_path / "model", tmp_path / "adapter"
-    model.mkdir(), adapter.mkdir()
-    assert resolve_template_name(str(model)) == "kochatgpt"
-    (model / "kochat_tiny.json").write_text(json.dumps({"template": "kochatgpt_short"}))
-    assert resolve_template_name(str(model), str(adapter)) == "kochatgpt_short"
-    (model / "config.yaml").write_text("template: kullm\n")
-    assert resolve_template_name(str(model)) == "kullm"
-    (adapter / "metrics.json").write_text(json.dumps({"template": "koalpaca"}))
-    assert resolve_template_name(str(model), str(adapter)) == "koalpaca"
-
-
 def test_adapter_folder_is_applied(tiny_model_dir, generator, texts, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -190,10 +177,7 @@ def summary_rows(markdown: str) -> dict[str, list[str]]:
 
 
 def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir, tmp_path, monkeypatch, capsys):
-    from trl import ModelConfig
-
-    from kochat_trl.modeling import load_reward_model, load_tokenizer
-    from kochat_trl.rewards import reward_scores
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     captured = []
     real = generation.compare_decoding
@@ -211,20 +195,21 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     assert [item.strategy for item in result.results] == ["greedy", "beam", "top_p"]
     rows = summary_rows(markdown)
     assert list(rows) == ["greedy", "beam", "top_p"]
-    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(reward_dir)))
-    reward_model = load_reward_model(ModelConfig(model_name_or_path=str(reward_dir)), tokenizer)
-    template = get_template("kochatgpt_short")
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     for item in result.results:
         metrics = item.metrics
         expected = [metrics.mean_reward, metrics.distinct_1, metrics.distinct_2, metrics.repeated_ngram_rate,
                     metrics.mean_tokens, metrics.mean_chars, metrics.tokens_per_second]  # fmt: skip
-        assert [float(cell) for cell in rows[item.strategy]] == pytest.approx(expected, abs=0.051)
+        assert [float(cell) for cell in rows[item.strategy][:7]] == pytest.approx(expected, abs=0.051)
         assert float(rows[item.strategy][1]) == round(metrics.distinct_1, 4)
         assert float(rows[item.strategy][0]) == round(metrics.mean_reward, 4)
-        # The mean reward is the RM's score of template prompt + format_completion(answer), recomputed here.
-        pairs = zip(result.prompts, item.answers, strict=True)
-        texts = [template.format_prompt(prompt) + template.format_completion(answer) for prompt, answer in pairs]
-        assert metrics.mean_reward == pytest.approx(sum(reward_scores(reward_model, tokenizer, texts)) / 4, abs=1e-5)
+        # The mean reward is the plain sequence classifier's score of the (prompt, answer) chat, with transformers only.
+        scores = [plain_reward(reward_model, tokenizer, prompt, answer)
+                  for prompt, answer in zip(result.prompts, item.answers, strict=True)]  # fmt: skip
+        assert metrics.mean_reward == pytest.approx(sum(scores) / 4, abs=1e-5)
+        judge = rows[item.strategy][7:]  # broken, hangul, polite, on-topic, repeats
+        assert judge == [f"{metrics.judge[key]:.2f}" for key in JUDGE_KEYS]
         assert metrics.distinct_1 == distinct_n(item.answers, 1)
         for answer in item.answers:
             cell = answer.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
@@ -254,22 +239,27 @@ def scripted_chat(generator, script: str):
     return count, seen, output.getvalue()
 
 
+def chat_text(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def test_chat_keeps_history_switches_strategy_and_resets(generator):
-    template, tokenizer = generator.template, generator.tokenizer
+    tokenizer = generator.tokenizer
     script = "안녕하세요\n/strategy beam\n질문\n/reset\n/exit\n이건 읽히지 않음\n"
     count, seen, out = scripted_chat(generator, script)
     assert count == 2 and len(seen) == 2
     first_answer = generator.generate([seen[0][0]], "greedy", max_new_tokens=6).answers[0]
-    assert seen[0] == (template.format_prompt("안녕하세요", tokenizer), "greedy")
+    assert seen[0] == (chat_text(tokenizer, [{"role": "user", "content": "안녕하세요"}]), "greedy")
     history = [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": first_answer},
                {"role": "user", "content": "질문"}]  # fmt: skip
-    assert seen[1] == (template.format_messages(history, tokenizer), "beam")
+    assert seen[1] == (chat_text(tokenizer, history), "beam")
+    assert f"{first_answer}</s>\n\n### Instruction(명령어):\n질문" in seen[1][0]  # an earlier answer ends with eos
     assert first_answer in out and "(strategy: beam)" in out and "(history cleared)" in out
 
     # After /reset the model sees only the new turn; unknown strategies are named with the presets.
     count, seen, out = scripted_chat(generator, "하나\n/reset\n둘\n/strategy nucleus\n")
     assert count == 2  # EOF ends the loop like /exit
-    assert seen[1] == (template.format_prompt("둘", tokenizer), "greedy")
+    assert seen[1] == (chat_text(tokenizer, [{"role": "user", "content": "둘"}]), "greedy")
     assert "unknown strategy 'nucleus'; presets: greedy, beam, sampling, top_k, top_p" in out
 
 

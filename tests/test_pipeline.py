@@ -7,9 +7,15 @@ import json
 import shutil
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from conftest import plain_reward
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from kochat_trl.cli import main
+from kochat_trl.generation import Generator, default_prompts
+from kochat_trl.judge import JUDGE_KEYS
+from kochat_trl.templates import saved_template_name
+
+TRAINED_PROMPT = "### Instruction(명령어):\n{}\n\n### Response(응답):"  # kochatgpt_short, the tiny configs' template
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,101 @@ def test_report_numbers_match_stage_metrics(pipeline_run):
     assert markdown.count("- SFT (") == 3 and markdown.count("- PPO (") == 3  # three samples before/after
     decoding = (pipeline_run / "decoding.md").read_text()
     assert all(f"| {name} |" in decoding for name in ("greedy", "beam", "sampling", "top_k", "top_p"))
+    # The judge's rates of the SFT and PPO policies' held-out answers, next to the RM reward.
+    assert report["judge"] == {"sft": {key: ppo["judge_before"][key] for key in JUDGE_KEYS},
+                               "ppo": {key: ppo["judge_after"][key] for key in JUDGE_KEYS}}  # fmt: skip
+    assert "| SFT | " in markdown and f"| PPO | {ppo['reward_after']:.3f} |" in markdown
+
+
+def test_what_a_person_reads_has_no_broken_character(pipeline_run):
+    """The report's samples, the decoding comparison and the 480 held-out answers: not one U+FFFD."""
+    report = json.loads((pipeline_run / "report.json").read_text())
+    assert report["judge"]["sft"]["broken_rate"] == report["judge"]["ppo"]["broken_rate"] == 0.0
+    for name in ("report.md", "report.json", "decoding.md"):
+        assert "\ufffd" not in (pipeline_run / name).read_text(encoding="utf-8"), name
+    assert all(sample["after"].endswith("니다.") for sample in report["ppo"]["samples"])
+
+
+def test_sft_answers_held_out_questions_with_the_bundled_sentences(pipeline_run):
+    """Readable, not just unbroken: for held-out questions about a topic SFT saw (including question forms it never
+    saw), the greedy answer opens with that topic's bundled first sentence."""
+    from kochat_trl.data import bundled_data_path
+    from kochat_trl.judge import asked_topic
+
+    first = {}
+    for row in json.loads(bundled_data_path("sft").read_text(encoding="utf-8")):
+        first.setdefault(asked_topic(row["prompt"]), row["completion"].split(". ")[0].rstrip(".") + ".")
+    generator = Generator.load(str(pipeline_run / "sft"))
+    prompts = [prompt for prompt in default_prompts(60) if asked_topic(prompt) in first]
+    answers = generator.generate([generator.format(prompt) for prompt in prompts], "greedy").answers
+    recalled = [answer.startswith(first[asked_topic(prompt)]) for prompt, answer in zip(prompts, answers, strict=True)]
+    assert len(prompts) == 53 and sum(recalled) / len(recalled) >= 0.9, list(zip(prompts, answers, strict=True))
+
+
+def test_every_saved_folder_formats_prompts_with_its_training_template(pipeline_run):
+    """The template travels with every tokenizer the run saved, so each folder generates with the template it was
+    trained with (before, merged folders fell back to kochatgpt and its preamble)."""
+    folders = ["base", "sft", "rm", "ppo", "ppo/value", "merged/policy", "merged/reward",
+               *(str(path.relative_to(pipeline_run)) for path in pipeline_run.glob("*/checkpoint-*"))]  # fmt: skip
+    assert any("checkpoint-" in folder for folder in folders)
+    for folder in folders:
+        assert saved_template_name(AutoTokenizer.from_pretrained(pipeline_run / folder)) == "kochatgpt_short", folder
+    expected = TRAINED_PROMPT.format("김치는 무엇인가요?")
+    sft, ppo, merged = (str(pipeline_run / name) for name in ("sft", "ppo", "merged/policy"))
+    for generator in (Generator.load(merged), Generator.load(sft), Generator.load(sft, adapter=ppo)):
+        assert generator.template_name == "kochatgpt_short"
+        assert generator.format("김치는 무엇인가요?") == expected
+
+
+def test_template_flag_overrides_the_saved_one_and_says_so(pipeline_run, capsys):
+    policy = str(pipeline_run / "merged" / "policy")
+    assert main(["generate", "--model", policy, "--prompt", "김치는 무엇인가요?", "--template", "kochatgpt",
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"template kochatgpt replaces the chat template saved in {policy} (kochatgpt_short)" in err
+    assert Generator.load(policy, template="kochatgpt").format("김치").startswith("Below is an instruction")
+
+
+def test_plain_transformers_clients_get_the_projects_answers_and_scores(pipeline_run, capsys):
+    """transformers.pipeline with chat messages answers as `kochat-trl generate --strategy greedy` does; the
+    merged reward model read with AutoModelForSequenceClassification scores as the project does; the generation
+    config carries eos and pad for serving clients (vLLM, TGI)."""
+    from transformers import pipeline
+
+    from kochat_trl.generation import _load_reward
+    from kochat_trl.rewards import score_answers, score_responses
+    from kochat_trl.templates import prompt_ids
+
+    policy, reward = pipeline_run / "merged" / "policy", pipeline_run / "merged" / "reward"
+    chat = pipeline("text-generation", model=str(policy))
+    prompts = default_prompts(4)
+    answers = []
+    for prompt in prompts:
+        # Greedy (the text-generation pipeline samples at temperature 0.7 unless told otherwise).
+        reply = chat([{"role": "user", "content": prompt}], do_sample=False, max_new_tokens=64)[0]["generated_text"][-1]
+        assert main(["generate", "--model", str(policy), "--prompt", prompt, "--strategy", "greedy"]) == 0
+        ours = capsys.readouterr().out
+        assert reply["role"] == "assistant" and ours == reply["content"].strip() + "\n" and len(ours) > 10
+        answers.append(ours.strip())
+    generation_config = json.loads((policy / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    assert (generation_config["eos_token_id"], generation_config["pad_token_id"]) == (
+        tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 0)  # fmt: skip
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward).eval()
+    reward_tokenizer = AutoTokenizer.from_pretrained(reward)
+    plain = [plain_reward(model, reward_tokenizer, prompt, answer)
+             for prompt, answer in zip(prompts, answers, strict=True)]  # fmt: skip
+    project_model, project_tokenizer = _load_reward(str(reward))
+    ours = score_answers(project_model, project_tokenizer, prompts, answers)  # compare-decoding's scoring
+    assert max(abs(a - b) for a, b in zip(plain, ours, strict=True)) < 1e-5
+    # PPO's own scoring of generated ids (prompt ids + answer ids up to eos) reads the same number.
+    eos = reward_tokenizer.eos_token_id
+    answer_ids = [reward_tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [eos] for answer in answers]
+    ppo_scores = score_responses(project_model, project_tokenizer, [prompt_ids(project_tokenizer, p) for p in prompts],
+                                 answer_ids)  # fmt: skip
+    assert max(abs(a - b) for a, b in zip(plain, ppo_scores, strict=True)) < 1e-5
+    assert len(set(round(score, 3) for score in plain)) > 1  # real, different scores
 
 
 def test_merged_models_load_with_plain_transformers(pipeline_run):

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 from conftest import adapter_and_reference_logits, run_recipe
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kochat_trl.templates import saved_template_name
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +23,12 @@ def ppo_run(tiny_stages):
 
 def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     output, metrics = ppo_run
-    # 240 held-out answers (60 prompts x 4 samples), same seed before and after: measured 5.57 -> 6.44, KL 6.65.
-    assert metrics["reward_after"] > metrics["reward_before"] + 0.5, metrics
+    # 240 held-out answers (60 prompts x 4 samples), same seed before and after: measured 2.39 -> 2.70, KL 0.27.
+    assert metrics["reward_after"] > metrics["reward_before"] + 0.15, metrics
     assert metrics["eval_samples_per_prompt"] == 4
     assert metrics["win_rate"] >= 0.5
     assert 0 < metrics["kl"] <= metrics["kl_bound"] and metrics["kl_within_bound"] is True
-    assert metrics["episodes"] == 480 and metrics["global_step"] == 30 and metrics["eval_prompts"] == 60
+    assert metrics["episodes"] == 960 and metrics["global_step"] == 60 and metrics["eval_prompts"] == 60
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference costs no memory
     assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
     assert 0 < metrics["params"]["value_trainable"] < metrics["params"]["value"]
@@ -34,9 +36,26 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     assert json.loads((output / "metrics.json").read_text()) == metrics
     history = json.loads((output / "log_history.json").read_text())
     logged = [entry for entry in history if "objective/scores" in entry]
-    assert len(logged) == 30 and all("val/response_length" in entry and "objective/kl" in entry for entry in logged)
+    assert len(logged) == 60 and all("val/response_length" in entry and "objective/kl" in entry for entry in logged)
     assert (output / "curves.png").stat().st_size > 1000
     assert (output / "adapter_model.safetensors").is_file() and (output / "value" / "adapter_config.json").is_file()
+    # The policy and the value model carry the chat template they were trained with (as does every checkpoint).
+    assert saved_template_name(AutoTokenizer.from_pretrained(output)) == "kochatgpt_short"
+    assert saved_template_name(AutoTokenizer.from_pretrained(output / "value")) == "kochatgpt_short"
+
+
+def test_ppo_does_not_buy_reward_with_worse_answers(ppo_run):
+    """The rule-based judge on the same 240 held-out answers: the reward rose without PPO answering off topic,
+    impolitely or with broken characters more often than the SFT policy (lr 1e-3 instead of 2e-4 dropped on-topic
+    from 0.81 to 0.70 with the reward model's score falling too; lr 3e-3 at temperature 1.0 dropped it to 0.25 while
+    the score rose: reward hacking, which this test would catch)."""
+    _, metrics = ppo_run
+    before, after = metrics["judge_before"], metrics["judge_after"]
+    assert before["answers"] == after["answers"] == 240 and before["on_topic_answers"] == 240
+    assert after["on_topic_rate"] >= before["on_topic_rate"] > 0.8, (before, after)
+    assert after["polite_rate"] >= before["polite_rate"] > 0.95
+    assert before["broken_rate"] == after["broken_rate"] == 0.0  # no U+FFFD in any of the 480 answers
+    assert after["hangul_share"] > 0.95 and after["repeat_rate"] <= before["repeat_rate"] + 0.02
 
 
 def test_reference_is_the_sft_policy_with_the_adapter_disabled(ppo_run, tiny_stages):
@@ -50,12 +69,11 @@ def test_policy_equals_reference_at_step_zero(tiny_stages):
     from trl import ModelConfig
 
     from kochat_trl import modeling, rl
-    from kochat_trl.templates import get_template
     from kochat_trl.training_data import prompt_dataset
 
     model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
-    data = prompt_dataset("bundled:ppo", get_template("kochatgpt_short"), tokenizer, 0.0, 0, max_samples=8)
+    data = prompt_dataset("bundled:ppo", tokenizer, 0.0, 0, max_samples=8)
     rm_args = ModelConfig(model_name_or_path=str(tiny_stages["rm"]))
     args = rl.PPOConfig(output_dir=str(tiny_stages["root"] / "ppo-step0"), per_device_train_batch_size=4,
                         total_episodes=8, report_to="none", bf16=False, response_length=8)  # fmt: skip

@@ -8,17 +8,14 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY_CONFIGS, run_recipe
+from conftest import REPO, TINY_CONFIGS, plain_reward, run_recipe
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-from kochat_trl.rewards import reward_scores
-from kochat_trl.templates import get_template
 
 
 def test_sft_eval_loss_falls_by_30_percent(tiny_stages):
     metrics = tiny_stages["sft_metrics"]
     assert metrics["eval_loss_end"] <= 0.7 * metrics["eval_loss_start"], metrics
-    assert metrics["global_step"] == 120 and metrics["train_rows"] + metrics["eval_rows"] == 340
+    assert metrics["global_step"] == 160 and metrics["train_rows"] + metrics["eval_rows"] == 340
     out = tiny_stages["sft"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 3e-3
@@ -33,35 +30,52 @@ def test_sft_masks_prompt_tokens_and_ends_completion_with_eos(tiny_model_dir, tm
     from kochat_trl.training_data import sft_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    template = get_template("kochatgpt_short")
-    dataset = sft_dataset("bundled:sft", template, tokenizer, 0.0, 0, max_samples=4)["train"]
+    dataset = sft_dataset("bundled:sft", 0.0, 0, max_samples=4)["train"]
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", loss_type="nll",
                      bf16=False, completion_only_loss=True, max_length=256)  # fmt: skip
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
                          train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     batch = trainer.data_collator([trainer.train_dataset[index] for index in range(len(dataset))])
     for row, input_ids, labels in zip(dataset, batch["input_ids"], batch["labels"], strict=True):
-        prompt_length = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-        completion = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"][prompt_length:]
+        # The rows are conversations; the saved chat template renders them.
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert prompt == f"### Instruction(명령어):\n{row['prompt'][0]['content']}\n\n### Response(응답):"
+        prompt_length = len(tokenizer(prompt)["input_ids"])
         kept = labels[labels != -100].tolist()
         assert (labels[:prompt_length] == -100).all()  # the prompt is never learned
-        assert kept == [*completion, tokenizer.eos_token_id]  # the whole answer, then eos
-        assert input_ids[prompt_length + len(kept) - 1] == tokenizer.eos_token_id
+        assert tokenizer.decode(kept) == f" {row['completion'][0]['content']}</s>"  # the whole answer, then eos
+        assert kept[-1] == tokenizer.eos_token_id == input_ids[prompt_length + len(kept) - 1]
 
 
 def test_reward_model_held_out_accuracy_and_unseen_pair(tiny_stages):
     metrics = tiny_stages["rm_metrics"]
-    assert metrics["accuracy"] >= 0.9 and metrics["eval_pairs"] == 58, metrics
+    assert metrics["accuracy"] >= 0.9 and metrics["eval_pairs"] == 144, metrics
     assert metrics["mean_margin"] > 1.0
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_stages["rm"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_stages["rm"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_stages["rm"])
-    template = get_template("kochatgpt_short")
-    prompt = template.format_prompt("김치는 어떤 음식인지 궁금해요.")  # a question form not in the data
-    chosen, rejected = reward_scores(model, tokenizer, [
-        prompt + template.format_completion("김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다."),
-        prompt + template.format_completion("몰라. 그건 왜 물어?"),
-    ])  # fmt: skip
-    assert chosen > rejected + 1.0
+    prompt = "김치는 어떤 음식인지 궁금해요."  # a question form not in the data
+    good = plain_reward(model, tokenizer, prompt, "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다. "
+                                                  "유산균이 많아 장 건강에 좋습니다.")  # fmt: skip
+    assert good > plain_reward(model, tokenizer, prompt, "몰라. 그건 왜 물어?") + 1.0
+
+
+def test_reward_model_reads_the_question(tiny_stages):
+    """Held-out pairs whose rejected answer is a good answer to another topic's question (polite, complete, only
+    off topic): the reward model must compare answer and question to rank them."""
+    from kochat_trl.judge import judge_answer
+    from kochat_trl.training_data import reward_dataset
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_stages["rm"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_stages["rm"])
+    held_out = reward_dataset("bundled:rm", 0.1, 42)["eval"]
+    wins = []
+    for row in held_out:
+        question, chosen, rejected = (row[key][0]["content"] for key in ("prompt", "chosen", "rejected"))
+        judged = judge_answer(question, rejected)
+        if judged.polite and judged.on_topic is False and judge_answer(question, chosen).on_topic:
+            wins.append(plain_reward(model, tokenizer, question, chosen) > plain_reward(model, tokenizer, question,
+                                                                                       rejected))  # fmt: skip
+    assert len(wins) >= 50 and sum(wins) / len(wins) >= 0.9, (sum(wins), len(wins))
 
 
 def test_lora_sft_trains_only_the_adapter(tiny_model_dir, tmp_path):

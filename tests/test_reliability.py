@@ -342,16 +342,11 @@ def test_sft_killed_by_sigint_resumes_and_matches_the_uninterrupted_run(tmp_path
 
 def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, tiny_model_dir, sft_uninterrupted,
                                                                        capfd):  # fmt: skip
-    from transformers import AutoTokenizer
 
-    from kochat_trl.templates import get_template
     from kochat_trl.training_data import sft_dataset
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    template = get_template("kochatgpt_short")
-    split = {seed: sft_dataset("bundled:sft", template, tokenizer, 0.1, seed, 160)["eval"]["prompt"]
-             for seed in (42, 7)}  # fmt: skip
-    assert split[42] == sft_dataset("bundled:sft", template, tokenizer, 0.1, 42, 160)["eval"]["prompt"]
+    split = {seed: sft_dataset("bundled:sft", 0.1, seed, 160)["eval"]["prompt"] for seed in (42, 7)}
+    assert split[42] == sft_dataset("bundled:sft", 0.1, 42, 160)["eval"]["prompt"]
     assert split[42] != split[7] and len(split[42]) == 16
 
     secret = "hf_kochatSECRETtoken123"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIGS, adapter_and_reference_logits, load_recipe, run_recipe
+from conftest import TINY_CONFIGS, adapter_and_reference_logits, load_recipe, plain_reward, run_recipe
 
 PENALTY = 1.0  # missing_eos_penalty in the shipped configs
 
@@ -69,17 +69,17 @@ def test_rloo_answers_still_end_in_eos(rloo_run):
 
 def test_reward_function_scores_ids_up_to_eos_and_penalises_missing_eos(rm):
     from kochat_trl.errors import DataError
-    from kochat_trl.rewards import reward_scores, score_token_sequences
+    from kochat_trl.rewards import score_token_sequences
     from kochat_trl.rl import RewardModelReward
-    from kochat_trl.templates import get_template
 
     model, tokenizer = rm
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    template = get_template("kochatgpt_short")
-    prompts = [template.format_prompt(text, tokenizer) for text in ("김치는 무엇인가요?", "서울은 어디인가요?")]
-    answers = [template.format_completion(text) for text in ("김치는 한국의 발효 음식입니다.", "서울은 한국의 수도")]
-    prompt_ids = [tokenizer(text)["input_ids"] for text in prompts]
-    answer_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers]
+    questions = ("김치는 무엇인가요?", "서울은 어디인가요?")
+    texts = ("김치는 한국의 발효 음식입니다.", "서울은 한국의 수도")
+    prompts = [[{"role": "user", "content": text}] for text in questions]  # conversational, as RLOO/GRPO get them
+    # The chat template renders "...### Response(응답):" and the answer follows with its leading space.
+    prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in prompts]
+    answer_ids = [tokenizer(" " + text, add_special_tokens=False)["input_ids"] for text in texts]
     full = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
     with_eos = score_token_sequences(model, pad, [ids + [eos] for ids in full])
     without_eos = score_token_sequences(model, pad, full)
@@ -87,10 +87,10 @@ def test_reward_function_scores_ids_up_to_eos_and_penalises_missing_eos(rm):
     reward = RewardModelReward(model, tokenizer, missing_eos_penalty=PENALTY)
     assert reward.__name__ == "reward_model"
     # TRL passes completion ids cut after eos (first answer) or at the length limit (second, no eos).
-    scores = reward(prompts=prompts, completions=answers, completion_ids=[answer_ids[0] + [eos], answer_ids[1]])
+    scores = reward(prompts=prompts, completions=texts, completion_ids=[answer_ids[0] + [eos], answer_ids[1]])
     assert scores == pytest.approx([with_eos[0], without_eos[1] - PENALTY], abs=1e-5)
-    # Exactly what the reward model was trained on: prompt + answer + eos text, bos added by the tokenizer.
-    assert scores[0] == pytest.approx(reward_scores(model, tokenizer, [prompts[0] + answers[0]])[0], abs=1e-5)
+    # Exactly what the reward model was trained on: the (prompt, answer) chat, which ends with eos.
+    assert scores[0] == pytest.approx(plain_reward(model, tokenizer, questions[0], texts[0]), abs=1e-5)
     # Tokens after eos and padding do not count; no penalty when none is configured.
     padded = [answer_ids[0] + [eos, 7, 8, pad, pad], answer_ids[1] + [pad]]
     assert reward(prompts, padded) == pytest.approx(scores, abs=1e-5)
@@ -98,18 +98,17 @@ def test_reward_function_scores_ids_up_to_eos_and_penalises_missing_eos(rm):
     assert unpenalised == pytest.approx([with_eos[0], without_eos[1]], abs=1e-5)
     # Scoring the bare text (TRL's path for a reward model) reads a different position: the trap is real.
     assert abs(without_eos[0] - with_eos[0]) > 0.1
-    with pytest.raises(DataError, match="string prompts"):
-        reward([[{"role": "user", "content": "김치는?"}]], [answer_ids[0]])
+    with pytest.raises(DataError, match="conversational prompts"):
+        reward(["### Instruction(명령어):\n김치는?\n\n### Response(응답):"], [answer_ids[0]])
 
 
 def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_stages, rm, tmp_path):
-    """What TRL 1.12 hands a reward function: the string prompts and `completion_ids` ending at the first eos
-    (or at max_completion_length); the trainer logs what the function returned."""
+    """What TRL 1.12 hands a reward function: the conversational prompts and `completion_ids` ending at the first
+    eos (or at max_completion_length); the trainer logs what the function returned."""
     from trl import GRPOConfig, ModelConfig
 
     from kochat_trl import modeling, rl
     from kochat_trl.rewards import score_responses
-    from kochat_trl.templates import get_template
     from kochat_trl.training_data import prompt_dataset
 
     reward_model, tokenizer = rm
@@ -123,7 +122,7 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
             return scores
 
     model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
-    data = prompt_dataset("bundled:ppo", get_template("kochatgpt_short"), tokenizer, 0.0, 0, max_samples=8)
+    data = prompt_dataset("bundled:ppo", tokenizer, 0.0, 0, max_samples=8)
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_steps=1,
                       max_completion_length=16, beta=0.05, report_to="none", logging_steps=1, save_strategy="no",
                       use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
@@ -138,11 +137,13 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
     assert len(calls) == 1
     call = calls[0]
     assert {"completions", "trainer_state", "log_extra", "log_metric"} <= call["keys"]
-    assert len(call["prompts"]) == len(call["completion_ids"]) == 8 and set(call["prompts"]) <= set(prompts["prompt"])
+    assert len(call["prompts"]) == len(call["completion_ids"]) == 8
+    assert all(prompt in prompts["prompt"] for prompt in call["prompts"])
     eos = tokenizer.eos_token_id
     for ids in call["completion_ids"]:
         assert ids and (ids.index(eos) == len(ids) - 1 if eos in ids else len(ids) == 16)
-    prompt_ids = [tokenizer(text)["input_ids"] for text in call["prompts"]]
+    prompt_ids = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"]
+                  for prompt in call["prompts"]]  # fmt: skip
     assert call["scores"] == score_responses(reward_model, tokenizer, prompt_ids, call["completion_ids"], PENALTY)
     logged = trainer.state.log_history[0]["rewards/reward_model/mean"]
     assert logged == pytest.approx(sum(call["scores"]) / 8, abs=1e-5)

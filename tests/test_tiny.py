@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.cli import main
 from kochat_trl.data import bundled_data_path, load_stage_data
-from kochat_trl.templates import get_template
 from kochat_trl.tiny import init_tiny
 
 
@@ -17,7 +16,9 @@ def test_bundled_data_sizes_and_layouts():
     sft, rm, ppo = (load_stage_data(f"bundled:{stage}", stage) for stage in ("sft", "rm", "ppo"))
     assert (sft.layout, sft.kept, sft.dropped) == ("sft", 340, {"empty": 0, "duplicate": 0, "tie": 0})
     # 3 ranked completions -> C(3, 2) pairs each, minus the tied pairs (equal ranks carry no preference)
-    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 200, 600, 19, 581)
+    # 3 ranked completions -> C(3, 2) pairs each, minus the tied pairs: the other topic's answer and a third answer
+    # that is also polite but wrong (drifting, spliced, repeated, truncated) share a rank.
+    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 600, 1800, 357, 1443)
     assert (ppo.layout, ppo.kept) == ("ppo", 300)
     records = json.loads(bundled_data_path("rm").read_text(encoding="utf-8"))
     assert all(record["ranking"].count(0) == 1 and set(record["ranking"]) <= {0, 1, 2} for record in records)
@@ -39,16 +40,43 @@ def test_init_tiny_is_deterministic_and_loads_by_path(tmp_path, tiny_model_dir):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id and model.config.eos_token_id == tokenizer.eos_token_id
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
-    assert len(tokenizer) == model.config.vocab_size == 1024
+    assert len(tokenizer) == model.config.vocab_size == 2048
 
-    # The template markers and Korean text round-trip and compress (BPE learned Korean syllables).
-    text = get_template("kochatgpt_short").format_prompt("김치에 대해 알려 주세요.") + " 김치는 한국의 발효 음식입니다."
+    # The saved chat template renders the training prompt; Korean text round-trips and words are whole tokens.
+    question, answer = "김치에 대해 알려 주세요.", "김치는 한국의 발효 음식입니다."
+    chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert text == f"### Instruction(명령어):\n{question}\n\n### Response(응답): {answer}</s>"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
-    assert len(ids) < len(text.encode("utf-8")) / 2
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[-4:] == ["의", "▁발효", "▁음식입니다.", "</s>"] and len(ids) < len(text) / 3
+    # The topic is one token in the question (at a line start, before 에) and in the answer (before 는).
+    assert tokens.count("▁김치") == 2
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
-    assert logits.shape == (1, len(ids), 1024)
+    assert logits.shape == (1, len(ids), 2048)
+
+
+def test_tokenizer_spells_unseen_characters_in_bytes_and_never_splits_a_syllable(tiny_model_dir):
+    """Character-level BPE with byte fallback: every Hangul syllable of the bundled data is in the vocabulary, so
+    a model can only emit whole syllables; an unseen character is spelled with byte tokens and decodes exactly."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    vocab = tokenizer.get_vocab()
+    assert [vocab[f"<0x{value:02X}>"] for value in (0, 255)] == [4, 259]  # after pad, bos, eos, unk
+    texts = [json.dumps(record, ensure_ascii=False) for stage in ("sft", "rm", "ppo")
+             for record in json.loads(bundled_data_path(stage).read_text(encoding="utf-8"))]  # fmt: skip
+    syllables = {char for text in texts for char in text if "가" <= char <= "힣"}
+    assert len(syllables) > 500 and all(char in vocab or "▁" + char in vocab for char in syllables)
+    for text in ("😀 é 漢字 ☃", "줄 바꿈\n 공백\n\n끝", "새로운 글자: 똠방각하"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text  # byte tokens are not special tokens
+    assert tokenizer.convert_ids_to_tokens(tokenizer("☃", add_special_tokens=False)["input_ids"]) == [
+        "<0xE2>", "<0x98>", "<0x83>"]  # fmt: skip
+    # Every token decodes to whole characters, except the 256 byte tokens, and only 128 of those can break one.
+    broken = [token for token, index in vocab.items() if "\ufffd" in tokenizer.decode([index])]
+    assert len(broken) == 128 and all(token.startswith("<0x") for token in broken)
 
 
 def test_init_tiny_cli_refuses_non_empty_dir(tmp_path, capsys):

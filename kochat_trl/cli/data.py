@@ -32,7 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     inspect = actions.add_parser("inspect", help="print layout, counts and token-length percentiles")
     inspect.add_argument("input", metavar="INPUT")
     inspect.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or hub id for length percentiles")
-    inspect.add_argument("--template", default="kochatgpt", help="prompt template for token lengths")
+    inspect.add_argument("--template", help="prompt template for token lengths (default: the tokenizer chat template)")
     inspect.set_defaults(handler=run_inspect)
 
 
@@ -68,23 +68,24 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def token_lengths(rows: list[dict], tokenizer_path: str, template_name: str) -> dict[str, list[int]]:
-    """Token counts per field; prompts are measured as the model sees them (template applied)."""
+def token_lengths(rows: list[dict], tokenizer_path: str, template_name: str | None) -> dict[str, list[int]]:
+    """Token counts per field; prompts are measured as the model sees them (rendered by the chat template)."""
     from transformers import AutoTokenizer
 
-    from kochat_trl.templates import get_template
+    from kochat_trl.templates import install_template, prompt_text
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except OSError as error:
         raise KochatError(f"{tokenizer_path}: cannot load a tokenizer ({error})") from None
-    template = get_template(template_name)
+    install_template(tokenizer, template_name, where=tokenizer_path)
     lengths: dict[str, list[int]] = {}
     for row in rows:
         if "messages" in row:
-            texts = template.split_conversation(row["messages"], tokenizer)
+            *history, answer = row["messages"]
+            texts = {"prompt": prompt_text(tokenizer, history), "completion": answer["content"]}
         else:
-            texts = {**row, "prompt": template.format_prompt(row["prompt"], tokenizer)}
+            texts = {**row, "prompt": prompt_text(tokenizer, row["prompt"])}
         for field, text in texts.items():
             lengths.setdefault(field, []).append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return lengths

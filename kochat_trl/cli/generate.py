@@ -17,7 +17,9 @@ def _model_arguments(parser: argparse.ArgumentParser, strategy: bool = True) -> 
     parser.add_argument("--model", required=True, metavar="PATH", help="model folder (SFT/PPO output or init-tiny)")
     parser.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder to apply to --model")
     parser.add_argument(
-        "--template", help="prompt template (default: the one recorded in the model folder, else kochatgpt)"
+        "--template",
+        help="prompt template: kochatgpt, kochatgpt_short, koalpaca, kullm or chat (default: the chat template saved "
+        "with the model's tokenizer, which is the one it was trained with)",
     )
     if strategy:
         parser.add_argument("--strategy", default="greedy", help=f"decoding preset: {_PRESETS} (default greedy)")
@@ -168,7 +170,8 @@ def print_comparison(result: Any, file: Any = None) -> None:
         title_justify="left",
         caption=f"reward: mean RM reward; "
         f"dist-n: distinct-n; rep-{REPEAT_N}: repeated word {REPEAT_N}-gram rate; tokens, chars: mean "
-        "answer length; tok/s: generated tokens per second",
+        "answer length; tok/s: generated tokens per second; broken..repeat: the rule-based judge's rates (U+FFFD, "
+        "Hangul share, 합니다체 ending, names the asked topic, repeats a word bigram)",
         caption_justify="left",
     )
     for column in SHORT_SUMMARY_COLUMNS:

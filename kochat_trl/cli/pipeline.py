@@ -19,6 +19,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -34,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("RM", f"held-out accuracy {rm['accuracy']:.3f}, margin {rm['mean_margin']:.2f}")
     table.add_row("PPO", f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f}, KL {ppo['kl']:.2f}, "
                   f"win-rate {ppo['win_rate']:.2f}")  # fmt: skip
+    sft_judge, ppo_judge = report["judge"]["sft"], report["judge"]["ppo"]
+    table.add_row("judge", ", ".join(f"{label} {_rate(sft_judge[key])} -> {_rate(ppo_judge[key])}" for key, label in
+                                     (("on_topic_rate", "on-topic"), ("polite_rate", "polite"),
+                                      ("broken_rate", "broken")))  # fmt: skip
+                  + " (rule-based, SFT -> PPO)")
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
     console = Console()
     console.print(table)
