@@ -10,6 +10,9 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_CONFIGS, adapter_and_reference_logits, load_recipe, plain_reward, run_recipe
+from transformers import AutoTokenizer
+
+from kochat_trl.templates import saved_template_name
 
 PENALTY = 1.0  # missing_eos_penalty in the shipped configs
 
@@ -58,6 +61,9 @@ def test_rloo_raises_held_out_reward_within_kl_bound(rloo_run):
     assert len(logged) == 24 and all("rewards/reward_model/mean" in entry and "kl" in entry for entry in logged)
     assert yaml.safe_load((output / "config.yaml").read_text())["trainer"] == "rloo"
     assert (output / "curves.png").stat().st_size > 1000 and (output / "adapter_model.safetensors").is_file()
+    assert saved_template_name(AutoTokenizer.from_pretrained(output)) == "kochatgpt_short"  # the chat template travels
+    assert metrics["judge_before"]["answers"] == metrics["judge_after"]["answers"] == 240
+    assert metrics["judge_before"]["broken_rate"] == metrics["judge_after"]["broken_rate"] == 0.0
 
 
 def test_rloo_answers_still_end_in_eos(rloo_run):
