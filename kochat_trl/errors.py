@@ -24,3 +24,9 @@ class DataError(KochatError):
 
 class ConfigError(KochatError):
     """A configuration value that is missing, of the wrong type, or impossible."""
+
+
+class Stopped(Exception):
+    """Work stopped on a signal after saving what it could; the process exits with `exit_code` (128 + signal)."""
+
+    exit_code = 130

@@ -346,14 +346,12 @@ def disable_bnb_cpu_bf16_repack(model: nn.Module) -> int:
     layer and LoRA adapters behind them (q/k/v) silently get zero gradients. Already repacked weights
     are converted back.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    four_bit = [module for module in model.modules()
+                if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")]
+    if not four_bit:  # nothing to do, and no reason to import bitsandbytes
         return 0
     changed = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
+    for module in four_bit:
         was_enabled = getattr(module, "support_avx512bf16_for_cpu", False)
         module.support_avx512bf16_for_cpu = False
         quant_state = getattr(module.weight, "quant_state", None)

@@ -1,9 +1,11 @@
 """The whole of RLHF in one command: SFT → reward model → PPO → merge → decoding comparison → report.
 
-Each training stage runs its recipe (`recipes/<stage>.py`) in a child process, exactly as a user
-runs it by hand, with the stage's YAML plus the paths that chain the stages. A stage whose folder
-holds `metrics.json` (written last) is finished and skipped on rerun, so a crashed run continues; an
-unfinished stage with a complete `checkpoint-N` resumes from the newest one instead of starting over.
+Each training stage runs its recipe (`recipes/<stage>.py`) with the stage's YAML plus the paths that chain
+the stages: the recipe's own `main()` in this process (imports paid once), or, when a `launcher` is
+configured (`accelerate launch …`), the recipe script in a child process exactly as a user runs it. A stage
+whose folder holds `metrics.json` (written last) is finished and skipped on rerun, so a crashed run
+continues; an unfinished stage with a complete `checkpoint-N` resumes from the newest one instead of
+starting over.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kochat_trl.console import say
 from kochat_trl.errors import ConfigError, KochatError
 from kochat_trl.outputs import check_output_dir, write_json_atomic, write_text_atomic
 from kochat_trl.runs import METRICS_FILE, read_json, stage_finished
@@ -100,23 +103,44 @@ def _override_arguments(overrides: dict[str, Any]) -> list[str]:
     return arguments
 
 
-def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path, resume: bool = False) -> None:
-    """Run one recipe in a child process; its output streams to the console as it trains. `resume`: continue
-    from the newest complete checkpoint in the stage folder."""
+def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path, resume: bool = False,
+              verbose: bool = False) -> None:  # fmt: skip
+    """Run one recipe: in this process, or with the configured launcher in a child process (its output streams to
+    the console as it trains). `resume`: continue from the newest complete checkpoint in the stage folder."""
     recipe = REPO_ROOT / "recipes" / RECIPE_OF_STAGE[stage]
     if not recipe.is_file():
         raise KochatError(f"{recipe}: recipe not found; run the pipeline from a source checkout (pip install -e .)")
-    launcher = config.launcher or [sys.executable]
-    command = [*launcher, str(recipe), "--config", str(_in_repo(config.stages[stage])),
-               *_stage_arguments(stage, run_dir, base, resume), *_override_arguments(config.overrides.get(stage, {}))]
-    print(f"\n[kochat-trl] {stage}: {' '.join(command)}", flush=True)
+    arguments = ["--config", str(_in_repo(config.stages[stage])), *_stage_arguments(stage, run_dir, base, resume),
+                 *_override_arguments(config.overrides.get(stage, {})), *(["--verbose", "true"] if verbose else [])]
+    if not config.launcher:
+        _run_in_process(stage, recipe, arguments, run_dir)
+        return
+    command = [*config.launcher, str(recipe), *arguments]
+    if verbose:
+        print(f"[kochat-trl] {stage}: {' '.join(command)}", flush=True)
     result = subprocess.run(command, cwd=REPO_ROOT)
     if result.returncode != 0:
         raise KochatError(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
                           f"finished stages in {run_dir} are kept")  # fmt: skip
 
 
-def _export(run_dir: Path) -> dict[str, str]:
+def _run_in_process(stage: str, recipe: Path, arguments: list[str], run_dir: Path) -> None:
+    """The recipe's `main()` with its parsed arguments, as `python recipes/<stage>.py ...` would call it."""
+    import importlib.util
+
+    from kochat_trl.runs import parse_recipe_args
+
+    spec = importlib.util.spec_from_file_location(f"kochat_recipe_{stage}", recipe)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    try:
+        module.main(*parse_recipe_args(module.make_parser(), arguments))
+    except KochatError as error:
+        raise KochatError(f"stage {stage}: {error}; finished stages in {run_dir} are kept") from None
+
+
+def _export(run_dir: Path) -> str:
     """merged/policy and merged/reward: LoRA adapters merged into their bases, full models copied."""
     from kochat_trl.export import merge_adapter
     from kochat_trl.modeling import adapter_base
@@ -132,16 +156,17 @@ def _export(run_dir: Path) -> dict[str, str]:
         else:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "*.bin"))
         exported[name] = str(target)
-    return exported
+    return f"{exported['policy']} and {exported['reward']} load with plain transformers"
 
 
-def _decoding(run_dir: Path, config: PipelineConfig) -> None:
+def _decoding(run_dir: Path, config: PipelineConfig) -> str:
     from kochat_trl.generation import compare_decoding, default_prompts, render_markdown
 
     result = compare_decoding(str(run_dir / "merged" / "policy"), default_prompts(config.decoding_prompts),
                               config.decoding_strategies, reward_model=str(run_dir / "merged" / "reward"),
                               seed=config.seed)  # fmt: skip
     write_text_atomic(render_markdown(result), run_dir / "decoding.md")
+    return f"{len(result.results)} strategies on {len(result.prompts)} prompts in {run_dir / 'decoding.md'}"
 
 
 def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
@@ -203,7 +228,7 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+                 overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run (or continue) the pipeline; returns report.json's content."""
     config = PipelineConfig.load(config_path or DEFAULT_CONFIG)
     run_dir = Path(output_dir or _in_repo(config.output_dir))
@@ -218,30 +243,32 @@ def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str |
     wall_time: dict[str, float] = state["wall_time_s"]
 
     base = Path(config.base_model) if config.base_model else run_dir / "base"
-    if config.base_model is None:
+    if config.base_model is None and not (base / "kochat_tiny.json").is_file():
         from kochat_trl.tiny import ensure_tiny
 
         ensure_tiny(base, seed=config.seed)
+        say(f"base: built the embedded tiny default in {base}")
     from kochat_trl.resume import last_complete_checkpoint  # imports torch: only when a run starts
 
     redo_after = False  # a redone stage invalidates everything built on it
     for stage in TRAINING_STAGES:
         if stage_finished(run_dir / stage) and not redo_after:
-            print(f"[kochat-trl] {stage}: finished in {run_dir / stage}, skipped")
+            say(f"{stage}: finished in {run_dir / stage}, skipped")
             continue
         # Resuming is only valid while everything the stage was built on is unchanged.
         checkpoint = None if redo_after else last_complete_checkpoint(run_dir / stage)
         if checkpoint is not None:
-            print(f"[kochat-trl] {stage}: unfinished, resuming from {checkpoint}")
+            say(f"{stage}: unfinished, resuming from {checkpoint}")
         started = time.perf_counter()
-        run_stage(stage, config, run_dir, base, resume=checkpoint is not None)
+        run_stage(stage, config, run_dir, base, resume=checkpoint is not None, verbose=verbose)
         wall_time[stage] = round(time.perf_counter() - started, 2)
         redo_after = True
         write_json_atomic(state, run_dir / STATE_FILE)
     for step, action in (("merge", lambda: _export(run_dir)), ("decoding", lambda: _decoding(run_dir, config))):
         started = time.perf_counter()
-        action()
+        done = action()
         wall_time[step] = round(time.perf_counter() - started, 2)
+        say(f"{step}: {done}")
     write_json_atomic(state, run_dir / STATE_FILE)
 
     report = build_report(run_dir, wall_time)

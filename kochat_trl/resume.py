@@ -18,12 +18,14 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from kochat_trl.errors import Stopped
+
 TRAINER_STATE_FILE = "trainer_state.json"  # HF writes it last into a checkpoint: present = checkpoint complete
 VALUE_SUBDIR = "value"  # PPO checkpoints keep the value model (adapter or full) here
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Stopped):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the recipe exits 128 + signal."""
 
     def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:

@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, TrainerCallback
-from trl.experimental.ppo import PPOConfig, PPOTrainer
-from trl.experimental.ppo import ppo_trainer as _ppo_module
 
 from kochat_trl import resume
+from kochat_trl.console import known_prints_dropped, known_warnings_ignored
+
+with known_warnings_ignored():  # TRL's one-time "you are importing from trl.experimental" (console.KNOWN_WARNINGS)
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as _ppo_module
 
 __all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", "reference_context",
            "sample_responses", "sequence_kl",
@@ -166,7 +169,7 @@ def train_ppo(trainer: PPOTrainer, resume_from_checkpoint: str | os.PathLike | N
     gc.collect()
     gc.freeze()
     try:
-        with _recording_response_lengths(trainer):
+        with _recording_response_lengths(trainer), known_prints_dropped():
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     finally:
         gc.unfreeze()

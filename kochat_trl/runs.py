@@ -45,6 +45,10 @@ class KochatArguments:
         metadata={"help": "Build the embedded tiny model at model_name_or_path first if it is not there."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "Keep the libraries' console output (per-step dicts, warnings, loading bars) as it is."},
+    )
 
 
 @dataclass
@@ -181,8 +185,29 @@ def user_errors():
 
 
 def run_recipe(make_parser: Callable[[], Any], main: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
+    from kochat_trl.console import quiet_libraries
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(verbose_requested(args))  # before parsing: building TRL's config already warns
     with user_errors():
-        main(*parse_recipe_args(make_parser(), argv))
+        main(*parse_recipe_args(make_parser(), args))
+
+
+def verbose_requested(args: Sequence[str]) -> bool:
+    """`--verbose` / `--verbose true` on the command line, else `verbose: true` in the --config file."""
+    for index, arg in enumerate(args):
+        if arg == "--verbose":
+            value = args[index + 1] if index + 1 < len(args) and not args[index + 1].startswith("--") else "true"
+            return value.lower() in ("true", "1", "yes")
+        if arg.startswith("--verbose="):
+            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+    if "--config" in args[:-1]:
+        try:
+            config = _read_yaml_config(args[list(args).index("--config") + 1])
+        except ConfigError:
+            return False  # the recipe's parsing reports the unreadable config
+        return config.get("verbose") is True
+    return False
 
 
 def is_main_process() -> bool:
@@ -458,6 +483,11 @@ def read_json(path: str | Path) -> Any:
     """The JSON in `path`, or None when the file is not there."""
     path = Path(path)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def number(value: Any) -> str:
+    """A metric for a result line: three decimals, or n/a when it was not measured."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def last_logged(log_history: list[dict[str, Any]], key: str) -> Any:

@@ -31,7 +31,7 @@ class PPOScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import modeling, resume, rl, runs
+    from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -65,6 +65,7 @@ def main(script_args, training_args, model_args):
         peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
         callbacks=[*callbacks, *resume.training_callbacks()],
     )  # fmt: skip
+    progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
     rl.train_ppo(trainer, resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
@@ -98,8 +99,8 @@ def main(script_args, training_args, model_args):
                     trainer.state.log_history,
                     ["objective/scores", "objective/kl", "objective/entropy", "val/response_length",
                      "objective/rlhf_reward", "loss/value_avg"])  # fmt: skip
-    trainer.accelerator.print(f"PPO done: reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
-                              f"KL {kl:.3f}, win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}")
+    console.say(f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, KL {kl:.3f}, "
+                f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 

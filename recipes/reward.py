@@ -16,7 +16,7 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import RewardTrainer
 
-    from kochat_trl import modeling, resume, runs
+    from kochat_trl import console, modeling, progress, resume, runs
     from kochat_trl.rewards import pairwise_accuracy
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import reward_dataset
@@ -37,6 +37,7 @@ def main(script_args, training_args, model_args):
         peft_config=modeling.build_peft_config(model_args, model, "SEQ_CLS"),
         callbacks=resume.training_callbacks(),
     )
+    progress.attach_progress(trainer, "rm", ["loss", "eval_accuracy"], script_args.verbose)
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
@@ -58,8 +59,9 @@ def main(script_args, training_args, model_args):
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history, ["loss", "eval_loss", "eval_accuracy", "eval_margin"])  # fmt: skip
-    trainer.accelerator.print(f"RM done: held-out accuracy {metrics['accuracy']}, mean margin "
-                              f"{metrics['mean_margin']}; saved to {training_args.output_dir}")  # fmt: skip
+    console.say(f"rm: held-out accuracy {runs.number(metrics['accuracy'])}, mean margin "
+                f"{runs.number(metrics['mean_margin'])} after {metrics['global_step']} steps; "
+                f"saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 

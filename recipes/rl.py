@@ -38,7 +38,7 @@ class RLScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import modeling, resume, rl, runs
+    from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.errors import ConfigError
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
@@ -68,6 +68,7 @@ def main(script_args, training_args, model_args):
         peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
         callbacks=resume.training_callbacks(),
     )  # fmt: skip
+    progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
@@ -102,9 +103,9 @@ def main(script_args, training_args, model_args):
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history,
                     ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"])  # fmt: skip
-    trainer.accelerator.print(f"{script_args.trainer.upper()} done: reward {metrics['reward_before']:.3f} -> "
-                              f"{metrics['reward_after']:.3f}, KL {kl:.3f}, win-rate {metrics['win_rate']:.2f}; "
-                              f"saved to {training_args.output_dir}")  # fmt: skip
+    console.say(f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
+                f"{metrics['reward_after']:.3f}, KL {kl:.3f}, win-rate {metrics['win_rate']:.2f}; "
+                f"saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 

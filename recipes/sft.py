@@ -15,7 +15,7 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import SFTTrainer
 
-    from kochat_trl import modeling, resume, runs
+    from kochat_trl import console, modeling, progress, resume, runs
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import sft_dataset
 
@@ -35,6 +35,7 @@ def main(script_args, training_args, model_args):
         peft_config=modeling.build_peft_config(model_args, model, "CAUSAL_LM"),
         callbacks=resume.training_callbacks(),
     )
+    progress.attach_progress(trainer, "sft", ["loss", "eval_loss"], script_args.verbose)
     checkpoint = runs.resume_checkpoint(training_args)
     # The step-0 eval loss is the baseline the fall is measured against. It runs inside train():
     # a trainer.evaluate() before train() prepares the model for evaluation only, and train() then
@@ -62,8 +63,8 @@ def main(script_args, training_args, model_args):
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history, ["loss", "eval_loss", "learning_rate", "grad_norm"])  # fmt: skip
-    trainer.accelerator.print(f"SFT done: eval loss {metrics['eval_loss_start']} -> {metrics['eval_loss_end']}; "
-                              f"saved to {training_args.output_dir}")  # fmt: skip
+    console.say(f"sft: eval loss {runs.number(metrics['eval_loss_start'])} -> {runs.number(metrics['eval_loss_end'])} "
+                f"after {metrics['global_step']} steps; saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from kochat_trl import __version__
-from kochat_trl.errors import EXIT_USER_ERROR, KochatError, print_error_line
+from kochat_trl.errors import EXIT_USER_ERROR, KochatError, Stopped, print_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from kochat_trl.console import quiet_libraries
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(verbose="--verbose" in arguments)  # before any ML library is imported
+    args = build_parser().parse_args(arguments)
     try:
         return args.handler(args) or 0
     except KochatError as error:
         print_error_line(f"kochat-trl: error: {error}")
         return EXIT_USER_ERROR
+    except Stopped as stop:  # a signal during training: the checkpoint is saved, rerun to continue
+        print_error_line(f"kochat-trl: stopped: {stop}")
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="run SFT -> RM -> PPO -> merge -> decoding comparison and write a report",
         description="With no arguments: the whole loop on the embedded tiny default, offline, on a CPU. "
         "Stages already finished in the output folder are skipped and an unfinished one resumes from its "
-        "newest checkpoint, so a crashed run continues.",
+        "newest checkpoint, so a crashed run continues. Each stage shows one progress bar and one result line; "
+        "per-step metrics go to the stage's train.log.",
     )
     parser.add_argument("--config", help="pipeline YAML (default: recipes/configs/tiny/pipeline.yaml)")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: from config)")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder and start over")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the libraries' console output (per-step dicts, warnings, loading bars)")
     parser.set_defaults(handler=run)
 
 
@@ -29,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
     from kochat_trl.pipeline import run_pipeline
 
-    report = run_pipeline(args.config, args.output_dir, args.overwrite)
+    report = run_pipeline(args.config, args.output_dir, args.overwrite, verbose=args.verbose)
     sft, rm, ppo = report["sft"], report["rm"], report["ppo"]
+    before, after = report["judge"]["sft"], report["judge"]["ppo"]
     table = Table(title=f"kochat-trl pipeline: {report['output_dir']}")
     table.add_column("stage")
     table.add_column("result")
@@ -38,15 +42,12 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("RM", f"held-out accuracy {rm['accuracy']:.3f}, margin {rm['mean_margin']:.2f}")
     table.add_row("PPO", f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f}, KL {ppo['kl']:.2f}, "
                   f"win-rate {ppo['win_rate']:.2f}")  # fmt: skip
-    sft_judge, ppo_judge = report["judge"]["sft"], report["judge"]["ppo"]
-    table.add_row("judge", ", ".join(f"{label} {_rate(sft_judge[key])} -> {_rate(ppo_judge[key])}" for key, label in
+    table.add_row("judge", ", ".join(f"{label} {_rate(before[key])} -> {_rate(after[key])}" for key, label in
                                      (("on_topic_rate", "on-topic"), ("polite_rate", "polite"),
-                                      ("broken_rate", "broken")))  # fmt: skip
-                  + " (rule-based, SFT -> PPO)")
+                                      ("broken_rate", "broken"))))  # fmt: skip
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
-    console = Console()
-    console.print(table)
-    for sample in ppo["samples"]:
-        console.print(f"[bold]{sample['prompt']}[/bold]\n  SFT: {sample['before']}\n  PPO: {sample['after']}")
-    console.print(f"report: {report['output_dir']}/report.md, report.json, decoding.md")
+    Console().print(table)
+    for sample in ppo["samples"]:  # plain lines: a terminal of any width wraps them, a log file keeps them whole
+        print(f"{sample['prompt']}\n  SFT: {sample['before']}\n  PPO: {sample['after']}")
+    print(f"report: {report['output_dir']}/report.md, report.json, decoding.md")
     return 0
