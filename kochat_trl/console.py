@@ -91,10 +91,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     if verbose or _quiet:
         return
     _quiet = True
-    for category, message, _ in known_warnings():
-        warnings.filterwarnings("ignore", message=message, category=category)
-    for name, message, _ in KNOWN_LOG_MESSAGES:
-        logging.getLogger(name).addFilter(_MessageFilter(message))
+    install_known_filters()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "LOAD REPORT" of a new reward head, generation-config notes
@@ -105,6 +102,16 @@ def quiet_libraries(verbose: bool = False) -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
+def install_known_filters() -> None:
+    """The KNOWN_WARNINGS and KNOWN_LOG_MESSAGES filters (in the current warnings filter list, and on the loggers)."""
+    for category, message, _ in known_warnings():
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, message, _ in KNOWN_LOG_MESSAGES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(known, _MessageFilter) and known.pattern.pattern == message for known in logger.filters):
+            logger.addFilter(_MessageFilter(message))
+
+
 def interactive(stream: TextIO | None = None) -> bool:
     """A terminal gets a redrawn bar; a file or a CI log gets plain lines."""
     stream = stream or sys.stdout
@@ -112,15 +119,25 @@ def interactive(stream: TextIO | None = None) -> bool:
 
 
 class _DroppingLines:
-    """A text stream that passes everything on but the KNOWN_PRINTS lines."""
+    """A text stream that passes everything on but the KNOWN_PRINTS lines (print() writes a line's text and its
+    newline separately, so text is held back until its line is complete)."""
 
     def __init__(self, stream: TextIO) -> None:
-        self.stream, self.dropped = stream, {line for line, _ in KNOWN_PRINTS}
+        self.stream, self.dropped, self.pending = stream, {line for line, _ in KNOWN_PRINTS}, ""
 
     def write(self, text: str) -> int:
-        if text.rstrip("\n") in self.dropped:
-            return len(text)
-        return self.stream.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line not in self.dropped:
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and self.pending not in self.dropped:
+            self.stream.write(self.pending)
+        self.pending = ""
+        self.stream.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
@@ -133,10 +150,11 @@ def known_prints_dropped() -> Iterator[None]:
         yield
         return
     original = sys.stdout
-    sys.stdout = _DroppingLines(original)
+    sys.stdout = dropping = _DroppingLines(original)
     try:
         yield
     finally:
+        dropping.flush()
         sys.stdout = original
 
 

@@ -1,7 +1,7 @@
 """Training progress on the console and in the stage folder: one bar per stage, every log entry in train.log.
 
 The Trainer's own console callbacks print a dict per logged step under a tqdm bar; a stage gets one bar with
-step/total, ETA and its key numbers instead (plain lines at each quarter when the output is not a terminal),
+step/total, ETA and its key numbers instead (plain lines at each third when the output is not a terminal),
 and the full per-step metrics go to `OUTPUT_DIR/train.log`, one JSON object per line.
 """
 
@@ -37,7 +37,7 @@ class TrainLog(TrainerCallback):
 
 class StageProgress(TrainerCallback):
     """One progress bar per stage: step/total, ETA and the stage's key numbers (`keys` of the logs). Without a
-    terminal the bar becomes a plain line at each quarter of the run."""
+    terminal the bar becomes a plain line at each third of the run."""
 
     def __init__(self, stage: str, keys: Sequence[str], stream: TextIO | None = None) -> None:
         self.stage, self.keys = stage, tuple(keys)
@@ -52,7 +52,7 @@ class StageProgress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.perf_counter()
-        self.reported = state.global_step * 4 // max(state.max_steps, 1)
+        self.reported = state.global_step * 3 // max(state.max_steps, 1)
         if state.is_world_process_zero and interactive(self.stream):
             from tqdm.auto import tqdm
 
@@ -65,9 +65,9 @@ class StageProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             return
-        quarter = state.global_step * 4 // max(state.max_steps, 1)
-        if self.reported < quarter < 4:  # the last quarter is the stage's result line
-            self.reported = quarter
+        third = state.global_step * 3 // max(state.max_steps, 1)
+        if self.reported < third < 3:  # the last third is the stage's result line
+            self.reported = third
             numbers = self.numbers()
             say(f"{self.stage}: step {state.global_step}/{state.max_steps}" + (f", {numbers}" if numbers else "")
                 + f" ({time.perf_counter() - self.started:.0f} s)", self.stream)  # fmt: skip

@@ -214,25 +214,43 @@ def sample_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
 
 
 @torch.no_grad()
-def _response_logprobs(model: Any, prompt: Sequence[int], response: Sequence[int], temperature: float) -> torch.Tensor:
-    ids = torch.tensor([[*prompt, *response]], device=next(model.parameters()).device)
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / (temperature + 1e-7)
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(response, device=ids.device)[:, None]).squeeze(1)
+def _response_logprob_sums(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                           temperature: float, batch_size: int = 64) -> list[float]:  # fmt: skip
+    """Per answer, sum_t log p(a_t | prompt, a_<t) at `temperature`; sequences right-padded, in batches."""
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        pairs = list(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], strict=True))
+        width = max(len(prompt) + len(response) for prompt, response in pairs)
+        input_ids = torch.zeros((len(pairs), width), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        targets = torch.zeros_like(input_ids)  # target of position t is token t + 1; 0 where not an answer token
+        answer = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row, (prompt, response) in enumerate(pairs):
+            sequence = [*prompt, *response]
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+            first = len(prompt) - 1  # the position whose logits predict the first answer token
+            targets[row, first : first + len(response)] = torch.tensor(response, dtype=torch.long)
+            answer[row, first : first + len(response)] = True
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits / (temperature + 1e-7), -1)
+        picked = logprobs.gather(2, targets.to(device)[..., None]).squeeze(2) * answer.to(device)
+        sums.extend(picked.sum(1).cpu().tolist())
+    return sums
 
 
 def sequence_kl(policy: Any, reference: Any, reference_ctx: Any, prompt_ids: Sequence[Sequence[int]],
                 response_ids: Sequence[Sequence[int]], temperature: float) -> float:  # fmt: skip
     """Mean over answers of sum_t log pi(a_t) - log ref(a_t): PPO's k1 KL on the policy's own samples."""
-    total, count = 0.0, 0
-    for prompt, response in zip(prompt_ids, response_ids, strict=True):
-        if not response:
-            continue
-        policy_logprobs = _response_logprobs(policy, prompt, response, temperature)
-        with reference_ctx():
-            reference_logprobs = _response_logprobs(reference, prompt, response, temperature)
-        total += (policy_logprobs - reference_logprobs).sum().item()
-        count += 1
-    return total / max(count, 1)
+    kept = [(prompt, response) for prompt, response in zip(prompt_ids, response_ids, strict=True) if response]
+    if not kept:
+        return 0.0
+    prompts, responses = [prompt for prompt, _ in kept], [response for _, response in kept]
+    policy_sums = _response_logprob_sums(policy, prompts, responses, temperature)
+    with reference_ctx():
+        reference_sums = _response_logprob_sums(reference, prompts, responses, temperature)
+    return sum(p - r for p, r in zip(policy_sums, reference_sums, strict=True)) / len(kept)
 
 
 # Critic-free RL: TRL's maintained RLOOTrainer / GRPOTrainer (top-level `trl`) with our reward model,

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,15 +62,25 @@ def run_recipe(name: str, config: str, *overrides: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_stages(tiny_model_dir, tmp_path_factory) -> dict:
-    """SFT then reward model on the embedded default with the shipped tiny configs (once per session)."""
-    root = tmp_path_factory.mktemp("stages")
-    sft = run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
-                     "--output_dir", str(root / "sft"))  # fmt: skip
-    rm = run_recipe("reward", "reward.yaml", "--model_name_or_path", str(root / "sft"),
-                    "--output_dir", str(root / "rm"))  # fmt: skip
-    return {"root": root, "base": tiny_model_dir, "sft": root / "sft", "rm": root / "rm",
-            "sft_metrics": sft, "rm_metrics": rm}  # fmt: skip
+def pipeline_run(tmp_path_factory) -> SimpleNamespace:
+    """`kochat-trl pipeline` once per test session, as a user runs it: the installed command in a child process,
+    its output captured (not a terminal). Its trained stages are what the tests of every stage read; a test that
+    changes a folder works on a copy."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    command = [str(Path(sys.executable).parent / "kochat-trl"), "pipeline", "--output_dir", str(run_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return SimpleNamespace(dir=run_dir, stdout=result.stdout, stderr=result.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_stages(pipeline_run, tmp_path_factory) -> dict:
+    """SFT then reward model on the embedded default with the shipped tiny configs: the pipeline run's stages
+    (the pipeline runs each recipe's main() with those configs and seeds). `root` is scratch space for tests."""
+    run = pipeline_run.dir
+    return {"root": tmp_path_factory.mktemp("stages"), "base": run / "base", "sft": run / "sft", "rm": run / "rm",
+            "sft_metrics": json.loads((run / "sft" / "metrics.json").read_text()),
+            "rm_metrics": json.loads((run / "rm" / "metrics.json").read_text())}  # fmt: skip
 
 
 def adapter_and_reference_logits(sft_dir: Path, adapter_dir: Path):

@@ -286,6 +286,7 @@ def ppo_two_processes(tiny_stages, work) -> SimpleNamespace:
         str(record_dir), "--config", "recipes/configs/tiny/ppo.yaml", "--use_cpu", "true",
         "--model_name_or_path", str(tiny_stages["sft"]), "--reward_model_path", str(tiny_stages["rm"]),
         "--output_dir", str(output_dir), "--total_episodes", str(PPO_EPISODES), "--eval_prompts", "16",
+        "--eval_samples_per_prompt", "1",
         "--per_device_train_batch_size", str(PPO_PER_DEVICE_BATCH),
         "--local_rollout_forward_batch_size", str(PPO_PER_DEVICE_BATCH),
     ])  # fmt: skip

@@ -4,10 +4,13 @@ them from their newest checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
-from conftest import plain_reward
+import yaml
+from conftest import REPO, plain_reward
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from kochat_trl.cli import main
@@ -19,19 +22,52 @@ TRAINED_PROMPT = "### Instruction(명령어):\n{}\n\n### Response(응답):"  # k
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["pipeline", "--output_dir", str(run_dir)]) == 0
-    return run_dir
+def run(pipeline_run):
+    """The session's pipeline run folder (read only)."""
+    return pipeline_run.dir
+
+
+@pytest.fixture()
+def run_copy(pipeline_run, tmp_path):
+    """A copy of the session's pipeline run, for tests that delete or redo part of it."""
+    return Path(shutil.copytree(pipeline_run.dir, tmp_path / "run"))
+
+
+@pytest.fixture()
+def quick_ppo_config(tmp_path) -> str:
+    """The tiny pipeline config with a short PPO (a redone PPO stage only has to run, not to learn here)."""
+    config = yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / "pipeline.yaml").read_text())
+    config["overrides"] = {"ppo": {"total_episodes": 64, "eval_prompts": 8, "eval_samples_per_prompt": 1}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_the_console_is_short_and_clean(pipeline_run):
+    """What a person reads when the pipeline runs without a terminal (a CI log, a file): stage result lines and
+    the summary, no warnings, loading bars or bar redraws; the per-step numbers are in each stage's train.log."""
+    output = pipeline_run.stdout + pipeline_run.stderr
+    lines = output.splitlines()
+    noise = re.compile(r"FutureWarning|UserWarning|TRLExperimentalWarning|pip install kernels|Loading weights|it/s")
+    assert [line for line in lines if noise.search(line)] == []
+    assert "\r" not in output and len(lines) < 40, output
+    for expected in ("sft: eval loss 7.", "rm: held-out accuracy 0.9", "ppo: held-out reward 2.", "merge: ",
+                     "decoding: 5 strategies on 4 prompts", "kochat-trl pipeline:", "│ judge │", "report: "):
+        assert sum(expected in line for line in lines) == 1, expected
+    assert [line.split(": ")[0] for line in lines if line.startswith("[kochat-trl] sft: step ")] == [
+        "[kochat-trl] sft", "[kochat-trl] sft"]  # a line at each third, then the result line  # fmt: skip
+    for stage, key, count in (("sft", "loss", 16), ("rm", "loss", 30), ("ppo", "objective/scores", 60)):
+        entries = [json.loads(line) for line in (pipeline_run.dir / stage / "train.log").read_text().splitlines()]
+        assert len([entry for entry in entries if key in entry]) == count, stage
 
 
 def _metrics(run_dir, stage):
     return json.loads((run_dir / stage / "metrics.json").read_text())
 
 
-def test_report_numbers_match_stage_metrics(pipeline_run):
-    report = json.loads((pipeline_run / "report.json").read_text())
-    sft, rm, ppo = (_metrics(pipeline_run, stage) for stage in ("sft", "rm", "ppo"))
+def test_report_numbers_match_stage_metrics(run):
+    report = json.loads((run / "report.json").read_text())
+    sft, rm, ppo = (_metrics(run, stage) for stage in ("sft", "rm", "ppo"))
     assert report["sft"]["eval_loss_start"] == sft["eval_loss_start"]
     assert report["sft"]["eval_loss_end"] == sft["eval_loss_end"] < sft["eval_loss_start"]
     assert report["rm"]["accuracy"] == rm["accuracy"]
@@ -40,10 +76,10 @@ def test_report_numbers_match_stage_metrics(pipeline_run):
     assert report["ppo"]["reward_after"] > report["ppo"]["reward_before"]
     assert set(report["wall_time_s"]) == {"sft", "rm", "ppo", "merge", "decoding"}
     assert all(seconds > 0 for seconds in report["wall_time_s"].values())
-    markdown = (pipeline_run / "report.md").read_text()
+    markdown = (run / "report.md").read_text()
     assert f"{ppo['reward_before']:.3f} → {ppo['reward_after']:.3f}" in markdown
     assert markdown.count("- SFT (") == 3 and markdown.count("- PPO (") == 3  # three samples before/after
-    decoding = (pipeline_run / "decoding.md").read_text()
+    decoding = (run / "decoding.md").read_text()
     assert all(f"| {name} |" in decoding for name in ("greedy", "beam", "sampling", "top_k", "top_p"))
     # The judge's rates of the SFT and PPO policies' held-out answers, next to the RM reward.
     assert report["judge"] == {"sft": {key: ppo["judge_before"][key] for key in JUDGE_KEYS},
@@ -51,16 +87,16 @@ def test_report_numbers_match_stage_metrics(pipeline_run):
     assert "| SFT | " in markdown and f"| PPO | {ppo['reward_after']:.3f} |" in markdown
 
 
-def test_what_a_person_reads_has_no_broken_character(pipeline_run):
+def test_what_a_person_reads_has_no_broken_character(run):
     """The report's samples, the decoding comparison and the 480 held-out answers: not one U+FFFD."""
-    report = json.loads((pipeline_run / "report.json").read_text())
+    report = json.loads((run / "report.json").read_text())
     assert report["judge"]["sft"]["broken_rate"] == report["judge"]["ppo"]["broken_rate"] == 0.0
     for name in ("report.md", "report.json", "decoding.md"):
-        assert "\ufffd" not in (pipeline_run / name).read_text(encoding="utf-8"), name
+        assert "\ufffd" not in (run / name).read_text(encoding="utf-8"), name
     assert all(sample["after"].endswith("니다.") for sample in report["ppo"]["samples"])
 
 
-def test_sft_answers_held_out_questions_with_the_bundled_sentences(pipeline_run):
+def test_sft_answers_held_out_questions_with_the_bundled_sentences(run):
     """Readable, not just unbroken: for held-out questions about a topic SFT saw (including question forms it never
     saw), the greedy answer opens with that topic's bundled first sentence."""
     from kochat_trl.data import bundled_data_path
@@ -69,30 +105,30 @@ def test_sft_answers_held_out_questions_with_the_bundled_sentences(pipeline_run)
     first = {}
     for row in json.loads(bundled_data_path("sft").read_text(encoding="utf-8")):
         first.setdefault(asked_topic(row["prompt"]), row["completion"].split(". ")[0].rstrip(".") + ".")
-    generator = Generator.load(str(pipeline_run / "sft"))
+    generator = Generator.load(str(run / "sft"))
     prompts = [prompt for prompt in default_prompts(60) if asked_topic(prompt) in first]
     answers = generator.generate([generator.format(prompt) for prompt in prompts], "greedy").answers
     recalled = [answer.startswith(first[asked_topic(prompt)]) for prompt, answer in zip(prompts, answers, strict=True)]
     assert len(prompts) == 53 and sum(recalled) / len(recalled) >= 0.9, list(zip(prompts, answers, strict=True))
 
 
-def test_every_saved_folder_formats_prompts_with_its_training_template(pipeline_run):
+def test_every_saved_folder_formats_prompts_with_its_training_template(run):
     """The template travels with every tokenizer the run saved, so each folder generates with the template it was
     trained with (before, merged folders fell back to kochatgpt and its preamble)."""
     folders = ["base", "sft", "rm", "ppo", "ppo/value", "merged/policy", "merged/reward",
-               *(str(path.relative_to(pipeline_run)) for path in pipeline_run.glob("*/checkpoint-*"))]  # fmt: skip
+               *(str(path.relative_to(run)) for path in run.glob("*/checkpoint-*"))]  # fmt: skip
     assert any("checkpoint-" in folder for folder in folders)
     for folder in folders:
-        assert saved_template_name(AutoTokenizer.from_pretrained(pipeline_run / folder)) == "kochatgpt_short", folder
+        assert saved_template_name(AutoTokenizer.from_pretrained(run / folder)) == "kochatgpt_short", folder
     expected = TRAINED_PROMPT.format("김치는 무엇인가요?")
-    sft, ppo, merged = (str(pipeline_run / name) for name in ("sft", "ppo", "merged/policy"))
+    sft, ppo, merged = (str(run / name) for name in ("sft", "ppo", "merged/policy"))
     for generator in (Generator.load(merged), Generator.load(sft), Generator.load(sft, adapter=ppo)):
         assert generator.template_name == "kochatgpt_short"
         assert generator.format("김치는 무엇인가요?") == expected
 
 
-def test_template_flag_overrides_the_saved_one_and_says_so(pipeline_run, capsys):
-    policy = str(pipeline_run / "merged" / "policy")
+def test_template_flag_overrides_the_saved_one_and_says_so(run, capsys):
+    policy = str(run / "merged" / "policy")
     assert main(["generate", "--model", policy, "--prompt", "김치는 무엇인가요?", "--template", "kochatgpt",
                  "--max-new-tokens", "4"]) == 0  # fmt: skip
     err = capsys.readouterr().err
@@ -100,7 +136,7 @@ def test_template_flag_overrides_the_saved_one_and_says_so(pipeline_run, capsys)
     assert Generator.load(policy, template="kochatgpt").format("김치").startswith("Below is an instruction")
 
 
-def test_plain_transformers_clients_get_the_projects_answers_and_scores(pipeline_run, capsys):
+def test_plain_transformers_clients_get_the_projects_answers_and_scores(run, capsys):
     """transformers.pipeline with chat messages answers as `kochat-trl generate --strategy greedy` does; the
     merged reward model read with AutoModelForSequenceClassification scores as the project does; the generation
     config carries eos and pad for serving clients (vLLM, TGI)."""
@@ -110,7 +146,7 @@ def test_plain_transformers_clients_get_the_projects_answers_and_scores(pipeline
     from kochat_trl.rewards import score_answers, score_responses
     from kochat_trl.templates import prompt_ids
 
-    policy, reward = pipeline_run / "merged" / "policy", pipeline_run / "merged" / "reward"
+    policy, reward = run / "merged" / "policy", run / "merged" / "reward"
     chat = pipeline("text-generation", model=str(policy))
     prompts = default_prompts(4)
     answers = []
@@ -142,42 +178,42 @@ def test_plain_transformers_clients_get_the_projects_answers_and_scores(pipeline
     assert len(set(round(score, 3) for score in plain)) > 1  # real, different scores
 
 
-def test_merged_models_load_with_plain_transformers(pipeline_run):
-    policy = AutoModelForCausalLM.from_pretrained(pipeline_run / "merged" / "policy")
-    reward = AutoModelForSequenceClassification.from_pretrained(pipeline_run / "merged" / "reward")
+def test_merged_models_load_with_plain_transformers(run):
+    policy = AutoModelForCausalLM.from_pretrained(run / "merged" / "policy")
+    reward = AutoModelForSequenceClassification.from_pretrained(run / "merged" / "reward")
     assert policy.config.model_type == reward.config.model_type == "llama"
-    assert not list((pipeline_run / "merged").rglob("*.bin"))
+    assert not list((run / "merged").rglob("*.bin"))
 
 
-def test_rerun_after_deleting_ppo_redoes_only_ppo(pipeline_run, capsys):
-    before = {stage: (pipeline_run / stage / "metrics.json").stat().st_mtime_ns for stage in ("sft", "rm", "ppo")}
-    first_report = json.loads((pipeline_run / "report.json").read_text())
-    shutil.rmtree(pipeline_run / "ppo")
+def test_rerun_after_deleting_ppo_redoes_only_ppo(run_copy, quick_ppo_config, capsys):
+    before = {stage: (run_copy / stage / "metrics.json").stat().st_mtime_ns for stage in ("sft", "rm", "ppo")}
+    first_report = json.loads((run_copy / "report.json").read_text())
+    shutil.rmtree(run_copy / "ppo")
     capsys.readouterr()
-    assert main(["pipeline", "--output_dir", str(pipeline_run)]) == 0
+    assert main(["pipeline", "--config", quick_ppo_config, "--output_dir", str(run_copy)]) == 0
     out = capsys.readouterr().out
     assert "sft: finished" in out and "rm: finished" in out and "ppo: finished" not in out
-    after = {stage: (pipeline_run / stage / "metrics.json").stat().st_mtime_ns for stage in ("sft", "rm", "ppo")}
+    after = {stage: (run_copy / stage / "metrics.json").stat().st_mtime_ns for stage in ("sft", "rm", "ppo")}
     assert after["sft"] == before["sft"] and after["rm"] == before["rm"] and after["ppo"] != before["ppo"]
-    report = json.loads((pipeline_run / "report.json").read_text())
+    report = json.loads((run_copy / "report.json").read_text())
     assert report["wall_time_s"]["sft"] == first_report["wall_time_s"]["sft"]  # kept from the first run
-    assert report["ppo"]["reward_after"] == _metrics(pipeline_run, "ppo")["reward_after"]
+    assert report["ppo"]["reward_after"] == _metrics(run_copy, "ppo")["reward_after"]
 
 
-def test_rerun_resumes_an_unfinished_stage_from_its_checkpoint(pipeline_run, capsys):
-    rm_dir = pipeline_run / "rm"
-    finished = _metrics(pipeline_run, "rm")
+def test_rerun_resumes_an_unfinished_stage_from_its_checkpoint(run_copy, quick_ppo_config, capsys):
+    rm_dir = run_copy / "rm"
+    finished = _metrics(run_copy, "rm")
     assert sorted(path.name for path in rm_dir.glob("checkpoint-*")) == ["checkpoint-200", "checkpoint-300"]
     # A crash after step 200: checkpoint-300 and metrics.json never written.
     shutil.rmtree(rm_dir / "checkpoint-300")
     (rm_dir / "metrics.json").unlink()
     kept = (rm_dir / "checkpoint-200" / "trainer_state.json").stat().st_mtime_ns
     capsys.readouterr()
-    assert main(["pipeline", "--output_dir", str(pipeline_run)]) == 0
+    assert main(["pipeline", "--config", quick_ppo_config, "--output_dir", str(run_copy)]) == 0
     out = capsys.readouterr().out
     assert f"rm: unfinished, resuming from {rm_dir / 'checkpoint-200'}" in out
     assert "sft: finished" in out and "ppo: finished" not in out  # PPO is built on the RM: redone
-    resumed = _metrics(pipeline_run, "rm")
+    resumed = _metrics(run_copy, "rm")
     state = json.loads((rm_dir / "checkpoint-300" / "trainer_state.json").read_text())
     assert state["global_step"] == 300
     # Continued, not redone: a fresh run would have cleared the folder and saved checkpoint-200 again.

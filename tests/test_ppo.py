@@ -7,18 +7,17 @@ import json
 
 import pytest
 import torch
-from conftest import adapter_and_reference_logits, run_recipe
+from conftest import adapter_and_reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.templates import saved_template_name
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tiny_stages):
-    output = tiny_stages["root"] / "ppo"
-    metrics = run_recipe("ppo", "ppo.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
-                         "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
-    return output, metrics
+def ppo_run(pipeline_run):
+    """The shipped tiny PPO config on the tiny SFT and RM: the pipeline run's PPO stage."""
+    output = pipeline_run.dir / "ppo"
+    return output, json.loads((output / "metrics.json").read_text())
 
 
 def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY_CONFIGS, plain_reward, run_recipe
+from conftest import REPO, TINY_CONFIGS, load_recipe, plain_reward, run_recipe
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -100,17 +100,33 @@ def test_lora_sft_trains_only_the_adapter(tiny_model_dir, tmp_path):
         (["--dataset_name", "missing.json"], "missing.json"),
     ],
 )
-def test_recipe_bad_config_exits_2_with_one_line(tmp_path, tiny_model_dir, overrides, message):
+def test_recipe_bad_config_exits_2_with_one_line(tmp_path, tiny_model_dir, overrides, message, monkeypatch, capsys):
+    """What `python recipes/sft.py ...` does (its entry point, run_recipe), in this process."""
+    from kochat_trl.runs import run_recipe as recipe_entry
+
+    recipe = load_recipe("sft")
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        recipe_entry(recipe.make_parser, recipe.main, [
+            "--config", str(TINY_CONFIGS / "sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
+            "--init_tiny", "false", "--output_dir", str(output), *overrides])  # fmt: skip
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and message in error and error.count("\n") == 1, error
+    assert not (output / "metrics.json").exists()
+
+
+def test_recipe_script_exits_2_with_one_line(tmp_path, tiny_model_dir):
     output = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(TINY_CONFIGS / "sft.yaml"),
          "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false", "--output_dir", str(output),
-         *overrides],
+         "--learning_rat", "1e-3"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
-    assert not (output / "metrics.json").exists()
+    assert "unknown option(s) 'learning_rat' (did you mean 'learning_rate'?)" in result.stderr
+    assert result.stderr.count("\n") == 1 and not output.exists()
 
 
 def test_recipe_refuses_non_empty_output_dir(tmp_path, tiny_model_dir):
