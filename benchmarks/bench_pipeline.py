@@ -1,9 +1,9 @@
 """Wall time of the default one-command pipeline (`kochat-trl pipeline`), per stage.
 
 Runs `kochat_trl.pipeline.run_pipeline` (embedded tiny default, recipes/configs/tiny/pipeline.yaml) in a fresh
-process with `--threads` torch threads (OMP_NUM_THREADS, inherited by every stage's recipe process) and prints
-its `report["wall_time_s"]` (SFT, RM, PPO, merge, decoding; each recipe stage includes its process start and
-imports) with the load average and the share of CPU time other processes took meanwhile.
+process with `--threads` torch threads (OMP_NUM_THREADS) and prints its `report["wall_time_s"]` (SFT, RM, PPO,
+merge, decoding; the stages run in that process, so the imports are paid once, in the total) and the whole
+process's wall time, with the load average and the share of CPU time other processes took meanwhile.
 
     python benchmarks/bench_pipeline.py                 # one run
     python benchmarks/bench_pipeline.py --repeats 3     # medians of three
