@@ -188,6 +188,14 @@ def load_tokenizer(model_args: ModelConfig, padding_side: str = "right", templat
     return tokenizer
 
 
+def at_path(model_args: ModelConfig, path: str | None) -> ModelConfig:
+    """`model_args` (quantization, dtype, revision, trust_remote_code) for another model, without LoRA: how the
+    RL and preference recipes load a frozen reward model (and PPO its value model) next to the policy."""
+    other = copy.copy(model_args)
+    other.model_name_or_path, other.use_peft = path, False
+    return other
+
+
 def _model_path(model_args: ModelConfig) -> str:
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path is not set; give a hub id or a local model directory")

@@ -25,7 +25,7 @@ with known_warnings_ignored():  # TRL's one-time "you are importing from trl.exp
 
 __all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", "reference_context",
            "sample_responses", "sequence_kl",
-           "CRITIC_FREE_TRAINERS", "critic_free_classes", "requested_trainer", "critic_free_parser", "place_on",
+           "CRITIC_FREE_TRAINERS", "critic_free_classes", "critic_free_parser", "orpo_classes", "place_on",
            "RewardModelReward", "build_critic_free_trainer", "critic_free_reference", "repeat_each",
            "sample_and_score", "policy_comparison"]  # fmt: skip
 
@@ -271,53 +271,18 @@ def critic_free_classes(name: str) -> tuple[type, type]:
     return classes[name]
 
 
-def requested_trainer(args: Sequence[str], default: str = "rloo") -> str:
-    """The trainer a command line asks for: `--trainer NAME` beats the config file's `trainer:`."""
-    import yaml
-
-    for index, arg in enumerate(args):
-        if arg == "--trainer" and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith("--trainer="):
-            return arg.split("=", 1)[1]
-    if "--config" in args[:-1]:
-        try:
-            with open(args[list(args).index("--config") + 1], encoding="utf-8") as file:
-                config = yaml.safe_load(file)
-        except (OSError, yaml.YAMLError):
-            return default  # the recipe's argument parsing reports the unreadable config
-        if isinstance(config, dict) and config.get("trainer"):
-            return str(config["trainer"])
-    return default
-
-
 def critic_free_parser(script_arguments: type, trainer: str | None = None) -> Any:
-    """`TrlParser` over (script_arguments, RLOOConfig or GRPOConfig, ModelConfig).
+    """`TrlParser` over (script_arguments, RLOOConfig or GRPOConfig, ModelConfig), as `--trainer` / `trainer:` say."""
+    from kochat_trl.trainer_switch import switch_parser
 
-    The config class depends on the trainer, so that is read from the arguments before parsing
-    (`requested_trainer`); `trainer` only picks the class the parser starts with (for --help).
-    """
-    import sys
+    return switch_parser(script_arguments, lambda name: critic_free_classes(name)[0], "rloo", trainer)
 
-    from trl import ModelConfig, TrlParser
 
-    class CriticFreeParser(TrlParser):
-        def __init__(self, name: str) -> None:
-            self.trainer = name
-            super().__init__((script_arguments, critic_free_classes(name)[0], ModelConfig))
-
-        def parse_args_and_config(self, args: Sequence[str] | None = None, **kwargs: Any) -> tuple:
-            args = list(sys.argv[1:] if args is None else args)
-            name = requested_trainer(args, self.trainer)
-            if name == self.trainer:
-                return super().parse_args_and_config(args, **kwargs)
-            # Arguments given in-process (tests, a pipeline) ask for the other trainer: parse with its config,
-            # keeping what a caller set on this parser (kochat_trl.runs sets error and allow_abbrev).
-            other = CriticFreeParser(name)
-            other.__dict__.update({key: value for key, value in vars(self).items() if key in ("error", "allow_abbrev")})
-            return other.parse_args_and_config(args, **kwargs)
-
-    return CriticFreeParser(trainer or requested_trainer(sys.argv[1:]))
+def orpo_classes() -> tuple[type, type]:
+    """(ORPOConfig, ORPOTrainer): TRL 1.12 keeps ORPO in trl.experimental, which only this module imports."""
+    with known_warnings_ignored():
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
 
 
 def place_on(model: Any, device: Any) -> Any:

@@ -284,7 +284,7 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
         raise ConfigError(f"template: {error}") from None
     _check_settings(kochat_args, training_args, model_args)
     _check_output_dir(kochat_args, training_args)
-    _check_model_path("model_name_or_path", model_args.model_name_or_path, kochat_args.init_tiny)
+    check_model_path("model_name_or_path", model_args.model_name_or_path, kochat_args.init_tiny)
     context = model_context_length(model_args.model_name_or_path)
     max_length = getattr(training_args, "max_length", None)
     if context and max_length and max_length > context:
@@ -366,7 +366,7 @@ def _check_output_dir(kochat_args: KochatArguments, training_args: Any) -> None:
         raise ConfigError(f"{output_dir}: cannot write under {existing}; choose a writable output_dir")
 
 
-def _check_model_path(name: str, path: str | None, will_build: bool = False) -> None:
+def check_model_path(name: str, path: str | None, will_build: bool = False) -> None:
     """A local folder that exists, or something shaped like a hub id (org/name) that is not a local path."""
     if not path or will_build or Path(path).exists():
         return
@@ -429,8 +429,8 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
         # TRL's loader drops incomplete batches: with none left its loop would wait forever.
         raise DataError(f"{kochat_args.dataset_name}: {train_rows} training prompts, fewer than one rollout batch "
                         f"({local_batch * world}); add prompts or lower per_device_train_batch_size")  # fmt: skip
-    _check_model_path("reward_model_path", training_args.reward_model_path)
-    _check_model_path("value_model_path", getattr(kochat_args, "value_model_path", None))
+    check_model_path("reward_model_path", training_args.reward_model_path)
+    check_model_path("value_model_path", getattr(kochat_args, "value_model_path", None))
     if training_args.response_length < 1:
         raise ConfigError(f"response_length must be at least 1, got {training_args.response_length}")
     if context is None or not Path(model_args.model_name_or_path).is_dir():

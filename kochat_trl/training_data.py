@@ -84,3 +84,15 @@ def rl_prompts(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[Da
                                  script_args.max_samples)  # fmt: skip
     held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
     return dataset, held_out
+
+
+def held_out_prompts(source: str, tokenizer: Any, eval_fraction: float, seed: int,
+                     count: int) -> tuple[list[str], list[list[int]]]:  # fmt: skip
+    """The first `count` held-out prompts of `source` (raw, and rendered as ids): the prompts the RL recipes judge
+    on, for a stage that trains on something else (the preference recipes train on rankings)."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        held_out = prompt_dataset(source, tokenizer, eval_fraction, seed)["eval"]
+    held_out = held_out.select(range(min(count, len(held_out))))
+    return list(held_out["query"]), list(held_out["input_ids"])

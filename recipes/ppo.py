@@ -14,7 +14,6 @@ and left-padded; answers stop at eos.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 from kochat_trl.runs import RLArguments
@@ -32,6 +31,7 @@ class PPOScriptArguments(RLArguments):
 
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
+    from kochat_trl.held_out import HeldOutEvaluation
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -40,22 +40,20 @@ def main(script_args, training_args, model_args):
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     policy = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
-    reward_args = copy.copy(model_args)
-    reward_args.model_name_or_path, reward_args.use_peft = training_args.reward_model_path, False
-    reward_model = modeling.load_reward_model(reward_args, tokenizer)
-    value_args = copy.copy(reward_args)
-    value_args.model_name_or_path = script_args.value_model_path or training_args.reward_model_path
+    reward_model = modeling.load_reward_model(modeling.at_path(model_args, training_args.reward_model_path), tokenizer)
+    value_args = modeling.at_path(model_args, script_args.value_model_path or training_args.reward_model_path)
     value_model = modeling.load_reward_model(value_args, tokenizer, 1, training_args.gradient_checkpointing)
     if model_args.use_peft:
         from peft import get_peft_model
 
         value_model = get_peft_model(value_model, modeling.build_peft_config(model_args, value_model, "SEQ_CLS"))
 
-    # Reward of the SFT policy on held-out prompts, sampled exactly as PPO samples, fixed seed.
-    sampling = {"max_new_tokens": training_args.response_length, "temperature": training_args.temperature,
-                "seed": training_args.seed, "missing_eos_penalty": training_args.missing_eos_penalty}  # fmt: skip
-    prompts = rl.repeat_each(held_out["input_ids"], script_args.eval_samples_per_prompt)
-    before, scores_before = rl.sample_and_score(policy, reward_model, tokenizer, prompts, **sampling)
+    # The SFT policy's held-out answers, sampled exactly as PPO samples, fixed seed.
+    evaluation = HeldOutEvaluation(tokenizer, reward_model, held_out["query"], held_out["input_ids"],
+                                   script_args.eval_samples_per_prompt, training_args.response_length,
+                                   training_args.temperature, training_args.seed, training_args.missing_eos_penalty,
+                                   script_args.kl_bound)  # fmt: skip
+    evaluation.score_before(policy)
 
     callbacks = [rl.AdaptiveKLCallback(script_args.kl_target)] if script_args.kl_target else []
     trainer = rl.build_ppo_trainer(
@@ -73,15 +71,11 @@ def main(script_args, training_args, model_args):
         tokenizer.save_pretrained(f"{training_args.output_dir}/value")
 
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
-    after, scores_after = rl.sample_and_score(trained, reward_model, tokenizer, prompts, **sampling)
     reference = trained if trainer.ref_model is None else trainer.ref_model
-    kl = rl.sequence_kl(trained, reference, lambda: rl.reference_context(trainer), prompts, after,
-                        training_args.temperature)  # fmt: skip
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
     value_trainable, value_total = modeling.trainable_parameter_share(value_model)
     metrics = {
-        **rl.policy_comparison(tokenizer, held_out["query"], before, scores_before, after, scores_after, kl,
-                               script_args.kl_bound, script_args.eval_samples_per_prompt),  # fmt: skip
+        **evaluation.compare(trained, reference, lambda: rl.reference_context(trainer)),
         "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
         "kl_coef_final": training_args.kl_coef,
         "episodes": trainer.state.episode,
@@ -99,7 +93,8 @@ def main(script_args, training_args, model_args):
                     trainer.state.log_history,
                     ["objective/scores", "objective/kl", "objective/entropy", "val/response_length",
                      "objective/rlhf_reward", "loss/value_avg"])  # fmt: skip
-    console.say(f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, KL {kl:.3f}, "
+    console.say(f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
+                f"KL {metrics['kl']:.3f}, "
                 f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 

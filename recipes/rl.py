@@ -14,7 +14,6 @@ group mean (and spread). The reward model scores prompt ids + answer ids cut aft
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ class RLScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.errors import ConfigError
+    from kochat_trl.held_out import HeldOutEvaluation
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -51,15 +51,15 @@ def main(script_args, training_args, model_args):
 
     device = training_args.device  # the "before" samples are drawn before the trainer places the policy
     policy = rl.place_on(modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)
-    reward_args = copy.copy(model_args)
-    reward_args.model_name_or_path, reward_args.use_peft = script_args.reward_model_path, False
+    reward_args = modeling.at_path(model_args, script_args.reward_model_path)
     reward_model = rl.place_on(modeling.load_reward_model(reward_args, tokenizer), device)
 
-    # Reward of the SFT policy on held-out prompts, sampled as the trainer samples (top_k 0, top_p 1), fixed seed.
-    sampling = {"max_new_tokens": training_args.max_completion_length, "temperature": training_args.temperature,
-                "seed": training_args.seed, "missing_eos_penalty": script_args.missing_eos_penalty}  # fmt: skip
-    prompts = rl.repeat_each(held_out["input_ids"], script_args.eval_samples_per_prompt)
-    before, scores_before = rl.sample_and_score(policy, reward_model, tokenizer, prompts, **sampling)
+    # The SFT policy's held-out answers, sampled as the trainer samples (top_k 0, top_p 1), fixed seed.
+    evaluation = HeldOutEvaluation(tokenizer, reward_model, held_out["query"], held_out["input_ids"],
+                                   script_args.eval_samples_per_prompt, training_args.max_completion_length,
+                                   training_args.temperature, training_args.seed, script_args.missing_eos_penalty,
+                                   script_args.kl_bound)  # fmt: skip
+    evaluation.score_before(policy)
 
     reward = rl.RewardModelReward(reward_model, tokenizer, script_args.missing_eos_penalty)
     trainer = rl.build_critic_free_trainer(
@@ -73,16 +73,13 @@ def main(script_args, training_args, model_args):
     trainer.save_model(training_args.output_dir)
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after, scores_after = rl.sample_and_score(trained, reward_model, tokenizer, prompts, **sampling)
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
     reference, reference_ctx = rl.critic_free_reference(trainer) or (
         rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device), nullcontext
     )  # fmt: skip
-    kl = rl.sequence_kl(trained, reference, reference_ctx, prompts, after, training_args.temperature)
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
     metrics = {
-        **rl.policy_comparison(tokenizer, held_out["query"], before, scores_before, after, scores_after, kl,
-                               script_args.kl_bound, script_args.eval_samples_per_prompt),  # fmt: skip
+        **evaluation.compare(trained, reference, reference_ctx),
         "trainer": script_args.trainer,
         "train_reward_last": runs.last_logged(trainer.state.log_history, "reward"),
         "train_kl_last": runs.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer
@@ -104,7 +101,7 @@ def main(script_args, training_args, model_args):
                     trainer.state.log_history,
                     ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"])  # fmt: skip
     console.say(f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-                f"{metrics['reward_after']:.3f}, KL {kl:.3f}, win-rate {metrics['win_rate']:.2f}; "
+                f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, win-rate {metrics['win_rate']:.2f}; "
                 f"saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 

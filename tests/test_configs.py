@@ -12,13 +12,15 @@ from kochat_trl.runs import parse_recipe_args
 from kochat_trl.templates import check_template_name
 
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*/*.yaml"))
-RECIPE_OF = {"sft": "sft", "reward": "reward", "ppo": "ppo", "rloo": "rl", "grpo": "rl"}
+RECIPE_OF = {"sft": "sft", "reward": "reward", "ppo": "ppo", "rloo": "rl", "grpo": "rl", "dpo": "dpo", "kto": "dpo",
+             "orpo": "dpo"}
 MODELS = ("tiny", "kogpt2", "polyglot-ko-1.3b", "polyglot-ko-5.8b", "exaone-4.0-1.2b")
 
 
 def test_every_model_has_the_three_stage_configs():
     for model in MODELS:
-        assert {path.stem for path in (REPO / "recipes" / "configs" / model).glob("*.yaml")} >= {"sft", "reward", "ppo"}
+        stems = {path.stem for path in (REPO / "recipes" / "configs" / model).glob("*.yaml")}
+        assert stems >= {"sft", "reward", "ppo", "dpo", "kto", "orpo"}, model
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem in RECIPE_OF], ids=lambda p: f"{p.parent.name}/{p.name}")
