@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = GIB
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 QUANTIZATIONS = (None, "8bit", "4bit")
 NF4_BLOCK_SIZE = 64  # bitsandbytes' default 4-bit block: one fp32 absmax per 64 weights
@@ -549,7 +549,7 @@ def _trainer_components(shape: ModelShape, settings: FitSettings, prefix: str, l
 def estimate(
     model_config: PretrainedConfig, stage: str, settings: FitSettings, model_name: str | None = None
 ) -> Estimate:
-    """Peak GPU memory of one `stage` ("sft", "rm", "ppo") training step of `model_config` under `settings`."""
+    """Peak GPU memory of one `stage` ("sft", "rm", "ppo", "dpo") training step of `model_config` under `settings`."""
     if stage not in STAGES:
         raise KochatError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     settings.validate()
@@ -580,6 +580,11 @@ def estimate(
         ]  # fmt: skip
         clm = cls
         trainable = trainable_params(cls, settings)[0]
+    elif stage == "dpo":
+        components = _dpo_components(clm, settings)
+        trainable = trainable_params(clm, settings)[0]
+        reference = "the policy with its adapter disabled (no extra weights)" if settings.lora else "a full copy"
+        notes.append(f"reference: {reference}; chosen and rejected answers go through one forward (2 x batch)")
     else:
         components, trainable = _ppo_components(model_config, clm, settings)
         value = "with its own LoRA adapter and score head" if settings.lora else "fully trained"
@@ -613,6 +618,26 @@ def _phase_totals(components: list[Component]) -> dict[str, int]:
 
 def _checkpoint_note(settings: FitSettings) -> str:
     return ", checkpointed" if settings.gradient_checkpointing else ""
+
+
+def _dpo_components(policy: ModelShape, settings: FitSettings) -> list[Component]:
+    """DPO (and KTO/ORPO, which hold at most as much): the policy's training state, the reference (a copy unless
+    LoRA), and chosen + rejected rows in one forward; the reference's no-grad forward comes first, on its own."""
+    e = DTYPE_BYTES[settings.dtype]
+    tokens = 2 * settings.batch_size * settings.seq_len
+    reference = 0 if settings.lora else weight_bytes(policy, settings)
+    return [
+        *_trainer_components(policy, settings, "", "policy"),
+        Component("reference_weights", "reference weights", reference, "static",
+                  "adapter disabled on the policy" if settings.lora else "frozen copy of the policy"),
+        Component("activations", "activations", activation_bytes(policy, settings, tokens, dropout=True), "train",
+                  f"2 x {settings.batch_size} x {settings.seq_len} tokens (chosen + rejected)"
+                  + _checkpoint_note(settings)),
+        Component("logits", "logits + log-probs", logits_bytes(policy, settings, tokens), "train",
+                  f"{tokens:,} tokens x vocab {policy.vocab:,} x ({e}+8) B"),
+        Component("reference_logits", "reference logits", tokens * policy.vocab * e, "reference: score",
+                  f"no-grad forward, {tokens:,} tokens x vocab {policy.vocab:,} x {e} B"),
+    ]  # fmt: skip
 
 
 def _ppo_components(

@@ -44,6 +44,7 @@ class PipelineConfig:
     launcher: list[str] = field(default_factory=list)  # e.g. ["accelerate", "launch", "--num_processes", "2"]
     decoding_strategies: list[str] = field(default_factory=lambda: ["greedy", "beam", "sampling", "top_k", "top_p"])
     decoding_prompts: int = 4
+    methods: list[str] = field(default_factory=list)  # more alignment methods to compare with PPO, e.g. [dpo]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PipelineConfig:
@@ -64,6 +65,12 @@ class PipelineConfig:
         missing = [stage for stage in TRAINING_STAGES if stage not in config.stages]
         if missing:
             raise ConfigError(f"{path}: stages needs a recipe config for {', '.join(missing)}")
+        from kochat_trl.methods import METHODS
+
+        unknown_methods = [name for name in config.methods if name not in METHODS or name == "ppo"]
+        if unknown_methods:
+            raise ConfigError(f"{path}: methods: {', '.join(map(str, unknown_methods))}; PPO is always compared, "
+                              f"add any of {', '.join(name for name in METHODS if name != 'ppo')}")  # fmt: skip
         for stage, recipe_config in config.stages.items():
             if stage not in TRAINING_STAGES:
                 raise ConfigError(f"{path}: unknown stage {stage!r}; stages are {', '.join(TRAINING_STAGES)}")
@@ -179,6 +186,7 @@ def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
                 "win_rate": ppo["win_rate"], "samples": ppo["samples"]},  # fmt: skip
         # The rule-based judge on the answers PPO's held-out reward is measured on (SFT policy, then PPO policy).
         "judge": {"sft": _judge_rates(ppo["judge_before"]), "ppo": _judge_rates(ppo["judge_after"])},
+        "methods": read_json(run_dir / "methods" / "methods.json"),
         "wall_time_s": wall_time,
         "output_dir": str(run_dir),
     }
@@ -222,6 +230,11 @@ def render_report(report: dict[str, Any]) -> str:
         lines += [f"**{sample['prompt']}**", "",
                   f"- SFT ({sample['score_before']:.2f}): {sample['before']}",
                   f"- PPO ({sample['score_after']:.2f}): {sample['after']}", ""]  # fmt: skip
+    if report.get("methods"):
+        table = (Path(report["output_dir"]) / "methods" / "methods.md").read_text(encoding="utf-8")
+        lines += ["## Alignment methods (same SFT model, same held-out answers)", "",
+                  *[line for line in table.splitlines() if line.startswith("|")], "",
+                  "Details and the reward-KL plot: [methods/methods.md](methods/methods.md).", ""]  # fmt: skip
     lines += ["## Curves", "", "![SFT](sft/curves.png)", "![RM](rm/curves.png)", "![PPO](ppo/curves.png)", "",
               "Decoding strategies compared: [decoding.md](decoding.md).", ""]  # fmt: skip
     return "\n".join(lines)
@@ -263,7 +276,17 @@ def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str |
         run_stage(stage, config, run_dir, base, resume=checkpoint is not None, verbose=verbose)
         wall_time[stage] = round(time.perf_counter() - started, 2)
         redo_after = True
+        if stage in ("sft", "rm"):  # the other methods were trained from these: redo them too
+            for method in config.methods:
+                shutil.rmtree(run_dir / method, ignore_errors=True)
         write_json_atomic(state, run_dir / STATE_FILE)
+    if config.methods:
+        from kochat_trl.methods import compare_methods
+
+        started = time.perf_counter()
+        compare_methods(run_dir, ["ppo", *config.methods], configs=_in_repo(config.stages["ppo"]).parent,
+                        verbose=verbose)  # fmt: skip
+        wall_time["methods"] = round(time.perf_counter() - started, 2)
     for step, action in (("merge", lambda: _export(run_dir)), ("decoding", lambda: _decoding(run_dir, config))):
         started = time.perf_counter()
         done = action()

@@ -59,7 +59,7 @@ def check_settings(name: str, script_args: Any, training_args: Any) -> None:
     if not script_args.eval_temperature > 0:
         raise ConfigError(f"eval_temperature must be > 0, got {script_args.eval_temperature}")
     if not training_args.beta > 0:
-        raise ConfigError(f"beta must be > 0 (how closely the policy is held to the reference), got {training_args.beta}")
+        raise ConfigError(f"beta must be > 0 (how closely the policy keeps to the reference), got {training_args.beta}")
     loss_types = getattr(training_args, "loss_type", None)
     allowed = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(name)
     if allowed is None or loss_types is None:

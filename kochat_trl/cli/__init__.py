@@ -15,15 +15,15 @@ from kochat_trl.errors import EXIT_USER_ERROR, KochatError, Stopped, print_error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kochat_trl.cli import data, fitcheck, generate, merge, pipeline, tiny
+    from kochat_trl.cli import data, fitcheck, generate, merge, methods, pipeline, tiny
 
     parser = argparse.ArgumentParser(
         prog="kochat-trl",
-        description="Korean RLHF (SFT -> reward model -> PPO) on Hugging Face TRL and PEFT.",
+        description="Korean RLHF (SFT -> reward model -> PPO, RLOO/GRPO, DPO/KTO/ORPO) on Hugging Face TRL and PEFT.",
     )
     parser.add_argument("--version", action="version", version=f"kochat-trl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (pipeline, data, tiny, merge, generate, fitcheck):
+    for module in (pipeline, methods, data, tiny, merge, generate, fitcheck):
         module.register(commands)
     return parser
 

@@ -22,7 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="NAME_OR_CONFIG",
         help="local model folder or config.json, or skt/kogpt2-base-v2, EleutherAI/polyglot-ko-{1.3b,5.8b,12.8b}",
     )
-    parser.add_argument("--stage", required=True, choices=["sft", "rm", "ppo"])
+    parser.add_argument("--stage", required=True, choices=["sft", "rm", "ppo", "dpo"],
+                        help="dpo covers the policy and its reference (KTO and ORPO need no more)")
     parser.add_argument("--gpu-memory", required=True, metavar="SIZE", help="e.g. 24GB (GB = GiB, as GPUs are sold)")
     parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights (needs LoRA)")
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights (needs LoRA)")
