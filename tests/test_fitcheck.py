@@ -331,7 +331,7 @@ def test_no_knob_when_nothing_can_fit():
 
 @pytest.mark.parametrize(
     ("stage", "settings", "message"),
-    [("dpo", FitSettings(), "stage"), ("sft", FitSettings(batch_size=0), "--batch-size"),
+    [("grpo", FitSettings(), "stage"), ("sft", FitSettings(batch_size=0), "--batch-size"),
      ("sft", FitSettings(quantization="4bit", lora=False), "cannot be fully fine-tuned"),
      ("sft", FitSettings(seq_len=4096), "exceeds"), ("ppo", FitSettings(seq_len=1000), "exceeds")],
 )  # fmt: skip
@@ -386,3 +386,21 @@ def test_cli_table_shows_components_and_verdict(capsys):
     assert f"{result.param_count:,} parameters" in out and "logits + loss" in out
     assert f"{result.total_bytes / GIB:.2f}" in out
     assert f"verdict: fits ({(GB24 - result.total_bytes) / GIB:.2f} GiB to spare)" in out
+
+
+def test_dpo_holds_the_policy_its_reference_and_two_rows_per_pair():
+    """fit-check --stage dpo: the policy's training state, a reference that costs nothing under LoRA (the adapter
+    disabled) and a full copy otherwise, and chosen + rejected rows in one forward (2 x batch, like SFT with a
+    doubled batch), plus the reference's no-grad logits."""
+    config = resolve_model_config("EleutherAI/polyglot-ko-1.3b")
+
+    def parts(stage: str, **settings) -> dict[str, int]:
+        return {c.key: c.bytes for c in estimate(config, stage, FitSettings(seq_len=256, **settings)).components}
+
+    lora, full = parts("dpo", batch_size=2), parts("dpo", batch_size=2, lora=False)
+    sft = parts("sft", batch_size=4)
+    assert lora["reference_weights"] == 0 and full["reference_weights"] == full["weights"] > 2 * 10**9
+    assert lora["activations"] == sft["activations"] and lora["logits"] == sft["logits"]
+    assert {key: lora[key] for key in ("weights", "adapter", "gradients", "optimizer")} == {
+        key: sft[key] for key in ("weights", "adapter", "gradients", "optimizer")}  # fmt: skip
+    assert lora["reference_logits"] == 2 * 2 * 256 * 30_080 * 2  # tokens x vocab x bf16

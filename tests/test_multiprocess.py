@@ -1,4 +1,4 @@
-"""SFT and RM with 2 CPU processes (gloo DDP) against 1 process with the doubled per-device batch.
+"""SFT, RM and DPO with 2 CPU processes (gloo DDP) against 1 process with the doubled per-device batch.
 
 With accelerate's default batch sharding both runs see the same global batches: every rank draws the
 same seeded permutation and rank r takes batches r, r+2, ... of 8 rows, so global step k is rows
@@ -24,12 +24,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "accelerate_configs" / "cpu_multiprocess.yaml"
 TOLERANCE = 1e-4
-LOGGED_KEYS = ("loss", "grad_norm", "eval_loss", "eval_accuracy")
+LOGGED_KEYS = ("loss", "grad_norm", "eval_loss", "eval_accuracy", "rewards/margins", "eval_rewards/accuracies")
 
 STAGES = {
-    # max_samples makes the eval split 32 rows (SFT) and 48 pairs (RM): multiples of the global eval batch.
+    # max_samples makes the eval split 32 rows (SFT) and 48 pairs (RM, DPO): multiples of the global eval batch.
     "sft": {"recipe": "recipes/sft.py", "config": "recipes/configs/tiny/sft.yaml", "max_samples": 320},
     "rm": {"recipe": "recipes/reward.py", "config": "recipes/configs/tiny/reward.yaml", "max_samples": 480},
+    # DPO from the tiny SFT model, judged on 4 held-out answers; evaluated on the held-out pairs as it trains.
+    "dpo": {"recipe": "recipes/dpo.py", "config": "recipes/configs/tiny/dpo.yaml", "max_samples": 480,
+            "extra": ["--eval_strategy", "steps", "--eval_prompts", "4", "--eval_samples_per_prompt", "1",
+                      "--save_total_limit", "2"]},
 }
 
 # Runs a recipe unchanged (after seeding) and, on every rank, records what that rank computed: the metrics
@@ -81,7 +85,7 @@ def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def train(stage: str, base_model: Path, work: Path, processes: int) -> SimpleNamespace:
+def train(stage: str, base_model: Path, work: Path, processes: int, *extra: str) -> SimpleNamespace:
     """One run of `stage` with `processes` processes and a global batch of 16; returns its folders."""
     spec = STAGES[stage]
     batch = str(16 // processes)
@@ -91,7 +95,7 @@ def train(stage: str, base_model: Path, work: Path, processes: int) -> SimpleNam
         "--config", spec["config"], "--init_tiny", "false", "--model_name_or_path", str(base_model),
         "--output_dir", str(output_dir), "--use_cpu", "true", "--max_samples", str(spec["max_samples"]),
         "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2",
-        "--per_device_train_batch_size", batch, "--per_device_eval_batch_size", batch,
+        "--per_device_train_batch_size", batch, "--per_device_eval_batch_size", batch, *spec.get("extra", []), *extra,
     ]  # fmt: skip
     launcher = [*accelerate_launch(), "--config_file", str(CPU_CONFIG)] if processes > 1 else [sys.executable]
     result = run([*launcher, str(work / "recorder.py"), *recipe_args])
@@ -110,7 +114,12 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(request, tiny_model_dir, work) -> dict[int, SimpleNamespace]:
     """The stage trained with 2 processes (batch 8 each) and with 1 process (batch 16), once per module."""
-    return {processes: train(request.param, tiny_model_dir, work, processes) for processes in (2, 1)}
+    if request.param == "dpo":  # from the SFT model, judged by the reward model
+        stages = request.getfixturevalue("tiny_stages")
+        chained = (stages["sft"], "--reward_model_path", str(stages["rm"]))
+    else:
+        chained = (tiny_model_dir,)
+    return {processes: train(request.param, chained[0], work, processes, *chained[1:]) for processes in (2, 1)}
 
 
 def logged(output_dir: Path) -> list[tuple[int, str, float]]:
@@ -127,7 +136,7 @@ def relative_files(folder: Path) -> set[str]:
     return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
 
 
-@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+@pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_two_processes_train_as_one_ddp_group(runs):
     ranks = runs[2].ranks
     assert [rank["world_size"] for rank in ranks] == [2, 2]
@@ -136,11 +145,13 @@ def test_two_processes_train_as_one_ddp_group(runs):
     assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
 
 
-@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+@pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_two_processes_match_one_process_with_doubled_batch(runs):
     two, one = logged(runs[2].output_dir), logged(runs[1].output_dir)
     assert [(step, key) for step, key, _ in two] == [(step, key) for step, key, _ in one]
     assert {key for _, key, _ in one} >= {"loss", "grad_norm", "eval_loss"}
+    if (runs[1].output_dir / "adapter_config.json").is_file():  # DPO: its implicit rewards too
+        assert {key for _, key, _ in one} >= {"rewards/margins", "eval_rewards/accuracies"}
     assert [value for *_, value in two] == pytest.approx([value for *_, value in one], rel=TOLERANCE)
     metrics = [json.loads((runs[n].output_dir / "metrics.json").read_text(encoding="utf-8")) for n in (2, 1)]
     (floats_two, rest_two), (floats_one, rest_one) = map(split_numbers, metrics)
@@ -149,7 +160,7 @@ def test_two_processes_match_one_process_with_doubled_batch(runs):
     assert runs[2].ranks[0]["param_abs_sum"] == pytest.approx(runs[1].ranks[0]["param_abs_sum"], rel=TOLERANCE)
 
 
-@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+@pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_rank_zero_alone_writes_outputs(runs):
     two, one = relative_files(runs[2].output_dir), relative_files(runs[1].output_dir)
     # The same files as a 1-process run (one metrics.json, one model, the same checkpoints, no stray temp
@@ -167,7 +178,7 @@ def test_rank_zero_alone_writes_outputs(runs):
     ]
 
 
-@pytest.mark.parametrize("runs", ["sft", "rm"], indirect=True)
+@pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_metrics_json_holds_the_numbers_every_rank_computed(runs):
     rank0, rank1 = runs[2].ranks
     written = json.loads((runs[2].output_dir / "metrics.json").read_text(encoding="utf-8"))
