@@ -118,6 +118,10 @@ def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _with_unit(value: float | None, digits: int, unit: str) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f} {unit}"
+
+
 def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     befores = {round(row["reward_before"], 6) for row in rows}
     lines = [
@@ -137,7 +141,7 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"| {row['method']} | {row['reward_before']:.3f} → {row['reward_after']:.3f} | {row['kl']:.3f} | "
             f"{row['win_rate']:.3f} | {_number(judge['on_topic_rate'])} | {_number(judge['polite_rate'])} | "
             f"{_number(judge['broken_rate'])} | {_number(judge['repeat_rate'])} | {_number(row['implicit_accuracy'])} "
-            f"| {_number(row['wall_time_s'], 1)} s | {_number(row['peak_rss_mb'], 0)} MB | "
+            f"| {_with_unit(row['wall_time_s'], 1, 's')} | {_with_unit(row['peak_rss_mb'], 0, 'MB')} | "
             f"{_number(row['trainable_params'])} |"
         )
     if any(row["peak_rss_mb"] is None for row in rows):
