@@ -9,6 +9,7 @@ every method, so their numbers compare.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,3 +54,11 @@ class HeldOutEvaluation:
         kl = rl.sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
         return rl.policy_comparison(self.tokenizer, self.queries, before, scores_before, after, scores_after, kl,
                                     self.kl_bound, self.samples_per_prompt)  # fmt: skip
+
+
+def trained_and_reference(trainer: Any, load_sft: Callable[[], Any]) -> tuple[Any, Any, Callable[[], Any]]:
+    """After a Trainer-based stage: the trained policy, the SFT policy the KL is measured against, and the context
+    to compute that one in: the policy with its LoRA adapter disabled, else the SFT model loaded again (`load_sft`)."""
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    reference = rl.adapter_disabled_reference(trainer)
+    return (trained, *reference) if reference else (trained, load_sft(), nullcontext)

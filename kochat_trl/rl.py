@@ -26,7 +26,7 @@ with known_warnings_ignored():  # TRL's one-time "you are importing from trl.exp
 __all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", "reference_context",
            "sample_responses", "sequence_kl",
            "CRITIC_FREE_TRAINERS", "critic_free_classes", "critic_free_parser", "orpo_classes", "place_on",
-           "RewardModelReward", "build_critic_free_trainer", "critic_free_reference", "repeat_each",
+           "RewardModelReward", "build_critic_free_trainer", "adapter_disabled_reference", "repeat_each",
            "sample_and_score", "policy_comparison"]  # fmt: skip
 
 
@@ -331,9 +331,9 @@ def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any,
     return trainer
 
 
-def critic_free_reference(trainer: Any) -> tuple[Any, Any] | None:
-    """(model, context factory) computing the SFT policy after RLOO/GRPO training: the trained LoRA policy
-    with its adapter disabled, or None without LoRA (TRL's own reference is reloaded from a path)."""
+def adapter_disabled_reference(trainer: Any) -> tuple[Any, Any] | None:
+    """(model, context factory) computing the SFT policy after a Trainer-based stage (RLOO, GRPO, DPO, KTO, ORPO):
+    the trained LoRA policy with its adapter disabled, or None without LoRA."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     return (policy, policy.disable_adapter) if hasattr(policy, "disable_adapter") else None
 

@@ -14,7 +14,6 @@ group mean (and spread). The reward model scores prompt ids + answer ids cut aft
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from kochat_trl.runs import RLArguments
@@ -39,7 +38,7 @@ class RLScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.errors import ConfigError
-    from kochat_trl.held_out import HeldOutEvaluation
+    from kochat_trl.held_out import HeldOutEvaluation, trained_and_reference
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -72,11 +71,9 @@ def main(script_args, training_args, model_args):
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
-    trained = trainer.accelerator.unwrap_model(trainer.model)
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
-    reference, reference_ctx = rl.critic_free_reference(trainer) or (
-        rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device), nullcontext
-    )  # fmt: skip
+    trained, reference, reference_ctx = trained_and_reference(
+        trainer, lambda: rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device))
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),

@@ -273,6 +273,16 @@ def steps_logged(history: list[dict], key: str) -> list[int]:
     return [entry["step"] for entry in history if key in entry]
 
 
+def assert_same_steps(tmp_path: Path, key: str, varying: set[str]) -> None:
+    """out/ (stopped, then resumed) logged steps 1-6 once each, with the numbers full/ (uninterrupted) logged."""
+    history, reference = (json.loads((tmp_path / run / "log_history.json").read_text()) for run in ("out", "full"))
+    assert steps_logged(history, key) == [1, 2, 3, 4, 5, 6]
+    steps, reference_steps = ([entry for entry in log if key in entry] for log in (history, reference))
+    for mine, theirs in zip(steps, reference_steps, strict=True):
+        assert {k: v for k, v in mine.items() if k not in varying} == {
+            k: v for k, v in theirs.items() if k not in varying}  # fmt: skip
+
+
 def assert_no_pickles_or_bins(output: Path) -> None:
     """Weights are safetensors; the only torch files are the resume states (read with weights_only=True)."""
     torch_files = {path.name for path in output.rglob("*") if path.suffix in (".bin", ".pt", ".pth", ".pkl")}
@@ -450,14 +460,8 @@ def test_rloo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
 
     full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
 
-    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
-    reference = json.loads((tmp_path / "full" / "log_history.json").read_text())
-    assert resumed["global_step"] == 6 and steps_logged(history, "reward") == [1, 2, 3, 4, 5, 6]
-    steps, reference_steps = ([entry for entry in log if "reward" in entry] for log in (history, reference))
-    for mine, theirs in zip(steps, reference_steps, strict=True):  # same completions, rewards, KL, gradients
-        assert {k: v for k, v in mine.items() if k not in RLOO_VARYING} == {
-            k: v for k, v in theirs.items() if k not in RLOO_VARYING
-        }
+    assert resumed["global_step"] == 6
+    assert_same_steps(tmp_path, "reward", RLOO_VARYING)  # same completions, rewards, KL, gradients
     assert resumed["reward_after"] == full["reward_after"] and resumed["kl"] == full["kl"]
     assert_no_pickles_or_bins(tmp_path / "out")
 
@@ -520,13 +524,8 @@ def test_dpo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
                           *extra)  # fmt: skip
 
     full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
-    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
-    reference = json.loads((tmp_path / "full" / "log_history.json").read_text())
-    assert resumed["global_step"] == 6 and steps_logged(history, "loss") == [1, 2, 3, 4, 5, 6]
-    steps, reference_steps = ([entry for entry in log if "loss" in entry] for log in (history, reference))
-    for mine, theirs in zip(steps, reference_steps, strict=True):
-        assert {k: v for k, v in mine.items() if k not in DPO_VARYING} == {
-            k: v for k, v in theirs.items() if k not in DPO_VARYING}  # fmt: skip
+    assert resumed["global_step"] == 6
+    assert_same_steps(tmp_path, "loss", DPO_VARYING)
     for key in ("implicit_accuracy", "implicit_margin", "reward_after", "kl"):
         assert resumed[key] == full[key], key
     assert_no_pickles_or_bins(tmp_path / "out")
