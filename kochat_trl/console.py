@@ -73,6 +73,11 @@ def say(message: str, stream: TextIO | None = None) -> None:
         stream.flush()
 
 
+def number(value: float | None) -> str:
+    """A metric for a result line: three decimals, or n/a when it was not measured."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 class _MessageFilter(logging.Filter):
     def __init__(self, pattern: str) -> None:
         super().__init__()

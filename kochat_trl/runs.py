@@ -485,11 +485,6 @@ def read_json(path: str | Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def number(value: Any) -> str:
-    """A metric for a result line: three decimals, or n/a when it was not measured."""
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def last_logged(log_history: list[dict[str, Any]], key: str) -> Any:
     """The most recent value of `key` in a trainer's log history (None if never logged)."""
     return next((entry[key] for entry in reversed(log_history) if key in entry), None)

@@ -99,7 +99,7 @@ def main(script_args, training_args, model_args):
                                                 "eval_rewards/accuracies"])  # fmt: skip
     console.say(f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
                 f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, implicit-reward accuracy "
-                f"{runs.number(metrics['implicit_accuracy'])}; saved to {training_args.output_dir}")  # fmt: skip
+                f"{console.number(metrics['implicit_accuracy'])}; saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 

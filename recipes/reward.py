@@ -59,8 +59,8 @@ def main(script_args, training_args, model_args):
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history, ["loss", "eval_loss", "eval_accuracy", "eval_margin"])  # fmt: skip
-    console.say(f"rm: held-out accuracy {runs.number(metrics['accuracy'])}, mean margin "
-                f"{runs.number(metrics['mean_margin'])} after {metrics['global_step']} steps; "
+    console.say(f"rm: held-out accuracy {console.number(metrics['accuracy'])}, mean margin "
+                f"{console.number(metrics['mean_margin'])} after {metrics['global_step']} steps; "
                 f"saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 

@@ -63,8 +63,9 @@ def main(script_args, training_args, model_args):
     }
     runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
                     trainer.state.log_history, ["loss", "eval_loss", "learning_rate", "grad_norm"])  # fmt: skip
-    console.say(f"sft: eval loss {runs.number(metrics['eval_loss_start'])} -> {runs.number(metrics['eval_loss_end'])} "
-                f"after {metrics['global_step']} steps; saved to {training_args.output_dir}")  # fmt: skip
+    console.say(f"sft: eval loss {console.number(metrics['eval_loss_start'])} -> "
+                f"{console.number(metrics['eval_loss_end'])} after {metrics['global_step']} steps; "
+                f"saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 
