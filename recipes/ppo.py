@@ -4,7 +4,7 @@ penalty keeps the policy close to the SFT model.
 Policy: the SFT result (a full model, or base + SFT adapter merged in memory) with a new LoRA
 adapter; the reference is the same model with that adapter disabled (`ref_model=None`), so it costs
 no memory. Reward model: stage 2's, frozen. Value model: initialised from the reward model (LoRA on
-it when `use_peft`). Prompts come from the PPO layout through the shared template, pre-tokenised
+it when `use_peft`). Prompts come from the PPO layout, rendered by the chat template, pre-tokenised
 and left-padded; answers stop at eos.
 
     python recipes/ppo.py --config recipes/configs/tiny/ppo.yaml

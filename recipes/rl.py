@@ -2,7 +2,7 @@
 answers, a KL penalty (`beta`) keeping it close to the SFT model.
 
 Same inputs as recipes/ppo.py: policy = the SFT result with a new LoRA adapter (reference = adapter
-disabled), reward = stage 2's model, prompts = the PPO layout through the shared template. Each prompt
+disabled), reward = stage 2's model, prompts = the PPO layout as conversations (chat template). Each prompt
 is sampled `num_generations` times; RLOO's baseline is the other samples' mean reward, GRPO's their
 group mean (and spread). The reward model scores prompt ids + answer ids cut after eos, less
 `missing_eos_penalty` when an answer never stopped (`kochat_trl.rl.RewardModelReward`).
