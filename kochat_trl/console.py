@@ -28,11 +28,15 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning] | str, str, str], ...] = (
      "the Trainer pins memory by default; on a CPU-only machine torch ignores it"),
     ("trl.import_utils:TRLExperimentalWarning", r"You are importing from 'trl.experimental'",
      "kochat_trl.rl imports TRL 1.12's PPOTrainer from there on purpose; nothing else does"),
+    (FutureWarning, r"`torch.distributed.all_gather_into_tensor` is deprecated",
+     "DeepSpeed 0.19's ZeRO calls it (torch 2.13 renamed it); the launched run cannot change that"),
 )  # fmt: skip
 # (logger, message regex, why). bitsandbytes comes in through peft's import even when no 8/4-bit is asked for.
 KNOWN_LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
      "an optional CPU kernel for 4-bit inference; training and the float paths do not use it"),
+    ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU",
+     "transformers imports DeepSpeed when it is installed; on a CPU run finding no GPU is expected"),
 )  # fmt: skip
 # (exact line, why). Printed with print(), so no filter can catch them but a stdout that drops the line.
 KNOWN_PRINTS: tuple[tuple[str, str], ...] = (

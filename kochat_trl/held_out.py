@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from kochat_trl import rl
+from kochat_trl import engines, rl
 
 
 @dataclass
@@ -37,8 +37,10 @@ class HeldOutEvaluation:
         return rl.repeat_each(self.prompt_ids, self.samples_per_prompt)
 
     def _sample(self, policy: Any) -> tuple[list[list[int]], list[float]]:
-        return rl.sample_and_score(policy, self.reward_model, self.tokenizer, self.prompts, self.max_new_tokens,
-                                   self.temperature, self.seed, self.missing_eos_penalty)  # fmt: skip
+        # Under ZeRO-3 every rank samples the same answers from the gathered weights (same seed).
+        with engines.gathered(policy), engines.gathered(self.reward_model):
+            return rl.sample_and_score(policy, self.reward_model, self.tokenizer, self.prompts, self.max_new_tokens,
+                                       self.temperature, self.seed, self.missing_eos_penalty)  # fmt: skip
 
     def score_before(self, policy: Any) -> None:
         """The SFT policy's answers and rewards, before training changes it."""
@@ -51,7 +53,8 @@ class HeldOutEvaluation:
             raise RuntimeError("score_before() must run before training")
         before, scores_before = self._before
         after, scores_after = self._sample(policy)
-        kl = rl.sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
+        with engines.gathered(policy), engines.gathered(reference) if reference is not policy else nullcontext():
+            kl = rl.sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
         return rl.policy_comparison(self.tokenizer, self.queries, before, scores_before, after, scores_after, kl,
                                     self.kl_bound, self.samples_per_prompt)  # fmt: skip
 

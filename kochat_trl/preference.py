@@ -48,18 +48,10 @@ def preference_parser(script_arguments: type, trainer: str | None = None) -> Any
 
 
 def check_settings(name: str, script_args: Any, training_args: Any) -> None:
-    """What TRL would only refuse after the models are loaded, or never: beta, loss_type, the judging settings."""
+    """What TRL would only refuse after the models are loaded, or never: the judging reward model, loss_type."""
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder (it judges the answers)")
-    for key in ("eval_prompts", "eval_samples_per_prompt", "eval_max_new_tokens"):
-        if getattr(script_args, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {getattr(script_args, key)}")
-    if not 0 < script_args.prompts_eval_fraction < 1:
-        raise ConfigError(f"prompts_eval_fraction must be in (0, 1), got {script_args.prompts_eval_fraction}")
-    if not script_args.eval_temperature > 0:
-        raise ConfigError(f"eval_temperature must be > 0, got {script_args.eval_temperature}")
-    if not training_args.beta > 0:
-        raise ConfigError(f"beta must be > 0 (how closely the policy keeps to the reference), got {training_args.beta}")
+    # beta's and the judging settings' ranges are checked before parsing (kochat_trl.ranges)
     loss_types = getattr(training_args, "loss_type", None)
     allowed = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(name)
     if allowed is None or loss_types is None:

@@ -62,24 +62,52 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return next((path for _, path in sorted(steps, reverse=True) if is_complete_checkpoint(path)), None)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C during training: stopped in the middle of a step, which is not saved; the recipe exits 130.
+
+    A KeyboardInterrupt, as Python's own would be: it can arrive at any line, and no `except Exception` on the
+    way (the libraries have some) may swallow it."""
+
+    def __init__(self, signum: int, output_dir: str | os.PathLike | None) -> None:
+        self.signum = signum
+        checkpoint = last_complete_checkpoint(output_dir) if output_dir else None
+        where = (f"continue from {checkpoint} with --resume_from_checkpoint last" if checkpoint
+                 else "no checkpoint was saved; rerun to train the stage from the start")  # fmt: skip
+        super().__init__(f"interrupted by {signal.Signals(signum).name} twice: stopped at once, the step in "
+                         f"progress is lost; {where}")  # fmt: skip
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 class InterruptCallback(TrainerCallback):
     """First SIGINT/SIGTERM during training: finish the step, save a checkpoint, raise `TrainingInterrupted`.
 
     The Trainer (and our PPO loop) saves when `control.should_save` is set at step end; raising from
     `on_save` then stops any loop, including TRL's PPO loop, which ignores `should_training_stop`. A
-    second signal gets the previous handler (Ctrl-C twice stops at once). All processes stop at the
-    same step: the signal is shared through an all-reduce when several are training.
+    second signal stops at once: SIGINT raises `StoppedAtOnce` (where the previous handler was Python's own),
+    SIGTERM gets the previous handler (by default the process ends, 143 to a shell). All processes stop at
+    the same step: the signal is shared through an all-reduce when several are training.
     """
 
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, Any] = {}
+        self._output_dir: str | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        # Python's handler would raise a bare KeyboardInterrupt, which reads like an interrupt outside training.
+        signal.signal(signum, self._stop_at_once if previous is signal.default_int_handler else previous)
+
+    def _stop_at_once(self, signum: int, frame: Any) -> None:
+        self._restore_handlers()  # a third Ctrl-C (during the teardown) gets Python's handler again
+        raise StoppedAtOnce(signum, self._output_dir)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._output_dir = args.output_dir
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
 

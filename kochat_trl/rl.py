@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
-from kochat_trl import resume
+from kochat_trl import engines, resume
 from kochat_trl.console import known_prints_dropped, known_warnings_ignored
 
 with known_warnings_ignored():  # TRL's one-time "you are importing from trl.experimental" (console.KNOWN_WARNINGS)
@@ -30,11 +30,11 @@ __all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", 
            "sample_and_score", "policy_comparison"]  # fmt: skip
 
 
-class _LoggingPPOTrainer(PPOTrainer):
+class _LoggingPPOTrainer(engines.DeepSpeedPPOFixes, PPOTrainer):
     """TRL's PPOTrainer plus the mean response length per update in its logs (TRL does not log it), and
     checkpoints it can resume from (TRL's cannot, trl#2657): the value model is saved with the policy,
     and `train(resume_from_checkpoint)` restores weights, optimizer, scheduler, counters, log, RNG and
-    the data position (see `kochat_trl.resume`)."""
+    the data position (see `kochat_trl.resume`). Under DeepSpeed, `engines.DeepSpeedPPOFixes`."""
 
     _response_lengths: list[float]
 
@@ -173,6 +173,14 @@ def train_ppo(trainer: PPOTrainer, resume_from_checkpoint: str | os.PathLike | N
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     finally:
         gc.unfreeze()
+
+
+def save_value_model(trainer: PPOTrainer, folder: str | os.PathLike) -> None:
+    """The trained value model (and the tokenizer) in `folder`; call on every rank (ZeRO-3 gathers)."""
+    value_model = trainer.accelerator.unwrap_model(trainer.model).value_model
+    engines.save_pretrained(value_model, folder, trainer.is_world_process_zero())
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(folder)
 
 
 def reference_context(trainer: PPOTrainer):
@@ -314,8 +322,11 @@ class RewardModelReward:
         if prompts and isinstance(prompts[0], str):
             raise DataError("RewardModelReward takes conversational prompts (lists of messages), not strings")
         ids = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]  # as RLOO/GRPOTrainer tokenize them
-        return score_responses(self.model, self.tokenizer, ids, completion_ids, self.missing_eos_penalty,
-                               self.batch_size)  # fmt: skip
+        # Under ZeRO-3 the reward model is sharded (zero.Init) and no engine runs it: every rank scores its
+        # own completions with the gathered weights (all ranks call the reward function at every step).
+        with engines.gathered(self.model):
+            return score_responses(self.model, self.tokenizer, ids, completion_ids, self.missing_eos_penalty,
+                                   self.batch_size)  # fmt: skip
 
 
 def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any, reward: RewardModelReward,

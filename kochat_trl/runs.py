@@ -72,11 +72,14 @@ def parse_recipe_args(parser: Any, argv: Sequence[str] | None = None) -> tuple:
     usage text, other values (a list for a float, 1.5 for an int, an unknown choice) pass unchecked.
     Both are checked here and named by file and key.
     """
+    from kochat_trl.ranges import check_ranges
+
     args = list(sys.argv[1:] if argv is None else argv)
     config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
     config = _read_yaml_config(config_path) if config_path else {}
     actions = {action.dest: action for action in parser._actions}
     _check_config_values(config, actions, config_path)
+    check_ranges(parser, config, config_path, args)  # before the dataclasses: some crash on such values
     on_command_line = {arg[2:].split("=")[0].replace("-", "_") for arg in args if arg.startswith("--")}
 
     def one_line_error(message: str) -> None:  # replaces argparse's usage dump + exit
@@ -167,15 +170,16 @@ def _check_config_values(config: dict[str, Any], actions: dict[str, Any], config
 @contextmanager
 def user_errors():
     """Recipes' entry points: a `KochatError` prints one line and exits 2, no traceback; an interrupt
-    (SIGINT/SIGTERM, after the checkpoint is saved) prints one line and exits 128 + signal."""
-    from kochat_trl.resume import TrainingInterrupted
+    (SIGINT/SIGTERM, after the checkpoint is saved; or a second Ctrl-C, at once) prints one line and exits
+    128 + signal."""
+    from kochat_trl.resume import StoppedAtOnce, TrainingInterrupted
 
     try:
         yield
     except KochatError as error:
         print_error_line(f"error: {error}")
         sys.exit(EXIT_USER_ERROR)
-    except TrainingInterrupted as error:
+    except (TrainingInterrupted, StoppedAtOnce) as error:
         print_error_line(f"stopped: {error}")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:  # outside training: nothing to save, and the stage is not marked finished
@@ -301,23 +305,9 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
 
 
 def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args: Any) -> None:
-    if not 0 <= kochat_args.eval_fraction < 1:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {kochat_args.eval_fraction}")
-    if kochat_args.max_samples is not None and kochat_args.max_samples < 1:
-        raise ConfigError(f"max_samples must be at least 1 (or unset for all rows), got {kochat_args.max_samples}")
-    if isinstance(kochat_args, RLArguments):
-        for name in ("eval_prompts", "eval_samples_per_prompt"):
-            if getattr(kochat_args, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(kochat_args, name)}")
+    # Numeric ranges were checked on the user's values before parsing (kochat_trl.ranges).
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise ConfigError("load_in_8bit and load_in_4bit are both set; choose one")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(training_args, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(training_args, name)}")
-    if not training_args.learning_rate > 0:
-        raise ConfigError(f"learning_rate must be > 0, got {training_args.learning_rate}")
-    if model_args.use_peft and model_args.lora_r < 1:
-        raise ConfigError(f"lora_r must be at least 1 with use_peft, got {model_args.lora_r}")
     if kochat_args.overwrite and resume_requested(training_args):
         raise ConfigError("overwrite and resume_from_checkpoint are both set; overwrite deletes the checkpoints, "
                           "choose one")  # fmt: skip
@@ -338,8 +328,18 @@ def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args
             f"launched {launched} processes but they did not form one process group (no GPU found); "
             "pass --use_cpu true to train them together on CPU, or launch a single process"
         )
+    if sharding == "FSDP" and not _gpu_available(training_args):
+        from kochat_trl.engines import FSDP_NEEDS_GPUS
+
+        raise ConfigError(FSDP_NEEDS_GPUS)
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path is not set; give a hub id or a local model folder")
+
+
+def _gpu_available(training_args: Any) -> bool:
+    import torch
+
+    return not getattr(training_args, "use_cpu", False) and torch.cuda.is_available()
 
 
 def resume_requested(training_args: Any) -> bool:
@@ -421,8 +421,6 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
                           "raise per_device_train_batch_size or set whiten_rewards: false")  # fmt: skip
     if training_args.stop_token and training_args.stop_token_id is not None:
         raise ConfigError("stop_token and stop_token_id are both set; choose one")
-    if training_args.total_episodes is not None and training_args.total_episodes < 1:
-        raise ConfigError(f"total_episodes must be at least 1, got {training_args.total_episodes}")
     train_rows, _ = _split_sizes(len(rows), kochat_args.eval_fraction)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if train_rows < local_batch * world:
@@ -431,8 +429,6 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
                         f"({local_batch * world}); add prompts or lower per_device_train_batch_size")  # fmt: skip
     check_model_path("reward_model_path", training_args.reward_model_path)
     check_model_path("value_model_path", getattr(kochat_args, "value_model_path", None))
-    if training_args.response_length < 1:
-        raise ConfigError(f"response_length must be at least 1, got {training_args.response_length}")
     if context is None or not Path(model_args.model_name_or_path).is_dir():
         return
     from kochat_trl.modeling import load_tokenizer

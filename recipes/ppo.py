@@ -30,11 +30,12 @@ class PPOScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import console, modeling, progress, resume, rl, runs
+    from kochat_trl import console, engines, modeling, progress, resume, rl, runs
     from kochat_trl.held_out import HeldOutEvaluation
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
+    engines.check_ppo_checkpoints(training_args)
     runs.prepare_run(script_args, training_args, model_args, stage="ppo")
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
@@ -66,9 +67,7 @@ def main(script_args, training_args, model_args):
     progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
     rl.train_ppo(trainer, resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        value_model.save_pretrained(f"{training_args.output_dir}/value")
-        tokenizer.save_pretrained(f"{training_args.output_dir}/value")
+    rl.save_value_model(trainer, f"{training_args.output_dir}/value")
 
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
     reference = trained if trainer.ref_model is None else trainer.ref_model

@@ -187,28 +187,35 @@ def test_reward_model_merge_keeps_the_trained_score_head(tiny_model_dir, batch, 
     assert "### Response(응답): 한국의 수도는 서울입니다.</s>" in card  # the scored conversation ends with eos
 
 
-def test_adapter_trained_on_a_4bit_base_merges_into_full_precision(tiny_model_dir, batch, tmp_path):
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_adapter_trained_on_a_kbit_base_merges_into_full_precision(tiny_model_dir, batch, tmp_path, bits):
+    """One LoRA step on a bitsandbytes 4-bit (nf4) or 8-bit (LLM.int8) base on CPU, then `kochat-trl merge`: the
+    merged model is the full-precision base + that adapter, with no quantized module or parameter left."""
     bnb = pytest.importorskip("bitsandbytes")
+    quantized_linear = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
     torch.manual_seed(0)
-    model_args = lora_args(model_name_or_path=str(tiny_model_dir), load_in_4bit=True)
+    model_args = lora_args(model_name_or_path=str(tiny_model_dir), **{f"load_in_{bits}": True})
     quantized = load_causal_lm(model_args, load_tokenizer(model_args))
-    assert sum(isinstance(module, bnb.nn.Linear4bit) for module in quantized.modules()) == 2 * 7
+    assert sum(isinstance(module, quantized_linear) for module in quantized.modules()) == 2 * 7
     peft_model = get_peft_model(quantized, build_peft_config(model_args, quantized, "CAUSAL_LM"))
     trainable = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     peft_model.train()
     peft_model(**batch, labels=batch["input_ids"]).loss.backward()
-    optimizer.step()  # one QLoRA step: lora_B leaves zero
-    adapter = tmp_path / "qlora-adapter"
+    # lora_B starts at zero, so only its gradients are non-zero on the first step: they must reach every adapter.
+    lora_b = [parameter for name, parameter in peft_model.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == 2 * 4 and all(parameter.grad.abs().sum() > 0 for parameter in lora_b)
+    optimizer.step()  # one (Q)LoRA step: lora_B leaves zero
+    adapter = tmp_path / f"{bits}-adapter"
     peft_model.save_pretrained(adapter)
-    (adapter / "config.yaml").write_text("load_in_4bit: true\n")
+    (adapter / "config.yaml").write_text(f"load_in_{bits}: true\n")
     del peft_model, quantized
 
-    out = tmp_path / "merged-qlora"
+    out = tmp_path / f"merged-{bits}"
     assert run_cli("--adapter", adapter, "-o", out) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any(isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for module in merged.modules())
-    assert {type(parameter).__name__ for parameter in merged.parameters()} == {"Parameter"}  # no Params4bit
+    assert {type(parameter).__name__ for parameter in merged.parameters()} == {"Parameter"}  # no Params4bit/Int8Params
     assert {parameter.dtype for parameter in merged.parameters()} == {torch.float32}
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
@@ -218,7 +225,7 @@ def test_adapter_trained_on_a_4bit_base_merges_into_full_precision(tiny_model_di
     merged_logits = logits_of(merged, batch)
     assert max_diff(merged_logits, reference) < 1e-4
     assert max_diff(merged_logits, base_logits) > 1e-3
-    assert "4bit base (QLoRA)" in (out / "README.md").read_text(encoding="utf-8")
+    assert f"{bits} base (QLoRA)" in (out / "README.md").read_text(encoding="utf-8")
 
 
 def test_tokens_added_in_training_resize_the_merged_model(tiny_model_dir, tmp_path):

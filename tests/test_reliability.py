@@ -1,6 +1,7 @@
 """Reliability: bad input fails before any model loads (one line, exit 2, nothing written); a signal
-saves a checkpoint and stops without the stage looking finished; SFT, RM, PPO and RLOO resume from it and
-continue exactly where they stopped; same seed, same run; no pickles or tokens in outputs."""
+saves a checkpoint and stops without the stage looking finished (a second Ctrl-C stops at once); SFT, RM, PPO,
+RLOO, GRPO and DPO resume from it and continue exactly where they stopped; same seed, same run; no pickles or
+tokens in outputs."""
 
 from __future__ import annotations
 
@@ -28,8 +29,19 @@ SFT_ROWS = [{"prompt": f"질문 {i}", "completion": f"답 {i}"} for i in range(2
 RM_ROW = {"prompt": "질문", "completion_0": "가", "completion_1": "나", "ranking": [0, 1]}
 
 
+def _yaml(name: str, **changes) -> str:
+    """A shipped tiny config (recipes/configs/tiny/NAME) with `changes`, as YAML text."""
+    return yaml.safe_dump({**yaml.safe_load((TINY_CONFIGS / name).read_text()), **changes})
+
+
 def _sft_yaml(**changes) -> str:
-    return yaml.safe_dump({**yaml.safe_load((TINY_CONFIGS / "sft.yaml").read_text()), **changes})
+    return _yaml("sft.yaml", **changes)
+
+
+# The recipe module and shipped config a BAD_INPUTS case runs (RLOO and GRPO share recipes/rl.py).
+RECIPES = {"sft": ("sft", "sft.yaml"), "reward": ("reward", "reward.yaml"), "ppo": ("ppo", "ppo.yaml"),
+           "rl": ("rl", "rloo.yaml"), "grpo": ("rl", "grpo.yaml"), "dpo": ("dpo", "dpo.yaml"),
+           "kto": ("dpo", "kto.yaml")}  # fmt: skip
 
 
 # (id, recipe, overrides, files written under IN (name -> JSON rows, or text), fragments the message must contain).
@@ -85,11 +97,79 @@ BAD_INPUTS = [
     ("unknown_template", "sft", [*SFT, "--template", "nope"], {}, ["template: unknown prompt template 'nope'"]),
     ("max_length_over_context", "sft", [*SFT, "--max_length", "1024"], {},
      ["max_length 1024 exceeds the context", "512 positions"]),
+    # numeric ranges (kochat_trl.ranges): key, where it was set, range and fix; refused even where another setting
+    # makes the library ignore the value (epochs under max_steps, lora_r without use_peft)
     ("batch_size_zero", "sft", [*SFT, "--per_device_train_batch_size", "0"], {},
-     ["per_device_train_batch_size must be at least 1"]),
-    ("lora_rank_zero", "sft", [*SFT, "--use_peft", "true", "--lora_r", "0"], {}, ["lora_r must be at least 1"]),
-    ("max_samples_zero", "sft", [*SFT, "--max_samples", "0"], {}, ["max_samples must be at least 1"]),
-    ("learning_rate_negative", "reward", [*SFT, "--learning_rate", "-1"], {}, ["learning_rate must be > 0"]),
+     ["--per_device_train_batch_size must be at least 1, got 0; leave it out for the default (8)"]),
+    ("lora_rank_zero", "sft", [*SFT, "--use_peft", "true", "--lora_r", "0"], {},
+     ["--lora_r must be at least 1, got 0"]),
+    ("lora_rank_zero_without_peft", "sft", [*SFT, "--lora_r", "0"], {},
+     ["--lora_r must be at least 1, got 0; set e.g. 16, or leave it out without use_peft"]),
+    ("lora_dropout_one", "sft", [*SFT, "--lora_dropout", "1"], {}, ["--lora_dropout must be in [0, 1), got 1"]),
+    ("max_samples_zero", "sft", [*SFT, "--max_samples", "0"], {},
+     ["--max_samples must be at least 1, got 0; leave it out to use all rows"]),
+    ("epochs_zero_under_max_steps", "sft", [*SFT, "--num_train_epochs", "0", "--max_steps", "20"], {},
+     ["--num_train_epochs must be > 0, got 0; set e.g. 3, or leave it out when max_steps sets the run's length"]),
+    ("yaml_epochs_negative_under_max_steps", "sft", [*SFT, "--config", "{in}/c.yaml"],
+     {"c.yaml": _sft_yaml(num_train_epochs=-1)}, ["c.yaml: num_train_epochs must be > 0, got -1; "]),
+    ("max_steps_zero", "sft", [*SFT, "--max_steps", "0"], {},
+     ["--max_steps must be at least 1 (or -1), got 0; set -1 (the default) to train for num_train_epochs instead"]),
+    ("max_length_zero", "sft", [*SFT, "--max_length", "0"], {}, ["--max_length must be at least 1, got 0; "]),
+    ("yaml_gradient_accumulation_zero", "sft", [*SFT, "--config", "{in}/c.yaml"],
+     {"c.yaml": _sft_yaml(gradient_accumulation_steps=0)},
+     ["c.yaml: gradient_accumulation_steps must be at least 1, got 0; leave it out for the default (1)"]),
+    ("yaml_logging_steps_zero", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(logging_steps=0)},
+     ["c.yaml: logging_steps must be > 0, got 0; "]),  # Hugging Face's own message named the YAML file for a flag too
+    ("seed_negative", "sft", [*SFT, "--seed", "-1"], {}, ["--seed must be at least 0, got -1"]),
+    ("command_line_beats_a_bad_yaml_value", "sft", [*SFT, "--config", "{in}/c.yaml", "--max_length", "0"],
+     {"c.yaml": _sft_yaml(max_length=-3)}, ["--max_length must be at least 1, got 0"]),
+    ("learning_rate_negative", "reward", [*SFT, "--learning_rate", "-1"], {},
+     ["--learning_rate must be > 0, got -1; set e.g. 1e-4 for LoRA, 1e-5 for full fine-tuning"]),
+    ("rm_yaml_epochs_zero_under_max_steps", "reward", [*SFT, "--config", "{in}/c.yaml"],
+     {"c.yaml": _yaml("reward.yaml", num_train_epochs=0)}, ["c.yaml: num_train_epochs must be > 0, got 0; "]),
+    ("rm_eval_batch_size_zero", "reward", [*SFT, "--per_device_eval_batch_size", "0"], {},
+     ["--per_device_eval_batch_size must be at least 1, got 0"]),
+    ("ppo_epochs_zero", "ppo", [*PPO, "--num_ppo_epochs", "0"], {}, ["--num_ppo_epochs must be at least 1, got 0"]),
+    ("ppo_minibatches_zero", "ppo", [*PPO, "--num_mini_batches", "0"], {},
+     ["--num_mini_batches must be at least 1, got 0"]),
+    ("ppo_response_length_zero", "ppo", [*PPO, "--response_length", "0"], {},
+     ["--response_length must be at least 1, got 0"]),
+    ("ppo_total_episodes_negative", "ppo", [*PPO, "--total_episodes", "-16"], {},
+     ["--total_episodes must be at least 1, got -16"]),
+    ("ppo_yaml_total_episodes_zero", "ppo", [*PPO, "--config", "{in}/c.yaml"],
+     {"c.yaml": _yaml("ppo.yaml", total_episodes=0)}, ["c.yaml: total_episodes must be at least 1, got 0"]),
+    ("ppo_rollout_forward_batch_zero", "ppo", [*PPO, "--local_rollout_forward_batch_size", "0"], {},
+     ["--local_rollout_forward_batch_size must be at least 1, got 0"]),
+    ("ppo_eval_prompts_negative", "ppo", [*PPO, "--eval_prompts", "-1"], {},
+     ["--eval_prompts must be at least 1, got -1"]),
+    ("ppo_kl_target_zero", "ppo", [*PPO, "--kl_target", "0"], {},
+     ["--kl_target must be > 0, got 0; leave it out for a fixed kl_coef"]),  # `if kl_target:` read 0 as unset
+    ("ppo_yaml_temperature_zero", "ppo", [*PPO, "--config", "{in}/c.yaml"],
+     {"c.yaml": _yaml("ppo.yaml", temperature=0)}, ["c.yaml: temperature must be > 0, got 0"]),
+    ("rloo_one_generation", "rl", [*PPO, "--num_generations", "1"], {},
+     ["--num_generations must be at least 2, got 1; "]),
+    ("rloo_yaml_no_generations", "rl", [*PPO, "--config", "{in}/c.yaml"],
+     {"c.yaml": _yaml("rloo.yaml", num_generations=0)},
+     ["c.yaml: num_generations must be at least 2, got 0"]),  # RLOOConfig itself: ZeroDivisionError
+    ("rloo_learning_rate_zero", "rl", [*PPO, "--learning_rate", "0"], {}, ["--learning_rate must be > 0, got 0"]),
+    ("grpo_one_generation", "grpo", [*PPO, "--num_generations", "1"], {},
+     ["--num_generations must be at least 2, got 1; "]),
+    ("grpo_completion_length_zero", "grpo", [*PPO, "--max_completion_length", "0"], {},
+     ["--max_completion_length must be at least 1, got 0"]),
+    ("grpo_beta_negative", "grpo", [*PPO, "--beta", "-0.1"], {},
+     ["--beta must be at least 0, got -0.1; set 0 to turn the KL penalty off"]),
+    ("grpo_yaml_epochs_zero_under_max_steps", "grpo", [*PPO, "--config", "{in}/c.yaml"],
+     {"c.yaml": _yaml("grpo.yaml", num_train_epochs=0)}, ["c.yaml: num_train_epochs must be > 0, got 0"]),
+    ("dpo_beta_zero", "dpo", [*PPO, "--beta", "0"], {}, ["--beta must be > 0, got 0; set e.g. 0.1"]),
+    ("dpo_yaml_beta_negative", "dpo", [*PPO, "--config", "{in}/c.yaml"], {"c.yaml": _yaml("dpo.yaml", beta=-1)},
+     ["c.yaml: beta must be > 0, got -1"]),
+    ("dpo_max_length_zero", "dpo", [*PPO, "--max_length", "0"], {}, ["--max_length must be at least 1, got 0"]),
+    ("dpo_eval_max_new_tokens_zero", "dpo", [*PPO, "--eval_max_new_tokens", "0"], {},
+     ["--eval_max_new_tokens must be at least 1, got 0"]),
+    ("dpo_batch_size_zero", "dpo", [*PPO, "--per_device_train_batch_size", "0"], {},
+     ["--per_device_train_batch_size must be at least 1, got 0"]),
+    ("kto_yaml_beta_zero", "kto", [*PPO, "--config", "{in}/c.yaml"], {"c.yaml": _yaml("kto.yaml", beta=0)},
+     ["c.yaml: beta must be > 0, got 0"]),
     ("ppo_minibatches_do_not_divide", "ppo", [*PPO, "--num_mini_batches", "3"], {},
      ["= 16 is not divisible by num_mini_batches 3"]),
     ("ppo_response_over_context", "ppo", [*PPO, "--response_length", "500"], {},
@@ -160,11 +240,35 @@ def test_bad_input_is_refused_before_loading_with_one_line_and_no_output(
     for auto_class in ("AutoModelForCausalLM", "AutoModelForSequenceClassification"):
         monkeypatch.setattr(getattr(transformers, auto_class), "from_pretrained", no_model_loading)
     arguments = _materialise(tmp_path, files, overrides, tiny_model_dir)
-    config = {"sft": "sft.yaml", "reward": "reward.yaml", "ppo": "ppo.yaml", "rl": "rloo.yaml"}[recipe]
-    message = _recipe_error(recipe, config, arguments)
+    message = _recipe_error(*RECIPES[recipe], arguments)
     for fragment in fragments:
         assert fragment in message, message
     assert not (tmp_path / "out").exists()  # nothing written, not even an empty folder
+
+
+def test_every_range_names_a_field_of_its_class_and_its_default_is_in_range():
+    """A field TRL renames would otherwise silently lose its check; a default out of range would make
+    "leave it out for the default" bad advice."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import DPOConfig, GRPOConfig, KTOConfig, ModelConfig, RewardConfig, RLOOConfig, SFTConfig
+
+    from kochat_trl import rl
+    from kochat_trl.ranges import RANGES, violation
+    from kochat_trl.runs import KochatArguments, RLArguments
+
+    classes = [TrainingArguments, SFTConfig, RewardConfig, DPOConfig, KTOConfig, rl.orpo_classes()[0], rl.PPOConfig,
+               RLOOConfig, GRPOConfig, ModelConfig, KochatArguments, RLArguments,
+               load_recipe("ppo").PPOScriptArguments, load_recipe("dpo").PreferenceScriptArguments]  # fmt: skip
+    by_name = {klass.__name__: klass for klass in classes}
+    assert set(RANGES) == set(by_name)
+    for name, rows in RANGES.items():
+        fields = {item.name: item for item in dataclasses.fields(by_name[name])}
+        for row in rows:
+            assert row.key in fields, (name, row.key)
+            default = fields[row.key].default
+            assert default is None or not violation(row, default), (name, row.key, default)
 
 
 def test_overwrite_with_bad_data_keeps_the_old_output(tmp_path, tiny_model_dir):
@@ -197,8 +301,11 @@ def test_resume_refuses_a_finished_stage_and_skips_incomplete_checkpoints(tmp_pa
     [
         (_sft_yaml(learning_rate="abc"), [], "c.yaml: learning_rate: invalid float value: 'abc'"),
         (None, ["--dataset_name", "{in}/d.jsonl"], "d.jsonl: line 1: invalid JSON"),
+        (_sft_yaml(num_train_epochs=0), [],  # sft.yaml sets max_steps: Hugging Face would never read the epochs
+         "c.yaml: num_train_epochs must be > 0, got 0; set e.g. 3, or leave it out when max_steps sets the run's "
+         "length"),
     ],
-    ids=["config", "data"],
+    ids=["config", "data", "range"],
 )
 def test_cli_exits_2_with_one_error_line_and_no_usage_dump(tmp_path, tiny_model_dir, config_text, extra, expected):
     files = {"c.yaml": config_text or _sft_yaml(), "d.jsonl": "{oops\n"}
@@ -304,23 +411,39 @@ def sft_uninterrupted(tiny_model_dir, tmp_path_factory):
     return output, metrics
 
 
-def test_sft_killed_by_sigint_resumes_and_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, sft_uninterrupted):
+def signalled_sft(tmp_path: Path, tiny_model_dir: Path, signals: list[signal.Signals], *extra: str,
+                  gap: float = 0.02) -> tuple[Path, int, str, float]:
+    """`python recipes/sft.py` (SFT_RUN + `extra`) in a child process, sent `signals` `gap` seconds apart as soon
+    as checkpoint-3 is complete, i.e. as step 4 begins: (output_dir, exit code, stderr, seconds from the last
+    signal to the exit)."""
     output = tmp_path / "out"
     command = [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(TINY_CONFIGS / "sft.yaml"),
                "--model_name_or_path", str(tiny_model_dir), *SFT_RUN, "--output_dir", str(output),
-               "--disable_tqdm", "true"]  # fmt: skip
+               "--disable_tqdm", "true", *extra]  # fmt: skip
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     deadline = time.time() + 240
     while not (output / "checkpoint-3" / "trainer_state.json").is_file() and child.poll() is None:
         assert time.time() < deadline, "no checkpoint-3"
-        time.sleep(0.02)
-    child.send_signal(signal.SIGINT)
-    _, stderr = child.communicate(timeout=120)
+        time.sleep(0.005)
+    for index, signum in enumerate(signals):
+        time.sleep(gap if index else 0)
+        child.send_signal(signum)
+    sent = time.monotonic()
+    _, stderr = child.communicate(timeout=120)  # the bound on "stops": a hung child fails the test here
+    return output, child.returncode, stderr, time.monotonic() - sent
 
-    assert child.returncode == 130, stderr[-2000:]
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])  # fmt: skip
+def test_sft_killed_by_a_signal_resumes_and_matches_the_uninterrupted_run(
+    tmp_path, tiny_model_dir, sft_uninterrupted, signum, exit_code
+):
+    output, returncode, stderr, _ = signalled_sft(tmp_path, tiny_model_dir, [signum])
+
+    assert returncode == exit_code, stderr[-2000:]  # 128 + signal, as a shell reports a process the signal ended
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped:")]
-    assert len(stopped) == 1 and "interrupted by SIGINT at step" in stopped[0], stderr[-2000:]
+    assert len(stopped) == 1 and f"interrupted by {signum.name} at step" in stopped[0], stderr[-2000:]
     assert "Traceback" not in stderr
     checkpoint = last_complete_checkpoint(output)
     stop_step = int(checkpoint.name.split("-")[1])
@@ -348,6 +471,25 @@ def test_sft_killed_by_sigint_resumes_and_matches_the_uninterrupted_run(tmp_path
     assert resumed_losses == pytest.approx(full_losses, rel=1e-6)
     assert metrics["eval_loss_end"] == pytest.approx(full_metrics["eval_loss_end"], rel=1e-6)
     assert_no_pickles_or_bins(output)
+
+
+def test_sft_ctrl_c_twice_stops_at_once_without_finishing_the_step(tmp_path, tiny_model_dir):
+    """The first Ctrl-C asks for a checkpoint at the end of the step; the second, 20 ms later, stops in the middle
+    of that step. One batch of all 144 training rows makes a step last ~0.8 s (measured: a single SIGINT at the
+    same moment stopped after step 4 at 0.9 s, its checkpoint saved), so the second signal lands inside step 4."""
+    output, returncode, stderr, seconds = signalled_sft(tmp_path, tiny_model_dir, [signal.SIGINT, signal.SIGINT],
+                                                        "--per_device_train_batch_size", "144")  # fmt: skip
+
+    assert returncode == 130, stderr[-2000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped:")]
+    assert stopped == [f"stopped: interrupted by SIGINT twice: stopped at once, the step in progress is lost; "
+                       f"continue from {output / 'checkpoint-3'} with --resume_from_checkpoint last"], stderr[-2000:]
+    assert "Traceback" not in stderr
+    # Step 4 was neither finished (never logged) nor saved, and the stage does not look finished.
+    assert last_complete_checkpoint(output) == output / "checkpoint-3" and not (output / "checkpoint-4").exists()
+    logged = [json.loads(line)["step"] for line in (output / "train.log").read_text().splitlines()]
+    assert max(logged) == 3 and not (output / "metrics.json").exists()
+    assert seconds < 60  # measured 2-3 s, nearly all of it the interpreter's exit
 
 
 def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, tiny_model_dir, sft_uninterrupted,
@@ -449,18 +591,19 @@ RLOO_RUN = ["--max_steps", "6", "--max_samples", "50", "--eval_prompts", "4", "-
 RLOO_VARYING = {"step_time"}  # wall-clock; the final summary entry (runtime, mean loss of this process) is skipped
 
 
-def test_rloo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("trainer", ["rloo", "grpo"])
+def test_critic_free_interrupted_resumes_exactly(tmp_path, tiny_model_dir, trainer):
     """RLOO/GRPO are plain Trainer loops: the recipe's interrupt callbacks and `resume_from_checkpoint` give them
     the same stop-and-continue as SFT. Policy and reward start from the tiny base, as in the PPO test."""
 
     def run(output: Path, *extra: str) -> dict:
-        return run_recipe("rl", "rloo.yaml", "--model_name_or_path", str(tiny_model_dir),
+        return run_recipe("rl", f"{trainer}.yaml", "--model_name_or_path", str(tiny_model_dir),
                           "--reward_model_path", str(tiny_model_dir), *RLOO_RUN, "--output_dir", str(output),
                           *extra)  # fmt: skip
 
     full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
 
-    assert resumed["global_step"] == 6
+    assert resumed["global_step"] == 6 and resumed["trainer"] == full["trainer"] == trainer
     assert_same_steps(tmp_path, "reward", RLOO_VARYING)  # same completions, rewards, KL, gradients
     assert resumed["reward_after"] == full["reward_after"] and resumed["kl"] == full["kl"]
     assert_no_pickles_or_bins(tmp_path / "out")
@@ -532,3 +675,20 @@ def test_dpo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
 
 
 DPO_VARYING = {"num_tokens"}  # TRL's running count of tokens seen restarts in a resumed process
+
+
+def test_cli_stopped_at_once_by_a_second_ctrl_c_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
+    """`kochat-trl pipeline` runs stages in its own process: a second Ctrl-C there reaches the CLI's entry point."""
+    from kochat_trl import cli
+    from kochat_trl.cli import tiny
+    from kochat_trl.resume import StoppedAtOnce
+
+    def stopped_at_once(args):
+        raise StoppedAtOnce(signal.SIGINT, None)
+
+    monkeypatch.setattr(tiny, "run", stopped_at_once)
+    assert cli.main(["init-tiny", str(tmp_path / "tiny")]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["kochat-trl: stopped: interrupted by SIGINT twice: stopped at once, the step "
+                                         "in progress is lost; no checkpoint was saved; rerun to train the stage "
+                                         "from the start"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""RLOO/GRPO (TRL's critic-free trainers) on the embedded default: RLOO raises the held-out reward over
+"""RLOO/GRPO (TRL's critic-free trainers) on the embedded default: each raises the held-out reward over
 the SFT policy within the KL bound and keeps answers ending in eos; the reward function scores token
 ids with eos, so stopping matters; the recipe picks the trainer's config class from the command line."""
 
@@ -17,19 +17,21 @@ from kochat_trl.templates import saved_template_name
 PENALTY = 1.0  # missing_eos_penalty in the shipped configs
 
 
-@pytest.fixture(scope="module")
-def rloo_run(tiny_stages):
-    output = tiny_stages["root"] / "rloo"
+@pytest.fixture(scope="module", params=["rloo", "grpo"])
+def critic_free_run(request, tiny_stages):
+    """recipes/rl.py with the shipped tiny rloo.yaml or grpo.yaml, from the session's SFT and RM."""
+    trainer = request.param
+    output = tiny_stages["root"] / trainer
     # One thread: the same floats as `OMP_NUM_THREADS=1 python recipes/rl.py ...`, and no thread oversubscription
     # on shared cores (2 threads on 2 busy cores made this run 10x slower).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        metrics = run_recipe("rl", "rloo.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
+        metrics = run_recipe("rl", f"{trainer}.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
                              "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    return output, metrics
+    return trainer, output, metrics
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,15 @@ def rm(tiny_stages):
     return modeling.load_reward_model(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), tokenizer), tokenizer
 
 
-def test_rloo_raises_held_out_reward_within_kl_bound(rloo_run):
-    output, metrics = rloo_run
-    # The tiny RM saturates near 7 and SFT answers already score about 6 there: +0.3 over 240 answers (4 per prompt)
-    # is several standard errors; measured +0.52 (KL 2.1) on this fixture, +1.1 on another seed's SFT/RM.
+def test_critic_free_raises_held_out_reward_within_kl_bound(critic_free_run):
+    trainer, output, metrics = critic_free_run
+    # +0.3 over 240 held-out answers (60 prompts x 4) is several standard errors. Measured on this fixture (the
+    # pipeline's SFT and RM): RLOO 2.387 -> 2.927 (KL 0.47, win-rate 0.56), GRPO 2.387 -> 2.806 (KL 0.27, win-rate
+    # 0.55); GRPO after 60 of its 120 steps gained only +0.34, too close to the bound to train it less.
     assert metrics["reward_after"] > metrics["reward_before"] + 0.3, metrics
     assert metrics["win_rate"] > 0.5
     assert 0 < metrics["kl"] <= metrics["kl_bound"] == 12.0 and metrics["kl_within_bound"] is True
-    assert metrics["trainer"] == "rloo" and metrics["num_generations"] == 4
+    assert metrics["trainer"] == trainer and metrics["num_generations"] == 4
     assert metrics["global_step"] == 120 and metrics["completions"] == 120 * 16 and metrics["eval_prompts"] == 60
     assert metrics["eval_samples_per_prompt"] == 4
     assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
@@ -59,16 +62,16 @@ def test_rloo_raises_held_out_reward_within_kl_bound(rloo_run):
     history = json.loads((output / "log_history.json").read_text())
     logged = [entry for entry in history if "reward" in entry]
     assert len(logged) == 24 and all("rewards/reward_model/mean" in entry and "kl" in entry for entry in logged)
-    assert yaml.safe_load((output / "config.yaml").read_text())["trainer"] == "rloo"
+    assert yaml.safe_load((output / "config.yaml").read_text())["trainer"] == trainer
     assert (output / "curves.png").stat().st_size > 1000 and (output / "adapter_model.safetensors").is_file()
     assert saved_template_name(AutoTokenizer.from_pretrained(output)) == "kochatgpt_short"  # the chat template travels
     assert metrics["judge_before"]["answers"] == metrics["judge_after"]["answers"] == 240
     assert metrics["judge_before"]["broken_rate"] == metrics["judge_after"]["broken_rate"] == 0.0
 
 
-def test_rloo_answers_still_end_in_eos(rloo_run):
+def test_critic_free_answers_still_end_in_eos(critic_free_run):
     """With TRL's own reward-model path the RM never sees eos and the policy unlearns stopping."""
-    _, metrics = rloo_run
+    *_, metrics = critic_free_run
     assert metrics["eos_rate_after"] >= 0.9, metrics
     assert metrics["length_after"] < 48  # answers stop before max_completion_length on average
 
@@ -181,8 +184,8 @@ def test_recipe_parses_with_the_requested_trainers_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_reference_is_the_sft_policy_with_the_adapter_disabled(rloo_run, tiny_stages):
-    output, _ = rloo_run
+def test_reference_is_the_sft_policy_with_the_adapter_disabled(critic_free_run, tiny_stages):
+    _, output, _ = critic_free_run
     sft_logits, trained_logits, reference_logits = adapter_and_reference_logits(tiny_stages["sft"], output)
     assert torch.equal(reference_logits, sft_logits)
-    assert (trained_logits - sft_logits).abs().max() > 1e-2  # RLOO moved the policy away from the SFT model
+    assert (trained_logits - sft_logits).abs().max() > 1e-2  # training moved the policy away from the SFT model

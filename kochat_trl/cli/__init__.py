@@ -15,7 +15,7 @@ from kochat_trl.errors import EXIT_USER_ERROR, KochatError, Stopped, print_error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kochat_trl.cli import data, fitcheck, generate, merge, methods, pipeline, tiny
+    from kochat_trl.cli import data, fitcheck, generate, merge, methods, pipeline, tiny, ui
 
     parser = argparse.ArgumentParser(
         prog="kochat-trl",
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kochat-trl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (pipeline, methods, data, tiny, merge, generate, fitcheck):
+    for module in (pipeline, methods, data, tiny, merge, generate, fitcheck, ui):
         module.register(commands)
     return parser
 
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Stopped as stop:  # a signal during training: the checkpoint is saved, rerun to continue
         print_error_line(f"kochat-trl: stopped: {stop}")
         return stop.exit_code
+    except KeyboardInterrupt as interrupt:  # a second Ctrl-C (resume.StoppedAtOnce) or one outside training
+        print_error_line(f"kochat-trl: stopped: {interrupt or 'interrupted'}")
+        return getattr(interrupt, "exit_code", 130)
 
 
 if __name__ == "__main__":

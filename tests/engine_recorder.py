@@ -1,0 +1,59 @@
+"""Runs a recipe unchanged under `accelerate launch` and, on every rank, records what really ran.
+
+    python tests/engine_recorder.py RECIPE RECORD_DIR [recipe arguments...]
+
+After training (Trainer.train for SFT/RM/DPO/RLOO/GRPO, the PPO seam's train for PPO) each rank writes
+RECORD_DIR/rank{R}.json: the engine facts read from inside the process (`kochat_trl.engines.describe`: the
+accelerator's distributed type, the ZeRO stage, this rank's share of the parameters and of the optimizer
+state), the wrapper type, the world size, the trainable parameter count, and the metrics main() returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+recipe, record_dir = sys.argv[1], Path(sys.argv[2])
+sys.argv = [recipe, *sys.argv[3:]]
+recipe_globals = runpy.run_path(recipe)  # defines main/make_parser; its __main__ block does not run
+
+from transformers import Trainer, set_seed  # noqa: E402
+
+from kochat_trl import engines, rl  # noqa: E402
+from kochat_trl.runs import run_recipe  # noqa: E402
+
+seen: dict = {}
+
+
+def recording(train):
+    def train_and_record(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        seen.update(engines.describe(self.accelerator, model, self.optimizer))
+        seen["wrapped_in"] = type(getattr(self, "model_wrapped", None) or self.model).__name__
+        seen["world_size"] = self.accelerator.num_processes
+        seen["trainable"] = sum(p.ds_numel if engines.is_partitioned(p) else p.numel()
+                                for p in model.parameters() if p.requires_grad)  # fmt: skip
+        return result
+
+    return train_and_record
+
+
+Trainer.train = recording(Trainer.train)
+rl._LoggingPPOTrainer.train = recording(rl._LoggingPPOTrainer.train)
+
+
+def main(script_args, training_args, model_args):
+    # The reward model's new score head is drawn from the global RNG before the Trainer seeds it.
+    set_seed(training_args.seed)
+    metrics = recipe_globals["main"](script_args, training_args, model_args)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    rank = os.environ.get("RANK", "0")
+    (record_dir / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, **seen}, default=str))
+    return metrics
+
+
+run_recipe(recipe_globals["make_parser"], main)

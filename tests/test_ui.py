@@ -1,0 +1,360 @@
+"""`kochat-trl ui` on the session's pipeline run: reading the run folder, compare/chat logic, the served app through
+gradio_client (answers equal `kochat-trl generate`'s), and a real headless Chromium driven by selenium.
+
+The app runs as the installed command in a child process on a free local port, with a bounded wait for it to
+answer, and is stopped at the end of the module. The browser test skips when no chromium + chromedriver is found.
+Set KOCHAT_UI_SCREENSHOT=PATH to also keep the browser test's Compare-tab screenshot there (docs/ui.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, plain_reward
+
+from kochat_trl.cli import main
+from kochat_trl.errors import KochatError
+from kochat_trl.judge import flags, judge_answer
+from kochat_trl.run_folder import held_out_prompts, open_run, stage_datasets
+from kochat_trl.ui import views
+from kochat_trl.ui.models import EMPTY_MESSAGE, EMPTY_PROMPT, ModelCache, chat_reply, compare, parse_options
+
+PROMPT = "김치에 대해 알려 주세요."
+MODELS = ["base", "sft", "ppo"]
+KOCHAT = str(Path(sys.executable).parent / "kochat-trl")
+OFFLINE = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+READY_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def run(pipeline_run):
+    return open_run(pipeline_run.dir)
+
+
+@pytest.fixture(scope="module")
+def cache(run) -> ModelCache:
+    return ModelCache(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the run folder
+
+
+def test_a_finished_run_lists_its_models_curves_and_times(run, pipeline_run):
+    folder = pipeline_run.dir
+    assert run.problems == [] and run.finished
+    assert run.model_names() == MODELS
+    ppo = run.model("ppo")
+    assert (ppo.model_path, ppo.adapter) == (folder / "sft", folder / "ppo")  # a LoRA adapter on the SFT model
+    assert ppo.generate_arguments() == ["--model", str(folder / "sft"), "--adapter", str(folder / "ppo")]
+    assert run.model("sft").generate_arguments() == ["--model", str(folder / "sft")]
+    assert run.reward_model == folder / "rm"
+    assert [caption for _, caption in run.curves()] == ["sft training curves", "rm training curves",
+                                                        "ppo training curves"]  # fmt: skip
+    assert list(run.wall_times()) == ["sft", "rm", "ppo", "merge", "decoding"]
+    with pytest.raises(KochatError, match=r"no model 'dpo'; this run has base, sft, ppo"):
+        run.model("dpo")
+
+
+def test_the_run_tab_shows_the_report_numbers_judge_table_and_wall_times(run):
+    report = run.report
+    text = views.report_markdown(run)
+    assert f"| RM | held-out pairwise accuracy | {report['rm']['accuracy']:.3f} |" in text
+    assert f"| PPO | KL to the SFT policy | {report['ppo']['kl']:.3f} |" in text
+    judge = report["judge"]["ppo"]
+    assert (f"| PPO | {report['ppo']['reward_after']:.3f} | {judge['broken_rate']:.3f} | {judge['hangul_share']:.3f} | "
+            f"{judge['polite_rate']:.3f} | {judge['on_topic_rate']:.3f} | {judge['repeat_rate']:.3f} |") in text
+    assert text.startswith("Models: **base, sft, ppo**.\n\n### Numbers (report.json)") and "not finished" not in text
+    assert f"| sft | {report['wall_time_s']['sft']:.1f} |" in views.wall_time_markdown(run)
+    assert views.curves_html(run).count("<figure") == 3
+    assert "![" not in views.report_text(run) and "| RM | held-out pairwise accuracy |" in views.report_text(run)
+
+
+def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
+    datasets = {data.stage: data for data in stage_datasets(run, limit=3)}
+    assert list(datasets) == ["sft", "rm", "ppo"]
+    rm = datasets["rm"]
+    assert (rm.source, rm.layout, rm.read, rm.candidates, rm.kept) == ("bundled:rm", "rm", 600, 1800, 1443)
+    assert rm.dropped == {"empty": 0, "duplicate": 0, "tie": 357}
+    assert list(rm.rows[0]) == ["prompt", "chosen", "rejected"] and len(rm.rows) == 3
+    assert (datasets["sft"].kept, datasets["ppo"].kept) == (340, 300)
+    text = views.datasets_markdown(list(datasets.values()))
+    assert "layout rm: read 600 records, 1800 candidate pairs; kept 1443; dropped 357 (empty 0, duplicate 0, tie 357)" \
+        in text  # fmt: skip
+    assert text.count("\n| 3 | ") == 3  # three rows per stage
+
+
+def test_held_out_prompts_are_ppo_s_eval_split(run):
+    from kochat_trl.generation import default_prompts
+
+    prompts = held_out_prompts(run)
+    assert len(prompts) == 60 and prompts[:4] == default_prompts(4)
+
+
+def test_not_a_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
+    assert main(["ui", "--run", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"kochat-trl: error: {tmp_path}: not a kochat-trl run folder (no pipeline_state.json, "
+                     f"report.json, base/ or sft/); make one with `kochat-trl pipeline --output_dir {tmp_path}`\n")
+    assert main(["ui", "--run", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_without_gradio_the_command_says_how_to_install_it(pipeline_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    assert main(["ui", "--run", str(pipeline_run.dir)]) == 2
+    assert capsys.readouterr().err == "kochat-trl: error: the ui needs gradio: pip install 'kochat-trl[ui]'\n"
+
+
+@pytest.fixture
+def half_run(pipeline_run, tmp_path) -> Path:
+    """A run folder as a crash during RM training leaves it: base/ and sft/ finished, no rm/, ppo/ or report."""
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "pipeline_state.json").write_text('{"wall_time_s": {"sft": 12.5}}', encoding="utf-8")
+    for stage in ("base", "sft"):
+        (folder / stage).symlink_to(pipeline_run.dir / stage)
+    (folder / "rm").mkdir()
+    return folder
+
+
+def test_a_half_finished_run_says_what_is_missing_and_still_answers(half_run):
+    run = open_run(half_run)
+    assert run.model_names() == ["base", "sft"]
+    assert run.problems == ["rm/: not finished (no metrics.json): answers get no reward-model score",
+                            "ppo/: not finished (no metrics.json)",
+                            "report.json: not written yet (the pipeline has not finished)"]  # fmt: skip
+    text = views.report_markdown(run)
+    assert "**This run is not finished**" in text and f"`kochat-trl pipeline --output_dir {half_run}`" in text
+    assert "held-out pairwise accuracy" not in text
+    assert views.wall_time_markdown(run) == "### Wall time\n\n| step | seconds |\n|---|---:|\n| sft | 12.5 |\n"
+    results = compare(ModelCache(run), PROMPT, models=["sft"])
+    assert [(item["model"], item["reward"]) for item in results] == [("sft", None)]
+    assert "no reward model" in views.answers_html(results)
+    assert [data.stage for data in stage_datasets(run)] == ["sft"]
+
+
+def test_a_moved_run_applies_its_adapters_to_its_own_sft(pipeline_run, tmp_path):
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    (folder / "sft").symlink_to(pipeline_run.dir / "sft")
+    for name, base in (("ppo", "/gone/run/sft"), ("dpo", "EleutherAI/polyglot-ko-1.3b")):
+        (folder / name).mkdir()
+        (folder / name / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        (folder / name / "metrics.json").write_text("{}")
+    run = open_run(folder)
+    assert run.model_names() == ["sft", "ppo", "dpo"]
+    assert (run.model("ppo").model_path, run.model("ppo").adapter) == (folder / "sft", folder / "ppo")
+    assert run.model("dpo").generate_arguments() == ["--model", "EleutherAI/polyglot-ko-1.3b", "--adapter",
+                                                     str(folder / "dpo")]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Compare and chat without a browser
+
+
+def test_compare_answers_with_every_model_scores_and_judges_loading_each_once(run, cache):
+    from kochat_trl.generation import _load_reward
+
+    results = compare(cache, PROMPT)
+    assert [item["model"] for item in results] == MODELS
+    assert all(set(item) == {"model", "answer", "reward", "judge"} for item in results)
+    sft = results[1]
+    assert sft["answer"].startswith("김치는") and sft["judge"] == flags(judge_answer(PROMPT, sft["answer"]))
+    assert sft["judge"] == {"broken": False, "hangul_share": 1.0, "polite": True, "on_topic": True, "repeats": False}
+    model, tokenizer = _load_reward(str(run.reward_model))
+    for item in results:  # the reward model's own score of the (prompt, answer) chat, as any client computes it
+        assert abs(item["reward"] - plain_reward(model, tokenizer, PROMPT, item["answer"])) < 1e-5
+    again = compare(cache, f"  {PROMPT}\n")  # surrounding whitespace is not part of the prompt
+    assert again == results
+    assert dict(cache.loads) == {"base": 1, "sft": 1, "ppo": 1, "rm": 1}
+    with pytest.raises(KochatError, match=r"^Type a prompt first"):
+        compare(cache, "  \n")
+    with pytest.raises(KochatError, match=r"unknown decoding strategy 'fast'"):
+        compare(cache, PROMPT, "fast")
+    html = views.answers_html(results)
+    assert html.count('class="kochat-answer"') == 3 and f"RM score {sft['reward']:.3f}" in html
+
+
+def test_chat_is_multi_turn_formatted_by_the_chat_template(cache):
+    generator = cache.generator("sft")
+    turns, given = chat_reply(cache, "sft", [], PROMPT)
+    assert given == generator.format(PROMPT) == f"### Instruction(명령어):\n{PROMPT}\n\n### Response(응답):"
+    assert turns == [{"role": "user", "content": PROMPT},
+                     {"role": "assistant", "content": compare(cache, PROMPT, models=["sft"])[0]["answer"]}]  # fmt: skip
+    turns, given = chat_reply(cache, "sft", turns, "서울을 소개해 주세요.")
+    assert len(turns) == 4 and turns[2] == {"role": "user", "content": "서울을 소개해 주세요."}
+    assert given == generator.tokenizer.apply_chat_template(turns[:3], tokenize=False, add_generation_prompt=True)
+    assert given.startswith(f"### Instruction(명령어):\n{PROMPT}\n\n### Response(응답): {turns[1]['content']}")
+    with pytest.raises(KochatError, match=f"^{EMPTY_MESSAGE}$"):
+        chat_reply(cache, "sft", turns, " ")
+
+
+def test_generate_options_parse_like_gen_flags():
+    assert parse_options("repetition_penalty=1.2\ntop_k=20, do_sample=true") == {
+        "repetition_penalty": 1.2, "top_k": 20, "do_sample": True}  # fmt: skip
+    assert parse_options("") == {}
+    with pytest.raises(KochatError, match="'speed' is not a transformers GenerationConfig option"):
+        parse_options("speed=2")
+    assert views.options_markdown("beam", {"top_k": 5}, 32) == (
+        '`generate(**{"max_new_tokens": 32, "do_sample": false, "num_beams": 4, "no_repeat_ngram_size": 2, '
+        '"early_stopping": true, "top_k": 5})`')
+
+
+# ---------------------------------------------------------------------------------------------
+# The served app
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url + "gradio_api/info", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(pipeline_run, tmp_path_factory):
+    """`kochat-trl ui --run RUN --port N` in a child process; ready when it answers, stopped after the module."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = tmp_path_factory.mktemp("ui") / "server.log"
+    with open(log, "w", encoding="utf-8") as output:
+        process = subprocess.Popen([KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)], cwd=REPO,
+                                   env=OFFLINE, stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _answers(url):
+            assert process.poll() is None, f"the ui exited with {process.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the ui did not answer in {READY_TIMEOUT_S} s: {log.read_text()}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    text = log.read_text(encoding="utf-8")
+    assert f"[kochat-trl] ui: {pipeline_run.dir} on {url} (Ctrl-C stops)" in text
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_the_compare_api_gives_each_model_s_kochat_trl_generate_answer(server, run, capsys):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/compare"]
+    results = client.predict(PROMPT, "greedy", api_name="/compare")
+    assert [item["model"] for item in results] == MODELS
+    for item in results:  # the `kochat-trl generate` command line (its main(), in this process: imports paid once)
+        arguments = ["generate", *run.model(item["model"]).generate_arguments(), "--prompt", PROMPT, "--strategy",
+                     "greedy"]  # fmt: skip
+        assert main(arguments) == 0
+        assert capsys.readouterr().out == item["answer"] + "\n", item["model"]
+        assert item["judge"] == flags(judge_answer(PROMPT, item["answer"]))
+        assert isinstance(item["reward"], float)
+    # Submitted at once, they queue: seeded sampling gives the same answers before and after another request.
+    jobs = [client.submit(PROMPT, strategy, api_name="/compare") for strategy in ("sampling", "greedy", "sampling")]
+    first, greedy, last = (job.result(timeout=300) for job in jobs)
+    assert greedy == results and first == last and first != greedy
+    with pytest.raises(AppError, match=EMPTY_PROMPT.replace("(", r"\(").replace(")", r"\)")):
+        client.predict("", "greedy", api_name="/compare")
+
+
+def test_a_busy_port_is_one_line_and_exit_2(server, pipeline_run):
+    port = urllib.parse.urlsplit(server).port
+    result = subprocess.run([KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)], env=OFFLINE,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (f"kochat-trl: error: cannot serve on 127.0.0.1:{port} (the port is in use); pass a "
+                             "free --port\n")  # fmt: skip
+
+
+def _browser():
+    """(chromium, chromedriver) paths, or skip."""
+    pytest.importorskip("selenium")
+    names = ("chromium", "chromium-browser", "google-chrome")
+    binary = next((found for name in names if (found := shutil.which(name))), None)
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("no chromium + chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
+    return binary, driver
+
+
+def test_a_real_browser_shows_the_report_and_the_answers(server, run, cache, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    binary, driver_path = _browser()
+    options = Options()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(argument)  # fmt: skip
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(server)
+        wait = WebDriverWait(browser, 60)
+        report = wait.until(lambda page: page.find_element(By.ID, "kochat-report"))
+        wait.until(lambda page: "held-out pairwise accuracy" in report.text)
+        assert f"{run.report['rm']['accuracy']:.3f}" in report.text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#kochat-curves figure img")) == 3
+
+        browser.find_element(By.XPATH, "//button[@role='tab' and normalize-space()='Compare']").click()
+        prompt = wait.until(lambda page: page.find_element(By.CSS_SELECTOR, "#kochat-prompt textarea"))
+        prompt.clear()
+        prompt.send_keys(PROMPT)
+        browser.find_element(By.ID, "kochat-compare-button").click()
+        cards = WebDriverWait(browser, 180).until(lambda page: page.find_elements(By.CSS_SELECTOR, ".kochat-answer"))
+        assert [card.get_attribute("data-model") for card in cards] == MODELS
+        expected = compare(cache, PROMPT, models=["sft", "ppo"])
+        shown = [card.find_element(By.CLASS_NAME, "kochat-text").get_attribute("textContent") for card in cards]
+        assert shown[1:] == [item["answer"] for item in expected]
+        assert [card.find_element(By.CLASS_NAME, "kochat-reward").text for card in cards[1:]] == [
+            f"RM score {item['reward']:.3f}" for item in expected]  # fmt: skip
+        screenshot = tmp_path / "ui.png"
+        assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 20_000
+        if os.environ.get("KOCHAT_UI_SCREENSHOT"):
+            shutil.copyfile(screenshot, os.environ["KOCHAT_UI_SCREENSHOT"])
+
+        prompt.send_keys(Keys.CONTROL, "a")
+        prompt.send_keys(Keys.DELETE)  # as a user empties it (clear() alone does not tell the page)
+        browser.find_element(By.ID, "kochat-compare-button").click()
+        message = wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#kochat-answers .kochat-message"))
+        assert message[0].text == EMPTY_PROMPT
+        requests = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+        urls = {event["params"]["request"]["url"] for event in requests
+                if event["method"] == "Network.requestWillBeSent"}  # fmt: skip
+        app = urllib.parse.urlsplit(server).netloc
+        outside = [url for url in urls if url.split(":")[0] in ("http", "https", "ws", "wss")
+                   and urllib.parse.urlsplit(url).netloc != app]  # fmt: skip
+        assert outside == []  # the page reaches nothing but the app: no fonts, analytics or CDN from outside
+    finally:
+        browser.quit()
