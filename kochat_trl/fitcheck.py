@@ -151,12 +151,15 @@ class FitSettings:
     seq_len: int = 512
     response_length: int = 128  # PPO only
     gradient_checkpointing: bool = False
+    shared_base: bool = False  # PPO: reward and value models are adapters on the policy's frozen base
 
     def validate(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise KochatError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise KochatError(f"quantization must be 8bit, 4bit or none, got {self.quantization!r}")
+        if self.shared_base and not self.lora:
+            raise KochatError("--shared-base puts LoRA adapters on one base; drop --no-lora or --shared-base")
         if self.quantization and not self.lora:
             flag = f"--load-in-{self.quantization}"
             raise KochatError(f"{self.quantization} weights cannot be fully fine-tuned; drop --no-lora or {flag}")
@@ -589,7 +592,12 @@ def estimate(
         components, trainable = _ppo_components(model_config, clm, settings)
         value = "with its own LoRA adapter and score head" if settings.lora else "fully trained"
         reference = "the policy with its adapter disabled (no extra weights)" if settings.lora else "a full copy"
-        notes += [f"value model: a separate copy of the reward model, {value}", f"reference: {reference}"]
+        if settings.shared_base:
+            notes.append("shared base: one frozen base for policy, reference, reward and value (their adapters on it); "
+                         "counted only: the PPO recipe does not train this way yet")  # fmt: skip
+        else:
+            notes.append(f"value model: a separate copy of the reward model, {value}")
+        notes.append(f"reference: {reference}")
     if settings.dtype == "fp16" and not settings.lora:
         notes.append("fp16 full fine-tuning: the Trainer's AMP refuses fp16 weights; load fp32 and train with --fp16")
     static = sum(c.bytes for c in components if c.phase == "static")
@@ -650,12 +658,20 @@ def _ppo_components(
     policy_parts = _trainer_components(policy, settings, "policy_", "policy")
     value_parts = _trainer_components(cls, settings, "value_", "value model")
     reference = 0 if settings.lora else weight_bytes(policy, settings)
+    reward = Component("reward_weights", "reward model weights", weight_bytes(cls, settings), "static",
+                       f"{cls.param_count:,} params, {_weights_label(settings)}, frozen")  # fmt: skip
+    if settings.shared_base:  # one frozen base: the reward model is its RM adapter + score head, frozen
+        reward_adapter = lora_param_count(cls, settings.lora_r)
+        reward = Component("reward_weights", "reward model (RM adapter + head)",
+                           4 * reward_adapter + _unquantized_bytes(settings) * cls.head_param_count, "static",
+                           f"{reward_adapter:,} LoRA params x 4 B + score head {cls.head_param_count:,} params, "
+                           "on the policy's base")  # fmt: skip
+        value_parts[0] = Component("value_weights", "value model weights", 0, "static", "the policy's base (shared)")
     static = [
         *policy_parts[:2],
         Component("reference_weights", "reference weights", reference, "static",
                   "adapter disabled on the policy" if settings.lora else "frozen copy of the policy"),
-        Component("reward_weights", "reward model weights", weight_bytes(cls, settings), "static",
-                  f"{cls.param_count:,} params, {_weights_label(settings)}, frozen"),
+        reward,
         *value_parts[:2],
         Component("gradients", "gradients (policy + value)", policy_parts[2].bytes + value_parts[2].bytes, "static",
                   "trainable params of both"),

@@ -174,6 +174,29 @@ def test_weights_and_optimizer_components_equal_real_tensor_bytes(tiny_model_dir
     assert result.trainable_params == sum(p.numel() for p in trainable)
 
 
+def test_shared_base_reward_model_is_its_adapter_and_head_in_real_tensor_bytes(tiny_model_dir):
+    """--shared-base: the reward model costs what a LoRA reward model holds beyond its base, the value model no
+    weights of its own (both sit on the policy's base). Measured on the real PEFT reward model, bf16."""
+    from peft import get_peft_model
+    from trl import ModelConfig
+
+    from kochat_trl.modeling import build_peft_config, load_reward_model, load_tokenizer
+
+    args = ModelConfig(model_name_or_path=str(tiny_model_dir), dtype=TORCH_DTYPE["bf16"], use_peft=True, lora_r=16)
+    reward = load_reward_model(args, load_tokenizer(args))
+    reward = get_peft_model(reward, build_peft_config(args, reward, "SEQ_CLS"))
+    own = [p for name, p in reward.named_parameters() if "lora_" in name or "modules_to_save" in name]
+    assert own and _storage_bytes(own) < _storage_bytes(reward.parameters()) / 5  # tiny: 10 %; 12.8b: 0.3 %
+    config = resolve_model_config(str(tiny_model_dir))
+    settings = FitSettings(dtype="bf16", seq_len=256, response_length=64)
+    shared = estimate(config, "ppo", replace(settings, shared_base=True))
+    separate = estimate(config, "ppo", settings)
+    assert shared.bytes_of("reward_weights") == _storage_bytes(own)
+    assert shared.bytes_of("value_weights") == 0 < separate.bytes_of("value_weights")
+    assert shared.bytes_of("policy_weights") == separate.bytes_of("policy_weights")
+    assert shared.bytes_of("value_adapter") == separate.bytes_of("value_adapter") > 0
+
+
 TINY_CONFIGS = {
     "gpt2": {"vocab_size": 1000, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
     "gpt_neox": {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -302,6 +325,16 @@ def test_polyglot_12_8b_full_fine_tuning_does_not_fit_24gb():
     assert fix is not None and "--load-in-4bit" in fix.flags and fix.estimate.total_bytes <= GB24
 
 
+def test_polyglot_12_8b_4bit_ppo_fits_24gb_only_with_a_shared_base():
+    settings = FitSettings(quantization="4bit", batch_size=1, gradient_checkpointing=True)
+    separate = estimate(_config(POLYGLOT_12_8B), "ppo", settings)
+    shared = estimate(_config(POLYGLOT_12_8B), "ppo", replace(settings, shared_base=True))
+    assert separate.total_bytes > GB24 >= shared.total_bytes
+    # Two of the three 4-bit 12.8B weight sets (reward, value) are gone: about 7 GiB each.
+    saved = separate.total_bytes - shared.total_bytes
+    assert 2 * 7 * GIB < saved < 2 * 7.5 * GIB
+
+
 def test_polyglot_5_8b_4bit_lora_sft_fits_24gb():
     settings = FitSettings(quantization="4bit", batch_size=1, seq_len=512, gradient_checkpointing=True)
     assert estimate(_config(POLYGLOT_5_8B), "sft", settings).total_bytes <= GB24
@@ -357,10 +390,13 @@ def _cli(capsys, *argv):
      (["--model", KOGPT2, "--gpu-memory", "24XB"], "--gpu-memory '24XB'"),
      (["--model", KOGPT2, "--batch-size", "0"], "--batch-size"),
      (["--model", KOGPT2, "--load-in-8bit", "--load-in-4bit"], "choose one"),
-     (["--model", KOGPT2, "--load-in-4bit", "--no-lora"], "cannot be fully fine-tuned")],
+     (["--model", KOGPT2, "--load-in-4bit", "--no-lora"], "cannot be fully fine-tuned"),
+     (["--model", KOGPT2, "--shared-base"], "does not apply to --stage sft"),
+     (["--model", KOGPT2, "--no-lora", "--shared-base", "--stage", "ppo"], "--shared-base puts LoRA adapters")],
 )  # fmt: skip
 def test_cli_bad_inputs_exit_2_with_one_line(capsys, argv, message):
-    defaults = ["--stage", "sft"] + ([] if "--gpu-memory" in argv else ["--gpu-memory", "24GB"])
+    defaults = [] if "--stage" in argv else ["--stage", "sft"]
+    defaults += [] if "--gpu-memory" in argv else ["--gpu-memory", "24GB"]
     code, out, err = _cli(capsys, *argv, *defaults)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("kochat-trl: error: ") and message in err

@@ -33,6 +33,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (PPO: the query)")
     parser.add_argument("--response-length", type=int, default=128, help="PPO generated tokens")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--shared-base", action="store_true",
+                        help="PPO: reward and value models as LoRA adapters on the policy's one frozen base")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights and compute dtype")
     parser.add_argument("--json", action="store_true", help="print the machine-readable breakdown")
     parser.set_defaults(handler=run)
@@ -43,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.load_in_8bit and args.load_in_4bit:
         raise KochatError("--load-in-8bit and --load-in-4bit are both set; choose one (4-bit uses the least memory)")
+    if args.shared_base and args.stage != "ppo":
+        raise KochatError(f"--shared-base shares the base between PPO's four models; it does not apply to "
+                          f"--stage {args.stage}")  # fmt: skip
     gpu_bytes = parse_memory(args.gpu_memory)
     settings = FitSettings(
         dtype=args.dtype,
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         response_length=args.response_length,
         gradient_checkpointing=args.gradient_checkpointing,
+        shared_base=args.shared_base,
     )
     settings.validate()  # bad numbers fail before the (seconds long) model import
     config = resolve_model_config(args.model)
