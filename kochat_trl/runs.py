@@ -245,12 +245,11 @@ def parameter_sharding(training_args: Any) -> str | None:
     """The launcher's parameter sharding across processes ("FSDP" or "DeepSpeed ZeRO-3"), or None."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or getattr(training_args, "fsdp", None):
+    from kochat_trl.engines import requested_engine
+
+    if requested_engine() == "FSDP" or getattr(training_args, "fsdp", None):
         return "FSDP"
-    zero3_launch = (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    )
+    zero3_launch = requested_engine() == "DEEPSPEED" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     return "DeepSpeed ZeRO-3" if zero3_launch or is_deepspeed_zero3_enabled() else None
 
 
@@ -410,6 +409,9 @@ def _check_data(kochat_args: KochatArguments, stage: str) -> list[dict[str, Any]
 
 def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]],
                context: int | None) -> None:  # fmt: skip
+    from kochat_trl.engines import check_ppo_checkpoints
+
+    check_ppo_checkpoints(training_args)
     local_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     minibatches = training_args.num_mini_batches
     if minibatches < 1 or local_batch % minibatches:

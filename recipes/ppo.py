@@ -30,12 +30,11 @@ class PPOScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import console, engines, modeling, progress, resume, rl, runs
+    from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.held_out import HeldOutEvaluation
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
-    engines.check_ppo_checkpoints(training_args)
     runs.prepare_run(script_args, training_args, model_args, stage="ppo")
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
