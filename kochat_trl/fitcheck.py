@@ -593,8 +593,8 @@ def estimate(
         value = "with its own LoRA adapter and score head" if settings.lora else "fully trained"
         reference = "the policy with its adapter disabled (no extra weights)" if settings.lora else "a full copy"
         if settings.shared_base:
-            notes.append("shared base: one frozen base for policy, reference, reward and value (their adapters on it); "
-                         "counted only: the PPO recipe does not train this way yet")  # fmt: skip
+            notes.append("shared base: one frozen base for policy, reference, reward and value (their adapters on it), "
+                         "as the PPO recipe trains with shared_base: true")  # fmt: skip
         else:
             notes.append(f"value model: a separate copy of the reward model, {value}")
         notes.append(f"reference: {reference}")

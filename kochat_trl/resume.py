@@ -170,6 +170,9 @@ def load_model_weights(model: Any, folder: str | os.PathLike) -> None:
     from peft.utils import load_peft_weights
 
     folder = Path(folder)
+    if hasattr(model, "load_adapter_weights"):  # a shared-base value model (kochat_trl.shared_base)
+        model.load_adapter_weights(folder)
+        return
     if isinstance(model, PeftModel):
         result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
         unexpected, missing = list(result.unexpected_keys), []

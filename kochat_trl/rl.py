@@ -18,6 +18,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from kochat_trl import engines, resume
 from kochat_trl.console import known_prints_dropped, known_warnings_ignored
+from kochat_trl.shared_base import SharedBase, SharedBaseReference
 
 with known_warnings_ignored():  # TRL's one-time "you are importing from trl.experimental" (console.KNOWN_WARNINGS)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -30,11 +31,12 @@ __all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", 
            "sample_and_score", "policy_comparison"]  # fmt: skip
 
 
-class _LoggingPPOTrainer(engines.DeepSpeedPPOFixes, PPOTrainer):
+class _LoggingPPOTrainer(SharedBaseReference, engines.DeepSpeedPPOFixes, PPOTrainer):
     """TRL's PPOTrainer plus the mean response length per update in its logs (TRL does not log it), and
     checkpoints it can resume from (TRL's cannot, trl#2657): the value model is saved with the policy,
     and `train(resume_from_checkpoint)` restores weights, optimizer, scheduler, counters, log, RNG and
-    the data position (see `kochat_trl.resume`). Under DeepSpeed, `engines.DeepSpeedPPOFixes`."""
+    the data position (see `kochat_trl.resume`). Under DeepSpeed, `engines.DeepSpeedPPOFixes`; with one shared
+    base, its reference context (`kochat_trl.shared_base`)."""
 
     _response_lengths: list[float]
 
@@ -126,9 +128,13 @@ class AdaptiveKLCallback(TrainerCallback):
 
 def build_ppo_trainer(args: PPOConfig, tokenizer: Any, policy: Any, reward_model: Any, value_model: Any,
                       train_dataset: Any, eval_dataset: Any = None, peft_config: Any = None,
-                      ref_model: Any = None, callbacks: Sequence[TrainerCallback] = ()) -> PPOTrainer:  # fmt: skip
-    """TRL's PPOTrainer. With a LoRA `peft_config` and `ref_model=None` the reference is the policy
-    with its adapter disabled: the SFT model itself, at no extra memory."""
+                      ref_model: Any = None, callbacks: Sequence[TrainerCallback] = (),
+                      shared_base: SharedBase | None = None) -> PPOTrainer:  # fmt: skip
+    """TRL's PPOTrainer. With a PEFT policy (or a LoRA `peft_config`) and `ref_model=None` the reference is the policy
+    with its adapter disabled: the SFT model itself, at no extra memory. With `shared_base` the policy,
+    reward and value models are its adapters (`kochat_trl.shared_base.build`) and `peft_config` is None."""
+    if shared_base is not None:
+        shared_base.draw_policy_adapter()  # what TRL's get_peft_model would draw here
     trainer = _LoggingPPOTrainer(
         args=args,
         processing_class=tokenizer,
@@ -141,6 +147,7 @@ def build_ppo_trainer(args: PPOConfig, tokenizer: Any, policy: Any, reward_model
         peft_config=peft_config,
         callbacks=list(callbacks),
     )
+    trainer.shared_base = shared_base
     _fix_for_multiple_processes(trainer)
     return trainer
 

@@ -27,11 +27,17 @@ class PPOScriptArguments(RLArguments):
     kl_target: float | None = field(
         default=None, metadata={"help": "Adapt kl_coef so the per-answer KL approaches this value (None: fixed)."}
     )
+    shared_base: bool = field(
+        default=False,
+        metadata={"help": "Policy, reference, reward and value as adapters on one frozen SFT base (reward_model_path "
+                          "a LoRA adapter trained on model_name_or_path)."},  # fmt: skip
+    )
 
 
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.held_out import HeldOutEvaluation
+    from kochat_trl.ppo_models import load_ppo_models, parameter_counts
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -39,14 +45,8 @@ def main(script_args, training_args, model_args):
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
-    policy = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
-    reward_model = modeling.load_reward_model(modeling.at_path(model_args, training_args.reward_model_path), tokenizer)
-    value_args = modeling.at_path(model_args, script_args.value_model_path or training_args.reward_model_path)
-    value_model = modeling.load_reward_model(value_args, tokenizer, 1, training_args.gradient_checkpointing)
-    if model_args.use_peft:
-        from peft import get_peft_model
-
-        value_model = get_peft_model(value_model, modeling.build_peft_config(model_args, value_model, "SEQ_CLS"))
+    models = load_ppo_models(script_args, training_args, model_args, tokenizer)
+    policy, reward_model, value_model = models.policy, models.reward, models.value
 
     # The SFT policy's held-out answers, sampled exactly as PPO samples, fixed seed.
     evaluation = HeldOutEvaluation(tokenizer, reward_model, held_out["query"], held_out["input_ids"],
@@ -60,8 +60,9 @@ def main(script_args, training_args, model_args):
         training_args, tokenizer, policy, reward_model, value_model,
         train_dataset=dataset["train"].select_columns(["input_ids"]),
         eval_dataset=held_out.select_columns(["input_ids"]),
-        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        peft_config=models.policy_lora,
         callbacks=[*callbacks, *resume.training_callbacks()],
+        shared_base=models.shared,
     )  # fmt: skip
     progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
     rl.train_ppo(trainer, resume_from_checkpoint=runs.resume_checkpoint(training_args))
@@ -70,19 +71,13 @@ def main(script_args, training_args, model_args):
 
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
     reference = trained if trainer.ref_model is None else trainer.ref_model
-    policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
-    value_trainable, value_total = modeling.trainable_parameter_share(value_model)
     metrics = {
         **evaluation.compare(trained, reference, lambda: rl.reference_context(trainer)),
         "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
         "kl_coef_final": training_args.kl_coef,
         "episodes": trainer.state.episode,
         "global_step": trainer.state.global_step,
-        # What each model costs (parameters; the reference shares the policy's weights under LoRA).
-        "params": {"policy": policy_total, "policy_trainable": policy_trainable,
-                   "reference_extra": 0 if trainer.ref_model is None else policy_total,
-                   "reward": sum(p.numel() for p in reward_model.parameters()),
-                   "value": value_total, "value_trainable": value_trainable},  # fmt: skip
+        "params": parameter_counts(models, trained, separate_reference=trainer.ref_model is not None),
         "policy_base": model_args.model_name_or_path,
         "reward_model": training_args.reward_model_path,
         "template": saved_template_name(tokenizer),

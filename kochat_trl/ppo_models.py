@@ -1,0 +1,73 @@
+"""PPO's four models, loaded one way or the other: separate reward and value copies, or adapters on one shared base.
+
+The reference is never a copy: under LoRA it is the policy with its adapter(s) off. With `shared_base: true`
+(`kochat_trl.shared_base`) the reward and value models are adapters on the policy's frozen base too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kochat_trl import modeling
+from kochat_trl.shared_base import SharedBase, is_adapter_folder
+
+
+@dataclass
+class PPOModels:
+    policy: Any
+    reward: Any
+    value: Any
+    policy_lora: Any  # the LoRA config TRL wraps the policy with; None when the policy is already a PEFT model
+    shared: SharedBase | None = None
+
+
+def load_ppo_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> PPOModels:
+    """The policy (SFT model), the frozen reward model and the value model to train, as the config asks."""
+    gradient_checkpointing = training_args.gradient_checkpointing
+    policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
+    policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
+    if getattr(script_args, "shared_base", False):
+        from kochat_trl import shared_base
+
+        shared = shared_base.build(policy, policy_lora, training_args.reward_model_path, tokenizer,
+                                   gradient_checkpointing)  # fmt: skip
+        return PPOModels(shared.policy, shared.reward, shared.value, None, shared)
+    reward = modeling.load_reward_model(modeling.at_path(model_args, training_args.reward_model_path), tokenizer)
+    value_path = getattr(script_args, "value_model_path", None) or training_args.reward_model_path
+    return PPOModels(policy, reward, _value_model(model_args, value_path, tokenizer, gradient_checkpointing),
+                     policy_lora)  # fmt: skip
+
+
+def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpointing: bool) -> Any:
+    """Initialised from the reward model. From a LoRA reward adapter, that adapter itself trains on (as under
+    shared_base: the same maths, on a copy of the base); from a full model, a new LoRA on it when use_peft."""
+    if model_args.use_peft and is_adapter_folder(path):
+        from peft import PeftModel
+
+        base_args = modeling.at_path(model_args, modeling.adapter_base(path))
+        base = modeling.load_reward_model(base_args, tokenizer, 1, gradient_checkpointing)
+        return PeftModel.from_pretrained(base, path, is_trainable=True)
+    value = modeling.load_reward_model(modeling.at_path(model_args, path), tokenizer, 1, gradient_checkpointing)
+    if model_args.use_peft:
+        from peft import get_peft_model
+
+        value = get_peft_model(value, modeling.build_peft_config(model_args, value, "SEQ_CLS"))
+    return value
+
+
+def parameter_counts(models: PPOModels, trained_policy: Any, separate_reference: bool) -> dict[str, Any]:
+    """What each role costs in parameters. The reference shares the policy's weights under LoRA; under
+    shared_base the reward and value models add only their adapters and heads to the one base."""
+    if models.shared is not None:
+        counts = models.shared.parameter_counts()
+        return {"policy": counts["base"] + counts["policy_adapter"], "policy_trainable": counts["policy_adapter"],
+                "reference_extra": 0, "reward": counts["reward_adapter"] + counts["reward_head"],
+                "value": counts["value_adapter"] + counts["value_head"],
+                "value_trainable": counts["value_adapter"] + counts["value_head"], "shared_base": True}  # fmt: skip
+    policy_trainable, policy_total = modeling.trainable_parameter_share(trained_policy)
+    value_trainable, value_total = modeling.trainable_parameter_share(models.value)
+    return {"policy": policy_total, "policy_trainable": policy_trainable,
+            "reference_extra": policy_total if separate_reference else 0,
+            "reward": sum(parameter.numel() for parameter in models.reward.parameters()),
+            "value": value_total, "value_trainable": value_trainable, "shared_base": False}  # fmt: skip

@@ -1,0 +1,264 @@
+"""Shared-base PPO (`shared_base: true`): policy, reference, reward and value as adapters on one frozen SFT base.
+
+Separate-model PPO from the same weights does the same maths (policy adapter from the same seed, value model =
+the reward adapter trained further on its own copy of the base), so every logged number must agree: a difference
+is a forward that ran with the wrong adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import plain_reward, run_recipe
+
+PPO_RUN = ["--total_episodes", "64", "--eval_prompts", "8", "--eval_samples_per_prompt", "1", "--seed", "42"]
+LOGGED = ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "loss/policy_avg",
+          "loss/value_avg", "policy/approxkl_avg", "val/clipfrac_avg")  # fmt: skip
+PROMPT = "태권도에 대해 알려 주세요."
+
+
+@pytest.fixture(scope="module")
+def lora_stages(tiny_stages, tmp_path_factory) -> dict:
+    """The session's SFT model and stage 2 trained on it as a LoRA adapter (recipes/configs/tiny/reward_lora.yaml)."""
+    root = tmp_path_factory.mktemp("shared")
+    rm = root / "rm"
+    metrics = run_recipe("reward", "reward_lora.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
+                         "--output_dir", str(rm))  # fmt: skip
+    return {"root": root, "sft": tiny_stages["sft"], "rm": rm, "rm_metrics": metrics}
+
+
+def ppo(stages: dict, name: str, *extra: str, watch=None, monkeypatch=None) -> tuple[Path, dict]:
+    from kochat_trl import rl
+
+    if watch is not None:
+        original = rl.train_ppo
+        monkeypatch.setattr(rl, "train_ppo", lambda trainer, **kwargs: watch(trainer, original, **kwargs))
+    output = stages["root"] / name
+    metrics = run_recipe("ppo", "ppo_shared.yaml", "--model_name_or_path", str(stages["sft"]),
+                         "--reward_model_path", str(stages["rm"]), "--output_dir", str(output), *PPO_RUN,
+                         *extra)  # fmt: skip
+    return output, metrics
+
+
+class Watch:
+    """Around `rl.train_ppo`: at every update, which parameters require grad; before and after, every tensor."""
+
+    def __init__(self) -> None:
+        self.trainable_each_step: list[set[str]] = []
+
+    def __call__(self, trainer, train, **kwargs) -> None:
+        from transformers import TrainerCallback
+
+        shared = trainer.shared_base
+        watch = self
+
+        class Record(TrainerCallback):
+            def on_step_end(self, args, state, control, **_):
+                watch.trainable_each_step.append({name for name, p in shared.named_parameters() if p.requires_grad})
+
+        self.shared, self.expected = shared, set(shared.trainable_names())
+        self.before = {name: p.detach().clone() for name, p in shared.named_parameters()}
+        trainer.add_callback(Record())
+        train(trainer, **kwargs)
+        self.after = {name: p.detach().clone() for name, p in shared.named_parameters()}
+        self.greedy = greedy_answer(shared.policy, trainer.processing_class)
+        self.value_score = score(shared.value, trainer.processing_class)
+
+
+def greedy_answer(model, tokenizer) -> str:
+    from kochat_trl.templates import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": PROMPT}])])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    model.train(was_training)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def score(model, tokenizer, answer: str = "태권도는 한국에서 시작된 전통 무술입니다.") -> float:
+    from kochat_trl.rewards import score_answers
+
+    return score_answers(model, tokenizer, [PROMPT], [answer])[0]
+
+
+@pytest.fixture(scope="module")
+def runs(lora_stages) -> SimpleNamespace:
+    """Separate models; shared base (watched); shared base with gradient checkpointing."""
+    patch = pytest.MonkeyPatch()
+    watch = Watch()
+    try:
+        separate = ppo(lora_stages, "separate", "--shared_base", "false")
+        shared = ppo(lora_stages, "shared", watch=watch, monkeypatch=patch)
+        patch.undo()
+        checkpointed = ppo(lora_stages, "shared-gc", "--gradient_checkpointing", "true")
+    finally:
+        patch.undo()
+    return SimpleNamespace(separate=separate, shared=shared, checkpointed=checkpointed, watch=watch)
+
+
+def history(output: Path) -> list[dict]:
+    return json.loads((output / "log_history.json").read_text())
+
+
+def test_lora_reward_model_reaches_held_out_accuracy(lora_stages):
+    metrics = lora_stages["rm_metrics"]
+    assert metrics["adapter"] is True and metrics["accuracy"] >= 0.9, metrics
+    assert json.loads((lora_stages["rm"] / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.parametrize("variant", ["shared", "checkpointed"])
+def test_shared_base_logs_what_separate_models_log(runs, variant):
+    separate, shared = history(runs.separate[0]), history(getattr(runs, variant)[0])
+    assert len(shared) == len(separate) == 4
+    for mine, theirs in zip(shared, separate, strict=True):
+        for key in LOGGED:
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (mine["step"], key)
+    assert runs.shared[1]["reward_before"] == pytest.approx(runs.separate[1]["reward_before"], abs=1e-5)
+    assert runs.shared[1]["kl"] == pytest.approx(runs.separate[1]["kl"], abs=1e-5)
+
+
+def test_only_policy_adapter_value_adapter_and_value_head_train(runs):
+    watch = runs.watch
+    assert watch.expected and all(".default." in n or ".value." in n or n.startswith("value.") for n in watch.expected)
+    assert {n for n in watch.expected if n.startswith("value.score.")} == {"value.score.weight"}
+    assert any(".lora_A.value." in n for n in watch.expected) and any(".lora_B.default." in n for n in watch.expected)
+    assert len(watch.trainable_each_step) == 4
+    assert all(step == watch.expected for step in watch.trainable_each_step)
+    changed = {name for name in watch.before if not torch.equal(watch.before[name], watch.after[name])}
+    assert changed <= watch.expected
+    assert {n for n in changed if n.startswith("value.")} == {"value.score.weight"}
+    assert any(".lora_A.default." in n for n in changed) and any(".lora_B.value." in n for n in changed)
+    frozen = set(watch.before) - watch.expected  # the base, the reward adapter, the reward head
+    assert any(".lora_A.reward." in n for n in frozen) and "reward.score.weight" in frozen
+    assert all(torch.equal(watch.before[name], watch.after[name]) for name in frozen)
+
+
+def test_saved_policy_and_value_load_as_plain_peft_models(runs, lora_stages):
+    """ppo/ is the policy adapter alone, ppo/value/ a SEQ_CLS adapter; both on the SFT base, as any client loads
+    them, give what the shared model computed in training."""
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = runs.shared[0]
+    assert sorted(path.name for path in output.iterdir() if path.is_dir()) == ["value"]  # no reward/ subfolder
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_stages["sft"]), output)
+    assert greedy_answer(policy, tokenizer) == runs.watch.greedy
+    value = AutoPeftModelForSequenceClassification.from_pretrained(output / "value", num_labels=1).eval()
+    value.config.pad_token_id = tokenizer.pad_token_id
+    assert score(value, tokenizer) == pytest.approx(runs.watch.value_score, abs=1e-5)
+    assert runs.shared[1]["params"]["shared_base"] is True
+    assert runs.shared[1]["params"]["reward"] < runs.separate[1]["params"]["reward"] / 5
+
+
+def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stages, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import ModelConfig
+
+    from kochat_trl.export import merge_adapter
+    from kochat_trl.modeling import load_tokenizer
+    from kochat_trl.ppo_models import load_ppo_models
+
+    merge_adapter(lora_stages["rm"], tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+
+    model_args = ModelConfig(model_name_or_path=str(lora_stages["sft"]), use_peft=True, lora_r=16, lora_alpha=32,
+                             lora_dropout=0.0, lora_modules_to_save=["lm_head"])  # fmt: skip
+    tokenizer = load_tokenizer(model_args, padding_side="left", announce=False)
+    training_args = SimpleNamespace(gradient_checkpointing=False, reward_model_path=str(lora_stages["rm"]), seed=0,
+                                    bf16=False)  # fmt: skip
+    models = load_ppo_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
+    # As from_pretrained leaves a separate model: scoring switches only the head to eval, so a base left in train
+    # mode would score with dropout (GPT-2's 0.1: held-out rewards 0.024 apart in the kogpt2-random benchmark).
+    assert models.policy.training is False
+    answers = ["태권도는 한국에서 시작된 전통 무술입니다. 올림픽 정식 종목입니다.", "Taekwondo is a martial art.",
+               "파리는 프랑스의 수도입니다."]  # fmt: skip
+    for answer in answers:
+        assert score(models.reward, tokenizer, answer) == pytest.approx(
+            plain_reward(merged, merged_tokenizer, PROMPT, answer), abs=1e-5)  # fmt: skip
+    # The value model starts as the reward model; the reference is the SFT model itself.
+    assert score(models.value, tokenizer) == pytest.approx(score(models.reward, tokenizer), abs=1e-6)
+    with models.shared.reference():
+        reference_answer = greedy_answer(models.policy, tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    assert reference_answer == greedy_answer(AutoModelForCausalLM.from_pretrained(lora_stages["sft"]), tokenizer)
+    # Switching adapters never touches requires_grad.
+    trainable = {name for name, p in models.shared.named_parameters() if p.requires_grad}
+    assert trainable == set(models.shared.trainable_names())
+
+
+def test_shared_base_resumes_exactly(lora_stages, tmp_path):
+    from test_reliability import interrupted_then_resumed
+
+    def run(output: Path, *extra: str) -> dict:
+        return run_recipe("ppo", "ppo_shared.yaml", "--model_name_or_path", str(lora_stages["sft"]),
+                          "--reward_model_path", str(lora_stages["rm"]), "--output_dir", str(output), *PPO_RUN,
+                          "--total_episodes", "96", "--save_strategy", "steps", "--save_steps", "2",
+                          *extra)  # fmt: skip
+
+    full, stop_step, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
+    assert (tmp_path / "out" / f"checkpoint-{stop_step}" / "value" / "adapter_model.safetensors").is_file()
+    mine, theirs = history(tmp_path / "out"), history(tmp_path / "full")
+    assert [entry["step"] for entry in mine] == [1, 2, 3, 4, 5, 6]
+    for entry, reference in zip(mine, theirs, strict=True):
+        assert {k: v for k, v in entry.items() if k != "eps"} == {k: v for k, v in reference.items() if k != "eps"}
+    assert resumed["reward_after"] == full["reward_after"] and resumed["kl"] == full["kl"]
+
+
+def test_shared_base_trains_with_two_processes(lora_stages, tmp_path):
+    from test_multiprocess import CPU_CONFIG, PPO_RECORDER, accelerate_launch, run
+
+    (tmp_path / "ppo_recorder.py").write_text(PPO_RECORDER, encoding="utf-8")
+    result = run([*accelerate_launch(), "--config_file", str(CPU_CONFIG), str(tmp_path / "ppo_recorder.py"),
+                  "recipes/ppo.py", str(tmp_path / "ranks"), "--config", "recipes/configs/tiny/ppo_shared.yaml",
+                  "--use_cpu", "true", "--model_name_or_path", str(lora_stages["sft"]),
+                  "--reward_model_path", str(lora_stages["rm"]), "--output_dir", str(tmp_path / "ppo"), *PPO_RUN,
+                  "--per_device_train_batch_size", "8", "--local_rollout_forward_batch_size", "8"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(path.read_text()) for path in sorted((tmp_path / "ranks").glob("rank*.json"))]
+    assert [rank["group"] for rank in ranks] == [["gloo", 2, 0], ["gloo", 2, 1]]
+    assert [rank["wrapped_in"] for rank in ranks] == ["DistributedDataParallel"] * 2
+    assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]  # policy and value adapters synchronised
+    assert (tmp_path / "ppo" / "value" / "adapter_model.safetensors").is_file()
+    assert ranks[0]["metrics"]["params"]["shared_base"] is True
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--use_peft", "false"], "set use_peft: true"),
+    (["--reward_model_path", "SFT"], "needs the reward model as a LoRA adapter folder"),
+    (["--model_name_or_path", "OTHER"], "the reward adapter was trained on"),
+    (["--value_model_path", "RM"], "drop value_model_path"),
+])  # fmt: skip
+def test_impossible_shared_base_settings_are_one_line_errors(lora_stages, tmp_path, change, message):
+    other = tmp_path / "other"
+    shutil.copytree(lora_stages["sft"], other, ignore=shutil.ignore_patterns("checkpoint-*"))
+    paths = {"SFT": str(lora_stages["sft"]), "OTHER": str(other), "RM": str(lora_stages["rm"])}
+    command = [sys.executable, "recipes/ppo.py", "--config", "recipes/configs/tiny/ppo_shared.yaml",
+               "--model_name_or_path", str(lora_stages["sft"]), "--reward_model_path", str(lora_stages["rm"]),
+               "--output_dir", str(tmp_path / "out"), *[paths.get(arg, arg) for arg in change]]  # fmt: skip
+    from test_multiprocess import run
+
+    result = run(command)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shared_base_under_deepspeed_is_refused(monkeypatch):
+    from kochat_trl.errors import ConfigError
+    from kochat_trl.shared_base import _verify_engine
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="runs under DDP or one process, not DEEPSPEED"):
+        _verify_engine()
