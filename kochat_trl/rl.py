@@ -337,13 +337,19 @@ class RewardModelReward:
 
 
 def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any, reward: RewardModelReward,
-                              train_dataset: Any, peft_config: Any = None,
-                              callbacks: Sequence[TrainerCallback] = ()) -> Any:  # fmt: skip
+                              train_dataset: Any, peft_config: Any = None, callbacks: Sequence[TrainerCallback] = (),
+                              shared_base: SharedBase | None = None) -> Any:  # fmt: skip
     """TRL's RLOOTrainer or GRPOTrainer on conversational prompts, rewarded by `reward`. With a LoRA `peft_config`
-    the reference is the policy with its adapter disabled (no copy)."""
+    the reference is the policy with its adapter disabled (no copy). With `shared_base` the policy is its PEFT model
+    (the reward model an adapter on it) and `peft_config` is None; TRL then keeps the reference as a "ref" copy of
+    the new policy adapter."""
     _, trainer_class = critic_free_classes(name)
-    trainer = trainer_class(model=policy, reward_funcs=[reward], args=args, train_dataset=train_dataset,
-                            processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))  # fmt: skip
+    if shared_base is not None:
+        shared_base.draw_policy_adapter()  # what TRL's get_peft_model would draw here
+    with shared_base.copies_draw_nothing() if shared_base is not None else nullcontext():
+        trainer = trainer_class(model=policy, reward_funcs=[reward], args=args, train_dataset=train_dataset,
+                                processing_class=tokenizer, peft_config=peft_config,
+                                callbacks=list(callbacks))  # fmt: skip
     # TRL places reward *models* on the device; the model inside a reward function is ours to place.
     place_on(reward.model, trainer.accelerator.device)
     return trainer

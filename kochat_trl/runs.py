@@ -301,6 +301,10 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
                           "set eval_fraction > 0")  # fmt: skip
     if stage == "ppo" and hasattr(training_args, "num_mini_batches"):  # TRL's PPOConfig (not RLOO/GRPO's configs)
         _check_ppo(kochat_args, training_args, model_args, rows, context)
+    if stage == "ppo":
+        from kochat_trl.shared_base import check_settings as check_shared_base
+
+        check_shared_base(kochat_args, training_args, model_args)
 
 
 def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args: Any) -> None:
@@ -410,7 +414,6 @@ def _check_data(kochat_args: KochatArguments, stage: str) -> list[dict[str, Any]
 def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]],
                context: int | None) -> None:  # fmt: skip
     from kochat_trl.engines import check_ppo_checkpoints
-    from kochat_trl.shared_base import check_settings as check_shared_base
 
     check_ppo_checkpoints(training_args)
     local_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
@@ -432,7 +435,6 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
                         f"({local_batch * world}); add prompts or lower per_device_train_batch_size")  # fmt: skip
     check_model_path("reward_model_path", training_args.reward_model_path)
     check_model_path("value_model_path", getattr(kochat_args, "value_model_path", None))
-    check_shared_base(kochat_args, training_args, model_args)
     if context is None or not Path(model_args.model_name_or_path).is_dir():
         return
     from kochat_trl.modeling import load_tokenizer

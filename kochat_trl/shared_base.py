@@ -82,12 +82,24 @@ class _RoutedBody:
     """The base's transformer body, run with one adapter. A plain object, not a submodule: the weights belong to
     the policy, so they are counted, moved, wrapped by DDP and saved once, through it."""
 
-    def __init__(self, body: nn.Module, router: AdapterRouter, adapter: str) -> None:
-        self.body, self.router, self.adapter = body, router, adapter
+    def __init__(self, body: nn.Module, router: AdapterRouter, adapter: str, frozen: bool = False) -> None:
+        self.body, self.router, self.adapter, self.frozen = body, router, adapter, frozen
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self.router.use(self.adapter):
+        with self.router.use(self.adapter), _in_eval_mode(self.body) if self.frozen else nullcontext():
             return self.body(*args, **kwargs)
+
+
+@contextmanager
+def _in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """The frozen reward model scores without dropout, whatever mode the trainer left the shared base in."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
 
 
 class AdapterScoreModel(nn.Module):
@@ -97,9 +109,10 @@ class AdapterScoreModel(nn.Module):
 
     base_model_prefix = "body"
 
-    def __init__(self, shared: SharedBase, adapter: str, score: nn.Linear, pad_token_id: int) -> None:
+    def __init__(self, shared: SharedBase, adapter: str, score: nn.Linear, pad_token_id: int,
+                 frozen: bool = False) -> None:  # fmt: skip
         super().__init__()
-        self.body = _RoutedBody(shared.body, shared.router, adapter)
+        self.body = _RoutedBody(shared.body, shared.router, adapter, frozen)
         self.score = score
         self.adapter, self.pad_token_id = adapter, pad_token_id
         object.__setattr__(self, "_shared", shared)  # not a submodule (see _RoutedBody)
@@ -138,7 +151,8 @@ class AdapterScoreModel(nn.Module):
 
 @dataclass
 class SharedBase:
-    """The four PPO roles over one base; `policy` is the PEFT model that owns every weight but the heads."""
+    """The roles over one base (PPO: four; RLOO/GRPO: policy, reference, reward); `policy` is the PEFT model that
+    owns every weight but the heads."""
 
     policy: Any
     router: AdapterRouter
@@ -147,12 +161,17 @@ class SharedBase:
     reward: AdapterScoreModel | None = None
     value: AdapterScoreModel | None = None
 
+    @property
+    def roles(self) -> list[AdapterScoreModel]:
+        return [role for role in (self.reward, self.value) if role is not None]
+
     def set_trainable(self) -> None:
         """requires_grad on the policy adapter, the value adapter and the value head; off everywhere else."""
         for name, parameter in self.policy.named_parameters():
             parameter.requires_grad_(_adapter_of(name) in TRAINED_ADAPTERS)
         self.reward.score.requires_grad_(False)
-        self.value.score.requires_grad_(True)
+        if self.value is not None:
+            self.value.score.requires_grad_(True)
 
     def draw_policy_adapter(self) -> None:
         """Draw the policy adapter's initial weights anew from the global generator, through PEFT's own adapter
@@ -167,6 +186,23 @@ class SharedBase:
         self.router.refresh()
         self.set_trainable()
 
+    @contextmanager
+    def copies_draw_nothing(self) -> Iterator[None]:
+        """Inside: adapters added to the policy draw their initial weights from a forked generator. RLOO/GRPO given a
+        PEFT model add a "ref" adapter and overwrite it with a copy of the policy's at once; drawing for it would
+        shift every later sample away from what a separate-model run draws."""
+        add_adapter = self.policy.add_adapter
+
+        def add_without_drawing(*args: Any, **kwargs: Any) -> Any:
+            with torch.random.fork_rng():
+                return add_adapter(*args, **kwargs)
+
+        self.policy.add_adapter = add_without_drawing
+        try:
+            yield
+        finally:
+            del self.policy.add_adapter
+
     def reference(self) -> Any:
         """Context in which the policy computes the reference: no adapter, `requires_grad` untouched."""
         return self.router.use(None)
@@ -175,12 +211,14 @@ class SharedBase:
         """Names (in the policy, then `value.score.*`) of every parameter that must train: policy adapter,
         value adapter, value head."""
         names = [name for name, _ in self.policy.named_parameters() if _adapter_of(name) in TRAINED_ADAPTERS]
+        if self.value is None:
+            return names
         return names + [f"value.score.{name}" for name, _ in self.value.score.named_parameters()]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every parameter of the four roles, once: the policy's (base and all adapters), then both heads."""
         yield from self.policy.named_parameters()
-        for role in (self.reward, self.value):
+        for role in self.roles:
             for name, parameter in role.score.named_parameters():
                 yield f"{role.adapter}.score.{name}", parameter
 
@@ -189,17 +227,18 @@ class SharedBase:
         counts = {"base": 0, **{f"{name}_adapter": 0 for name in (POLICY, REWARD, VALUE)}}
         for name, parameter in self.policy.named_parameters():
             adapter = _adapter_of(name)
-            counts["base" if adapter is None else f"{adapter}_adapter"] += parameter.numel()
+            key = "base" if adapter is None else f"{adapter}_adapter"
+            counts[key] = counts.get(key, 0) + parameter.numel()
         counts["policy_adapter"] = counts.pop(f"{POLICY}_adapter")
-        counts["reward_head"] = sum(p.numel() for p in self.reward.score.parameters())
-        counts["value_head"] = sum(p.numel() for p in self.value.score.parameters())
+        for role in self.roles:
+            counts[f"{role.adapter}_head"] = sum(p.numel() for p in role.score.parameters())
         return counts
 
 
 def build(causal_lm: nn.Module, policy_lora: Any, reward_adapter: str | Path, tokenizer: Any,
-          gradient_checkpointing: bool = False) -> SharedBase:  # fmt: skip
+          gradient_checkpointing: bool = False, with_value: bool = True) -> SharedBase:  # fmt: skip
     """Wrap the SFT `causal_lm` with the policy adapter (`policy_lora`) and stage 2's reward adapter (as "reward",
-    frozen, and as "value", trained), and build the reward and value models over its base."""
+    frozen, and, for PPO, as "value", trained), and build the reward (and value) models over its base."""
     from peft import get_peft_model
 
     policy = get_peft_model(causal_lm, policy_lora)
@@ -208,7 +247,7 @@ def build(causal_lm: nn.Module, policy_lora: Any, reward_adapter: str | Path, to
     policy.save_pretrained = functools.partial(type(policy).save_pretrained, policy, selected_adapters=[POLICY])
     config = _adapter_config_on_causal_lm(reward_adapter)
     lora, head = _read_adapter_weights(reward_adapter)
-    for adapter in (REWARD, VALUE):
+    for adapter in (REWARD, VALUE) if with_value else (REWARD,):
         policy.add_adapter(adapter, config)
         _load_lora(policy, lora, adapter, reward_adapter)
     base = policy.get_base_model()
@@ -216,8 +255,10 @@ def build(causal_lm: nn.Module, policy_lora: Any, reward_adapter: str | Path, to
     shared = SharedBase(policy, AdapterRouter(policy), body, _reward_adapter_config(reward_adapter))
     dtype = base.get_input_embeddings().weight.dtype
     device = base.get_input_embeddings().weight.device
-    shared.reward = AdapterScoreModel(shared, REWARD, _score_head(head, dtype, device), tokenizer.pad_token_id)
-    shared.value = AdapterScoreModel(shared, VALUE, _score_head(head, dtype, device), tokenizer.pad_token_id)
+    shared.reward = AdapterScoreModel(shared, REWARD, _score_head(head, dtype, device), tokenizer.pad_token_id,
+                                      frozen=True)  # fmt: skip
+    if with_value:
+        shared.value = AdapterScoreModel(shared, VALUE, _score_head(head, dtype, device), tokenizer.pad_token_id)
     shared.set_trainable()
     # Left in eval mode, as from_pretrained leaves a separate model: the held-out scoring before training switches
     # only the reward head to eval, and the base's dropout would change the scores (and the generator's state).
@@ -309,9 +350,11 @@ def check_settings(script_args: Any, training_args: Any, model_args: Any) -> Non
     model, and DDP (or one process)."""
     if not getattr(script_args, "shared_base", False):
         return
+    # PPOConfig holds the reward model's path; the RLOO/GRPO recipe's own arguments do.
+    reward_path = getattr(training_args, "reward_model_path", None) or getattr(script_args, "reward_model_path", None)
     _verify_lora(model_args)
-    _verify_reward_adapter(training_args.reward_model_path)
-    _verify_same_base(training_args.reward_model_path, model_args.model_name_or_path)
+    _verify_reward_adapter(reward_path)
+    _verify_same_base(reward_path, model_args.model_name_or_path)
     _verify_no_value_model_path(script_args)
     _verify_engine()
 

@@ -4,7 +4,9 @@ penalty keeps the policy close to the SFT model.
 Policy: the SFT result (a full model, or base + SFT adapter merged in memory) with a new LoRA
 adapter; the reference is the same model with that adapter disabled (`ref_model=None`), so it costs
 no memory. Reward model: stage 2's, frozen. Value model: initialised from the reward model (LoRA on
-it when `use_peft`). Prompts come from the PPO layout, rendered by the chat template, pre-tokenised
+it when `use_peft`; a LoRA reward adapter itself trains on). With `shared_base: true` the reward and value
+models are adapters on the policy's own frozen base (`kochat_trl.shared_base`): one base instead of three.
+Prompts come from the PPO layout, rendered by the chat template, pre-tokenised
 and left-padded; answers stop at eos.
 
     python recipes/ppo.py --config recipes/configs/tiny/ppo.yaml
@@ -37,7 +39,7 @@ class PPOScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.held_out import HeldOutEvaluation
-    from kochat_trl.ppo_models import load_ppo_models, parameter_counts
+    from kochat_trl.rl_models import load_rl_models, parameter_counts
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -45,7 +47,7 @@ def main(script_args, training_args, model_args):
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
-    models = load_ppo_models(script_args, training_args, model_args, tokenizer)
+    models = load_rl_models(script_args, training_args, model_args, tokenizer)
     policy, reward_model, value_model = models.policy, models.reward, models.value
 
     # The SFT policy's held-out answers, sampled exactly as PPO samples, fixed seed.

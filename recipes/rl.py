@@ -2,7 +2,8 @@
 answers, a KL penalty (`beta`) keeping it close to the SFT model.
 
 Same inputs as recipes/ppo.py: policy = the SFT result with a new LoRA adapter (reference = adapter
-disabled), reward = stage 2's model, prompts = the PPO layout as conversations (chat template). Each prompt
+disabled), reward = stage 2's model (with `shared_base: true`, its LoRA adapter on the policy's own base),
+prompts = the PPO layout as conversations (chat template). Each prompt
 is sampled `num_generations` times; RLOO's baseline is the other samples' mean reward, GRPO's their
 group mean (and spread). The reward model scores prompt ids + answer ids cut after eos, less
 `missing_eos_penalty` when an answer never stopped (`kochat_trl.rl.RewardModelReward`).
@@ -29,6 +30,11 @@ class RLScriptArguments(RLArguments):
     missing_eos_penalty: float | None = field(
         default=1.0, metadata={"help": "Subtracted from the reward of an answer that never produced eos."}
     )
+    shared_base: bool = field(
+        default=False,
+        metadata={"help": "The reward model as an adapter on the policy's frozen SFT base (reward_model_path a LoRA "
+                          "adapter trained on model_name_or_path)."},  # fmt: skip
+    )
     # Several answers per prompt by default: they are the group RLOO/GRPO sample anyway.
     eval_samples_per_prompt: int = field(
         default=4, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
@@ -39,6 +45,7 @@ def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.errors import ConfigError
     from kochat_trl.held_out import HeldOutEvaluation, trained_and_reference
+    from kochat_trl.rl_models import load_critic_free_models
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -49,9 +56,8 @@ def main(script_args, training_args, model_args):
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     device = training_args.device  # the "before" samples are drawn before the trainer places the policy
-    policy = rl.place_on(modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)
-    reward_args = modeling.at_path(model_args, script_args.reward_model_path)
-    reward_model = rl.place_on(modeling.load_reward_model(reward_args, tokenizer), device)
+    models = load_critic_free_models(script_args, training_args, model_args, tokenizer)
+    policy, reward_model = rl.place_on(models.policy, device), rl.place_on(models.reward, device)
 
     # The SFT policy's held-out answers, sampled as the trainer samples (top_k 0, top_p 1), fixed seed.
     evaluation = HeldOutEvaluation(tokenizer, reward_model, held_out["query"], held_out["input_ids"],
@@ -64,8 +70,9 @@ def main(script_args, training_args, model_args):
     trainer = rl.build_critic_free_trainer(
         script_args.trainer, training_args, tokenizer, policy, reward,
         train_dataset=dataset["train"].select_columns(["prompt"]),
-        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        peft_config=models.policy_lora,
         callbacks=resume.training_callbacks(),
+        shared_base=models.shared,
     )  # fmt: skip
     progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
@@ -88,8 +95,10 @@ def main(script_args, training_args, model_args):
         "params": {
             "policy": policy_total,
             "policy_trainable": policy_trainable,
-            "reward": sum(p.numel() for p in reward_model.parameters()),
-        },
+            "reward": sum(p.numel() for p in reward_model.parameters()),  # shared_base: the head (+ adapter below)
+            **({"reward_adapter": models.shared.parameter_counts()["reward_adapter"], "shared_base": True}
+               if models.shared else {"shared_base": False}),
+        },  # fmt: skip
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
         "template": saved_template_name(tokenizer),

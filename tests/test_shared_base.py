@@ -165,7 +165,7 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
 
     from kochat_trl.export import merge_adapter
     from kochat_trl.modeling import load_tokenizer
-    from kochat_trl.ppo_models import load_ppo_models
+    from kochat_trl.rl_models import load_rl_models
 
     merge_adapter(lora_stages["rm"], tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -176,7 +176,7 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
     tokenizer = load_tokenizer(model_args, padding_side="left", announce=False)
     training_args = SimpleNamespace(gradient_checkpointing=False, reward_model_path=str(lora_stages["rm"]), seed=0,
                                     bf16=False)  # fmt: skip
-    models = load_ppo_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
+    models = load_rl_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
     # As from_pretrained leaves a separate model: scoring switches only the head to eval, so a base left in train
     # mode would score with dropout (GPT-2's 0.1: held-out rewards 0.024 apart in the kogpt2-random benchmark).
     assert models.policy.training is False
@@ -262,3 +262,42 @@ def test_shared_base_under_deepspeed_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="runs under DDP or one process, not DEEPSPEED"):
         _verify_engine()
+
+
+CRITIC_FREE_RUN = ["--max_steps", "6", "--logging_steps", "1", "--eval_prompts", "8", "--eval_samples_per_prompt", "1",
+                   "--max_completion_length", "24", "--seed", "42"]  # fmt: skip
+CRITIC_FREE_LOGGED = ("loss", "grad_norm", "kl", "reward", "reward_std", "entropy", "completions/mean_length")
+
+
+@pytest.mark.parametrize("trainer", ["rloo", "grpo"])
+def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_model_logs(lora_stages, trainer):
+    """RLOO/GRPO with the reward model as an adapter on the policy's base: the same completions, rewards, KL and
+    gradients as with stage 2's adapter merged into a separate model (TRL's extra "ref" adapter draws nothing)."""
+
+    def run(shared: str) -> tuple[list[dict], dict]:
+        output = lora_stages["root"] / f"{trainer}-shared-{shared}"
+        metrics = run_recipe("rl", f"{trainer}.yaml", "--model_name_or_path", str(lora_stages["sft"]),
+                             "--reward_model_path", str(lora_stages["rm"]), "--output_dir", str(output),
+                             "--shared_base", shared, *CRITIC_FREE_RUN)  # fmt: skip
+        return [entry for entry in history(output) if "reward" in entry], metrics
+
+    (separate, separate_metrics), (shared, shared_metrics) = run("false"), run("true")
+    assert len(shared) == len(separate) == 6
+    for mine, theirs in zip(shared, separate, strict=True):
+        for key in CRITIC_FREE_LOGGED:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (mine["step"], key)
+    assert shared_metrics["reward_after"] == pytest.approx(separate_metrics["reward_after"], abs=1e-5)
+    assert shared_metrics["params"]["shared_base"] is True and shared_metrics["params"]["reward"] == 128  # the head
+    assert sorted(path.name for path in (lora_stages["root"] / f"{trainer}-shared-true").iterdir()
+                  if path.is_dir()) == []  # the policy adapter alone: no reward/ or ref/ subfolders  # fmt: skip
+
+
+def test_critic_free_shared_base_with_a_full_reward_model_is_a_one_line_error(lora_stages, tiny_stages, tmp_path):
+    from test_multiprocess import run
+
+    result = run([sys.executable, "recipes/rl.py", "--config", "recipes/configs/tiny/grpo.yaml",
+                  "--shared_base", "true", "--model_name_or_path", str(lora_stages["sft"]),
+                  "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "needs the reward model as a LoRA adapter folder" in lines[0] and not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""PPO's four models, loaded one way or the other: separate reward and value copies, or adapters on one shared base.
+"""The RL stages' models, loaded one way or the other: separate reward (and value) copies, or adapters on one
+shared base. PPO has a policy, reward and value model; RLOO and GRPO a policy and a reward model.
 
 The reference is never a copy: under LoRA it is the policy with its adapter(s) off. With `shared_base: true`
 (`kochat_trl.shared_base`) the reward and value models are adapters on the policy's frozen base too.
@@ -14,15 +15,15 @@ from kochat_trl.shared_base import SharedBase, is_adapter_folder
 
 
 @dataclass
-class PPOModels:
+class RLModels:
     policy: Any
     reward: Any
-    value: Any
+    value: Any  # None for RLOO/GRPO
     policy_lora: Any  # the LoRA config TRL wraps the policy with; None when the policy is already a PEFT model
     shared: SharedBase | None = None
 
 
-def load_ppo_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> PPOModels:
+def load_rl_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> RLModels:
     """The policy (SFT model), the frozen reward model and the value model to train, as the config asks."""
     gradient_checkpointing = training_args.gradient_checkpointing
     policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
@@ -32,11 +33,26 @@ def load_ppo_models(script_args: Any, training_args: Any, model_args: Any, token
 
         shared = shared_base.build(policy, policy_lora, training_args.reward_model_path, tokenizer,
                                    gradient_checkpointing)  # fmt: skip
-        return PPOModels(shared.policy, shared.reward, shared.value, None, shared)
+        return RLModels(shared.policy, shared.reward, shared.value, None, shared)
     reward = modeling.load_reward_model(modeling.at_path(model_args, training_args.reward_model_path), tokenizer)
     value_path = getattr(script_args, "value_model_path", None) or training_args.reward_model_path
-    return PPOModels(policy, reward, _value_model(model_args, value_path, tokenizer, gradient_checkpointing),
+    return RLModels(policy, reward, _value_model(model_args, value_path, tokenizer, gradient_checkpointing),
                      policy_lora)  # fmt: skip
+
+
+def load_critic_free_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> RLModels:
+    """RLOO/GRPO: the policy (SFT model) and the frozen reward model (`script_args.reward_model_path`)."""
+    gradient_checkpointing = training_args.gradient_checkpointing
+    policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
+    policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
+    if getattr(script_args, "shared_base", False):
+        from kochat_trl import shared_base
+
+        shared = shared_base.build(policy, policy_lora, script_args.reward_model_path, tokenizer,
+                                   gradient_checkpointing, with_value=False)  # fmt: skip
+        return RLModels(shared.policy, shared.reward, None, None, shared)
+    reward = modeling.load_reward_model(modeling.at_path(model_args, script_args.reward_model_path), tokenizer)
+    return RLModels(policy, reward, None, policy_lora)
 
 
 def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpointing: bool) -> Any:
@@ -56,7 +72,7 @@ def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpoint
     return value
 
 
-def parameter_counts(models: PPOModels, trained_policy: Any, separate_reference: bool) -> dict[str, Any]:
+def parameter_counts(models: RLModels, trained_policy: Any, separate_reference: bool) -> dict[str, Any]:
     """What each role costs in parameters. The reference shares the policy's weights under LoRA; under
     shared_base the reward and value models add only their adapters and heads to the one base."""
     if models.shared is not None:
