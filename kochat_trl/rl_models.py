@@ -23,7 +23,7 @@ class RLModels:
     shared: SharedBase | None = None
 
 
-def load_rl_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> RLModels:
+def load_ppo_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> RLModels:
     """The policy (SFT model), the frozen reward model and the value model to train, as the config asks."""
     gradient_checkpointing = training_args.gradient_checkpointing
     policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
@@ -87,3 +87,15 @@ def parameter_counts(models: RLModels, trained_policy: Any, separate_reference: 
             "reference_extra": policy_total if separate_reference else 0,
             "reward": sum(parameter.numel() for parameter in models.reward.parameters()),
             "value": value_total, "value_trainable": value_trainable, "shared_base": False}  # fmt: skip
+
+
+def critic_free_parameter_counts(models: RLModels, trained_policy: Any) -> dict[str, Any]:
+    """RLOO/GRPO: the policy's parameters and what the reward model adds (its adapter and head under shared_base)."""
+    policy_trainable, policy_total = modeling.trainable_parameter_share(trained_policy)
+    if models.shared is not None:
+        counts = models.shared.parameter_counts()
+        reward = counts["reward_adapter"] + counts["reward_head"]
+    else:
+        reward = sum(parameter.numel() for parameter in models.reward.parameters())
+    return {"policy": policy_total, "policy_trainable": policy_trainable, "reward": reward,
+            "shared_base": models.shared is not None}  # fmt: skip

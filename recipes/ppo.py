@@ -39,7 +39,7 @@ class PPOScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.held_out import HeldOutEvaluation
-    from kochat_trl.rl_models import load_rl_models, parameter_counts
+    from kochat_trl.rl_models import load_ppo_models, parameter_counts
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -47,7 +47,7 @@ def main(script_args, training_args, model_args):
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
-    models = load_rl_models(script_args, training_args, model_args, tokenizer)
+    models = load_ppo_models(script_args, training_args, model_args, tokenizer)
     policy, reward_model, value_model = models.policy, models.reward, models.value
 
     # The SFT policy's held-out answers, sampled exactly as PPO samples, fixed seed.

@@ -45,7 +45,7 @@ def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, rl, runs
     from kochat_trl.errors import ConfigError
     from kochat_trl.held_out import HeldOutEvaluation, trained_and_reference
-    from kochat_trl.rl_models import load_critic_free_models
+    from kochat_trl.rl_models import critic_free_parameter_counts, load_critic_free_models
     from kochat_trl.templates import saved_template_name
     from kochat_trl.training_data import rl_prompts
 
@@ -81,7 +81,6 @@ def main(script_args, training_args, model_args):
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
     trained, reference, reference_ctx = trained_and_reference(
         trainer, lambda: rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device))
-    policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),
         "trainer": script_args.trainer,
@@ -92,13 +91,7 @@ def main(script_args, training_args, model_args):
         "completions": trainer.state.global_step * training_args.per_device_train_batch_size * training_args.world_size
         * training_args.gradient_accumulation_steps // training_args.num_iterations,  # fmt: skip
         "num_generations": training_args.num_generations,
-        "params": {
-            "policy": policy_total,
-            "policy_trainable": policy_trainable,
-            "reward": sum(p.numel() for p in reward_model.parameters()),  # shared_base: the head (+ adapter below)
-            **({"reward_adapter": models.shared.parameter_counts()["reward_adapter"], "shared_base": True}
-               if models.shared else {"shared_base": False}),
-        },  # fmt: skip
+        "params": critic_free_parameter_counts(models, trained),
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
         "template": saved_template_name(tokenizer),

@@ -165,7 +165,7 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
 
     from kochat_trl.export import merge_adapter
     from kochat_trl.modeling import load_tokenizer
-    from kochat_trl.rl_models import load_rl_models
+    from kochat_trl.rl_models import load_ppo_models
 
     merge_adapter(lora_stages["rm"], tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -176,7 +176,7 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
     tokenizer = load_tokenizer(model_args, padding_side="left", announce=False)
     training_args = SimpleNamespace(gradient_checkpointing=False, reward_model_path=str(lora_stages["rm"]), seed=0,
                                     bf16=False)  # fmt: skip
-    models = load_rl_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
+    models = load_ppo_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
     # As from_pretrained leaves a separate model: scoring switches only the head to eval, so a base left in train
     # mode would score with dropout (GPT-2's 0.1: held-out rewards 0.024 apart in the kogpt2-random benchmark).
     assert models.policy.training is False
@@ -287,7 +287,9 @@ def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_
         for key in CRITIC_FREE_LOGGED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (mine["step"], key)
     assert shared_metrics["reward_after"] == pytest.approx(separate_metrics["reward_after"], abs=1e-5)
-    assert shared_metrics["params"]["shared_base"] is True and shared_metrics["params"]["reward"] == 128  # the head
+    assert shared_metrics["params"]["shared_base"] is True
+    assert shared_metrics["params"]["reward"] == 69632 + 128  # adapter + head (the separate model: 590,592)
+    assert separate_metrics["params"]["reward"] == 590592
     assert sorted(path.name for path in (lora_stages["root"] / f"{trainer}-shared-true").iterdir()
                   if path.is_dir()) == []  # the policy adapter alone: no reward/ or ref/ subfolders  # fmt: skip
 
