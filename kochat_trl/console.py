@@ -24,6 +24,9 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning] | str, str, str], ...] = (
      "transformers 5 renamed the TrainingArguments field; TRL 1.12's configs still define the old one"),
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
      "peft 0.21 reads the old property when it saves or prepares a model"),
+    (FutureWarning, r"`gradient_checkpointing_(enable|disable)` is deprecated and will be removed in v6",
+     "TRL 1.12 turns checkpointing off and on around every rollout, and peft 0.21 on in k-bit preparation, by the "
+     "old names; kochat_trl calls activation_checkpointing_enable"),
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found",
      "the Trainer pins memory by default; on a CPU-only machine torch ignores it"),
     ("trl.import_utils:TRLExperimentalWarning", r"You are importing from 'trl.experimental'",

@@ -287,7 +287,7 @@ def _finish_loading(
             gradient_checkpointing_kwargs=NON_REENTRANT,
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
     if gradient_checkpointing:
         model.config.use_cache = False  # the cache is useless when activations are recomputed
     disable_bnb_cpu_bf16_repack(model)

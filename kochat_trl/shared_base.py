@@ -275,7 +275,7 @@ def _checkpoint_with_routes(policy: Any, base: nn.Module, router: AdapterRouter)
     kwargs = {"use_reentrant": False, "context_fn": router.checkpoint_contexts}
 
     def enable(**_: Any) -> None:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
     policy.gradient_checkpointing_enable = enable
     enable()

@@ -303,3 +303,18 @@ def test_critic_free_shared_base_with_a_full_reward_model_is_a_one_line_error(lo
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "needs the reward model as a LoRA adapter folder" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_shared_base_trains_on_a_4bit_base_with_gradient_checkpointing(lora_stages):
+    """The 24 GB layout (one 4-bit base, checkpointing) runs the whole PPO loop: every update logged, the value
+    model learning (its loss falls from the first update), the adapters saved."""
+    import math
+
+    output, metrics = ppo(lora_stages, "shared-4bit", "--load_in_4bit", "true", "--gradient_checkpointing", "true",
+                          "--total_episodes", "96")  # fmt: skip
+    logged = history(output)
+    assert len(logged) == 6 and all(math.isfinite(entry["loss/value_avg"]) for entry in logged)
+    assert logged[-1]["loss/value_avg"] < logged[0]["loss/value_avg"]
+    assert metrics["params"]["shared_base"] is True
+    assert (output / "adapter_model.safetensors").is_file()
+    assert (output / "value" / "adapter_model.safetensors").is_file()
