@@ -32,6 +32,7 @@ from typing import Any
 
 import harness
 import models
+import worker as worker_module
 
 MODES = ("separate", "shared")
 COMPARED = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg")
@@ -116,8 +117,7 @@ def worker(mode: str, setup_path: Path, result_path: Path) -> None:
     from kochat_trl.runs import parse_recipe_args
 
     torch.set_num_threads(setup["threads"])
-    sys.path.insert(0, str(harness.REPO))
-    recipe = _load_ppo_recipe()
+    recipe = worker_module.load_recipe("ppo")
     figures: dict[str, Any] = {"mode": mode, "update_times": []}
     original_train = rl.train_ppo
 
@@ -156,16 +156,6 @@ def worker(mode: str, setup_path: Path, result_path: Path) -> None:
     })  # fmt: skip
     del figures["update_times"], figures["loop_start"]
     result_path.write_text(json.dumps(figures))
-
-
-def _load_ppo_recipe() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_recipe_ppo", harness.REPO / "recipes" / "ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_mode(mode: str, setup: Path, scratch: Path, args: argparse.Namespace, repeat: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kochat_trl import modeling
-from kochat_trl.shared_base import SharedBase, is_adapter_folder
+from kochat_trl.shared_base import SharedBase
 
 
 @dataclass
@@ -24,41 +24,37 @@ class RLModels:
 
 
 def load_ppo_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> RLModels:
-    """The policy (SFT model), the frozen reward model and the value model to train, as the config asks."""
-    gradient_checkpointing = training_args.gradient_checkpointing
-    policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
-    policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
-    if getattr(script_args, "shared_base", False):
-        from kochat_trl import shared_base
-
-        shared = shared_base.build(policy, policy_lora, training_args.reward_model_path, tokenizer,
-                                   gradient_checkpointing)  # fmt: skip
-        return RLModels(shared.policy, shared.reward, shared.value, None, shared)
-    reward = modeling.load_reward_model(modeling.at_path(model_args, training_args.reward_model_path), tokenizer)
-    value_path = getattr(script_args, "value_model_path", None) or training_args.reward_model_path
-    return RLModels(policy, reward, _value_model(model_args, value_path, tokenizer, gradient_checkpointing),
-                     policy_lora)  # fmt: skip
+    """PPO: the policy (SFT model), the frozen reward model and the value model to train, as the config asks."""
+    return _load(script_args, training_args, model_args, tokenizer, training_args.reward_model_path, with_value=True)
 
 
 def load_critic_free_models(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> RLModels:
     """RLOO/GRPO: the policy (SFT model) and the frozen reward model (`script_args.reward_model_path`)."""
+    return _load(script_args, training_args, model_args, tokenizer, script_args.reward_model_path, with_value=False)
+
+
+def _load(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any, reward_path: str,
+          with_value: bool) -> RLModels:  # fmt: skip
     gradient_checkpointing = training_args.gradient_checkpointing
     policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
     policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
     if getattr(script_args, "shared_base", False):
         from kochat_trl import shared_base
 
-        shared = shared_base.build(policy, policy_lora, script_args.reward_model_path, tokenizer,
-                                   gradient_checkpointing, with_value=False)  # fmt: skip
-        return RLModels(shared.policy, shared.reward, None, None, shared)
-    reward = modeling.load_reward_model(modeling.at_path(model_args, script_args.reward_model_path), tokenizer)
-    return RLModels(policy, reward, None, policy_lora)
+        shared = shared_base.build(policy, policy_lora, reward_path, tokenizer, gradient_checkpointing, with_value)
+        return RLModels(shared.policy, shared.reward, shared.value, None, shared)
+    reward = modeling.load_reward_model(modeling.at_path(model_args, reward_path), tokenizer)
+    value = None
+    if with_value:
+        value_path = getattr(script_args, "value_model_path", None) or reward_path
+        value = _value_model(model_args, value_path, tokenizer, gradient_checkpointing)
+    return RLModels(policy, reward, value, policy_lora)
 
 
 def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpointing: bool) -> Any:
     """Initialised from the reward model. From a LoRA reward adapter, that adapter itself trains on (as under
     shared_base: the same maths, on a copy of the base); from a full model, a new LoRA on it when use_peft."""
-    if model_args.use_peft and is_adapter_folder(path):
+    if model_args.use_peft and modeling.adapter_base(path) is not None:
         from peft import PeftModel
 
         base_args = modeling.at_path(model_args, modeling.adapter_base(path))

@@ -32,8 +32,9 @@ from kochat_trl.errors import ConfigError
 
 POLICY, REWARD, VALUE = "default", "reward", "value"
 TRAINED_ADAPTERS = (POLICY, VALUE)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# PEFT's file names (peft.utils.CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME), spelled out so that importing this module
+# does not import peft (and with it bitsandbytes).
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _HEAD_PREFIX = "base_model.model.score."  # where PEFT saves a SEQ_CLS adapter's `score` (modules_to_save)
 
 
@@ -334,14 +335,6 @@ def _score_head(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: An
     return head
 
 
-def is_adapter_folder(path: str | Path | None) -> bool:
-    return bool(path) and (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_task(path: str | Path) -> str | None:
-    return json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("task_type")
-
-
 # Checks, one rule each, run before anything loads (runs.prepare_run -> _check_ppo).
 
 
@@ -366,12 +359,15 @@ def _verify_lora(model_args: Any) -> None:
 
 
 def _verify_reward_adapter(path: str | None) -> None:
-    if not is_adapter_folder(path):
+    from kochat_trl.modeling import adapter_base
+
+    if not path or adapter_base(path) is None:
         raise ConfigError(f"reward_model_path {path}: shared_base: true needs the reward model as a LoRA adapter "
                           "folder (adapter_config.json); train stage 2 with use_peft: true "
                           "(recipes/configs/tiny/reward_lora.yaml), or set shared_base: false")  # fmt: skip
-    if adapter_task(path) != "SEQ_CLS":
-        raise ConfigError(f"{Path(path) / ADAPTER_CONFIG}: task_type {adapter_task(path)!r} is not a reward model "
+    task = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("task_type")
+    if task != "SEQ_CLS":
+        raise ConfigError(f"{Path(path) / ADAPTER_CONFIG}: task_type {task!r} is not a reward model "
                           "adapter (SEQ_CLS); point reward_model_path at stage 2's output")  # fmt: skip
 
 
