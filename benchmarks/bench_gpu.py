@@ -28,8 +28,12 @@ from typing import Any
 import harness
 import models
 
-MODELS = ("skt/kogpt2-base-v2", "EleutherAI/polyglot-ko-1.3b", "EleutherAI/polyglot-ko-5.8b",
-          "EleutherAI/polyglot-ko-12.8b")  # fmt: skip
+MODELS = (
+    "skt/kogpt2-base-v2",
+    "EleutherAI/polyglot-ko-1.3b",
+    "EleutherAI/polyglot-ko-5.8b",
+    "EleutherAI/polyglot-ko-12.8b",
+)
 PRECISIONS = {"bf16": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}
 STAGES = ("sft", "rm", "ppo", "generate")
 RECIPE_STAGES = ("sft", "rm", "ppo")
@@ -37,8 +41,9 @@ TEMPLATE = "kochatgpt_short"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated fit-check presets")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated: bf16, 8bit, 4bit")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
@@ -60,19 +65,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def recipe_config(stage: str, precision: str, args: argparse.Namespace, model_dir: Path, data: Path) -> dict[str, Any]:
     """The recipe config of one cell: LoRA everywhere, bf16 weights + bf16 autocast (CPU too), fixed-length rows."""
     config = harness.load_stage_config(stage)
-    config.update({
-        "model_name_or_path": str(model_dir), "dataset_name": str(data), "template": TEMPLATE, "init_tiny": False,
-        "overwrite": True, "eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "report_to": "none",
-        "use_peft": True, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r, "lora_dropout": 0.05,
-        "lora_modules_to_save": None, "dtype": "bfloat16", "bf16": True,
-        "use_cpu": args.device == "cpu", "per_device_train_batch_size": args.batch_size,
-        "gradient_checkpointing": args.gradient_checkpointing, "logging_steps": 1, **PRECISIONS[precision],
-    })  # fmt: skip
+    config.update(
+        {
+            "model_name_or_path": str(model_dir),
+            "dataset_name": str(data),
+            "template": TEMPLATE,
+            "init_tiny": False,
+            "overwrite": True,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "report_to": "none",
+            "use_peft": True,
+            "lora_r": args.lora_r,
+            "lora_alpha": 2 * args.lora_r,
+            "lora_dropout": 0.05,
+            "lora_modules_to_save": None,
+            "dtype": "bfloat16",
+            "bf16": True,
+            "use_cpu": args.device == "cpu",
+            "per_device_train_batch_size": args.batch_size,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "logging_steps": 1,
+            **PRECISIONS[precision],
+        }
+    )
     if stage == "ppo":
-        config.update({"reward_model_path": str(model_dir), "total_episodes": args.batch_size * args.steps,
-                       "local_rollout_forward_batch_size": args.batch_size, "num_mini_batches": 1,
-                       "response_length": args.response_length, "eval_fraction": 0.2,
-                       "eval_prompts": args.batch_size, "eval_samples_per_prompt": 1})  # fmt: skip
+        config.update(
+            {
+                "reward_model_path": str(model_dir),
+                "total_episodes": args.batch_size * args.steps,
+                "local_rollout_forward_batch_size": args.batch_size,
+                "num_mini_batches": 1,
+                "response_length": args.response_length,
+                "eval_fraction": 0.2,
+                "eval_prompts": args.batch_size,
+                "eval_samples_per_prompt": 1,
+            }
+        )
     else:
         config.update({"max_steps": args.steps, "max_length": args.seq_len, "eval_fraction": 0.0})
     return config
@@ -81,10 +111,17 @@ def recipe_config(stage: str, precision: str, args: argparse.Namespace, model_di
 def fit_estimate(preset: str, stage: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     from kochat_trl.fitcheck import FitSettings, estimate, resolve_model_config
 
-    settings = FitSettings(dtype="bf16", quantization=None if precision == "bf16" else precision, lora=True,
-                           lora_r=args.lora_r, lora_dropout=0.05, batch_size=args.batch_size, seq_len=args.seq_len,
-                           response_length=args.response_length,
-                           gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    settings = FitSettings(
+        dtype="bf16",
+        quantization=None if precision == "bf16" else precision,
+        lora=True,
+        lora_r=args.lora_r,
+        lora_dropout=0.05,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        response_length=args.response_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     result = estimate(resolve_model_config(preset), stage, settings)
     return {"tensor_bytes": result.tensor_bytes, "total_bytes": result.total_bytes}
 
@@ -95,8 +132,9 @@ def run_cell(spec: dict[str, Any], args: argparse.Namespace, scratch: Path) -> d
     result = harness.run_worker(spec, harness.worker_env(args.threads), args.timeout, scratch)
     result.update({"load1_before": round(load, 2), "waited_s": round(waited, 1)})
     error = result.get("error") or ""
-    result["status"] = "ok" if result["ok"] else "OOM" if "OutOfMemoryError" in error or "out of memory" in error \
-        else "error"  # fmt: skip
+    result["status"] = (
+        "ok" if result["ok"] else "OOM" if "OutOfMemoryError" in error or "out of memory" in error else "error"
+    )
     return result
 
 
@@ -109,14 +147,36 @@ def render(cells: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         if fit and measured:
             error = f"{100 * (fit['tensor_bytes'] - measured) / measured:+.1f} %"
         speed = result.get("throughput")
-        rows.append([cell["model"], cell["precision"], cell["stage"], result["status"],
-                     f"{harness.fmt(speed, 2)} {result.get('throughput_unit', '')}" if speed else "–",
-                     result.get("step_s"), harness.memory_text(result) if result["ok"] else "–",
-                     f"{fit['tensor_bytes'] / harness.GIB:.2f} GiB" if fit else "–", error,
-                     f"{100 * result['trainable_share']:.3f} %" if result.get("trainable_share") else "–"])  # fmt: skip
+        rows.append(
+            [
+                cell["model"],
+                cell["precision"],
+                cell["stage"],
+                result["status"],
+                f"{harness.fmt(speed, 2)} {result.get('throughput_unit', '')}" if speed else "–",
+                result.get("step_s"),
+                harness.memory_text(result) if result["ok"] else "–",
+                f"{fit['tensor_bytes'] / harness.GIB:.2f} GiB" if fit else "–",
+                error,
+                f"{100 * result['trainable_share']:.3f} %" if result.get("trainable_share") else "–",
+            ]
+        )
     memory = "peak CUDA allocated" if machine["device"] == "cuda" else "peak RSS"
-    table = harness.markdown_table(["model", "weights", "stage", "status", "throughput", "s/step", memory,
-                                    "fit-check tensors", "fit-check error", "trainable"], rows)  # fmt: skip
+    table = harness.markdown_table(
+        [
+            "model",
+            "weights",
+            "stage",
+            "status",
+            "throughput",
+            "s/step",
+            memory,
+            "fit-check tensors",
+            "fit-check error",
+            "trainable",
+        ],
+        rows,
+    )
     where = machine.get("gpu", machine["cpu"])
     return f"### Random-init target architectures + LoRA ({where})\n\n{table}"
 
@@ -128,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.models:
         started = time.perf_counter()
         model_dir = models.random_model(preset, scratch / "models", args.device, "bfloat16")
-        print(f"[bench] {preset}: {models.model_params(model_dir):,} params, random bf16 checkpoint in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"[bench] {preset}: {models.model_params(model_dir):,} params, random bf16 checkpoint in "
+            f"{time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
         data = {}
         for stage in RECIPE_STAGES:
             count = 4 * args.batch_size * args.steps
@@ -142,15 +205,31 @@ def main(argv: list[str] | None = None) -> int:
                 if stage == "generate":
                     if precision != "bf16":
                         continue  # Generator loads merged bf16 models; k-bit generation is not a recipe path
-                    settings = {"prompts": 4 * args.batch_size, "batch_size": args.batch_size,
-                                "max_new_tokens": args.response_length}  # fmt: skip
-                    prompts = [record["prompt"] for record in json.loads(data["ppo"].read_text())][:settings["prompts"]]
-                    spec = {**base, "role": "ours", "stage": "generate", "template": TEMPLATE, "prompts": prompts,
-                            "texts": [], "generate": settings}  # fmt: skip
+                    settings = {
+                        "prompts": 4 * args.batch_size,
+                        "batch_size": args.batch_size,
+                        "max_new_tokens": args.response_length,
+                    }
+                    prompts = [record["prompt"] for record in json.loads(data["ppo"].read_text())][
+                        : settings["prompts"]
+                    ]
+                    spec = {
+                        **base,
+                        "role": "ours",
+                        "stage": "generate",
+                        "template": TEMPLATE,
+                        "prompts": prompts,
+                        "texts": [],
+                        "generate": settings,
+                    }
                     fit = None
                 else:
-                    spec = {**base, "role": "ours", "stage": stage,
-                            "config": recipe_config(stage, precision, args, model_dir, data[stage])}  # fmt: skip
+                    spec = {
+                        **base,
+                        "role": "ours",
+                        "stage": stage,
+                        "config": recipe_config(stage, precision, args, model_dir, data[stage]),
+                    }
                     fit = fit_estimate(preset, stage, precision, args)
                 result = run_cell(spec, args, scratch / "runs" / f"{preset.split('/')[-1]}-{precision}-{stage}")
                 cell = {"model": preset, "precision": precision, "stage": stage, "result": result, "fit": fit}
@@ -164,11 +243,20 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(model_dir, ignore_errors=True)
     markdown = render(cells, machine)
     print("\n" + markdown)
-    payload = {"benchmark": "gpu", "command": harness.command_line(), "machine": machine,
-               "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-                            "response_length": args.response_length, "lora_r": args.lora_r,
-                            "gradient_checkpointing": args.gradient_checkpointing},
-               "cells": cells}  # fmt: skip
+    payload = {
+        "benchmark": "gpu",
+        "command": harness.command_line(),
+        "machine": machine,
+        "settings": {
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "response_length": args.response_length,
+            "lora_r": args.lora_r,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
+        "cells": cells,
+    }
     harness.finish(args, scratch, f"gpu-{args.device}", payload, markdown)
     return 0
 

@@ -43,8 +43,9 @@ VARIANT_SETTINGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny", help="tiny, kogpt2-random, or a fit-check preset (random weights)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
     parser.add_argument("--profile", choices=tuple(PROFILES), default=None)
@@ -59,9 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     config = harness.load_stage_config("sft")
-    config.update({"eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "report_to": "none",
-                   "init_tiny": False, "overwrite": True, "eval_fraction": 0.0, "max_length": PAD_TO,
-                   "model_name_or_path": str(model_dir)})  # fmt: skip
+    config.update(
+        {
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "report_to": "none",
+            "init_tiny": False,
+            "overwrite": True,
+            "eval_fraction": 0.0,
+            "max_length": PAD_TO,
+            "model_name_or_path": str(model_dir),
+        }
+    )
     config.update(PROFILES[args.profile])
     if args.steps:
         config["max_steps"] = args.steps
@@ -79,16 +90,40 @@ def render(model: str, summaries: dict[str, dict[str, Any]], machine: dict[str, 
     memory_key = "peak_cuda_bytes" if machine["device"] == "cuda" else "peak_rss_bytes"
     rows = []
     for label, s in summaries.items():
-        rows.append([label, f"{harness.fmt(s['throughput'], 1)} tok/s", s["step_s"], s["tokens_per_step"],
-                     harness.memory_cell(s), harness.share_text(s), s["train_loss"],
-                     harness.ratio(s["throughput"], baseline["throughput"]) if baseline else None,
-                     harness.ratio(s[memory_key], baseline[memory_key]) if baseline else None,
-                     f"{s['runs_clean']}/{s['runs_total']}", s["load1_before"],
-                     f"{100 * (s['foreign_cpu'] or 0):.1f} %"])  # fmt: skip
+        rows.append(
+            [
+                label,
+                f"{harness.fmt(s['throughput'], 1)} tok/s",
+                s["step_s"],
+                s["tokens_per_step"],
+                harness.memory_cell(s),
+                harness.share_text(s),
+                s["train_loss"],
+                harness.ratio(s["throughput"], baseline["throughput"]) if baseline else None,
+                harness.ratio(s[memory_key], baseline[memory_key]) if baseline else None,
+                f"{s['runs_clean']}/{s['runs_total']}",
+                s["load1_before"],
+                f"{100 * (s['foreign_cpu'] or 0):.1f} %",
+            ]
+        )
     memory = "peak CUDA allocated" if machine["device"] == "cuda" else "peak RSS"
     table = harness.markdown_table(
-        ["variant", "real tokens/s", "s/step", "real tokens/step", memory, "trainable", "train loss",
-         "speed vs KoChatGPT", "memory vs KoChatGPT", "clean runs", "load1", "foreign CPU"], rows)  # fmt: skip
+        [
+            "variant",
+            "real tokens/s",
+            "s/step",
+            "real tokens/step",
+            memory,
+            "trainable",
+            "train loss",
+            "speed vs KoChatGPT",
+            "memory vs KoChatGPT",
+            "clean runs",
+            "load1",
+            "foreign CPU",
+        ],
+        rows,
+    )
     where = f"{machine['device']}, {machine['torch_threads']} threads"
     return f"### {model}: KoChatGPT-style SFT vs ours ({where})\n\n{table}"
 
@@ -104,23 +139,48 @@ def main(argv: list[str] | None = None) -> int:
     config = base_config(args, model_dir)
     rows_path = scratch / "sft-rows.json"
     rows_path.write_text(json.dumps(models.stage_rows("sft", config, model_dir), ensure_ascii=False))
-    base = {"stage": "sft", "device": args.device, "threads": args.threads, "model_dir": str(model_dir),
-            "warmup": 1, "rows": str(rows_path), "pad_to": PAD_TO,
-            "lora_targets": lora_target_modules(AutoConfig.from_pretrained(model_dir))}  # fmt: skip
-    variants = [harness.Variant(name, {**base, "role": "kochatgpt" if name == "kochatgpt" else "ours",
-                                       "config": {**config, **VARIANT_SETTINGS[name]}})
-                for name in args.variants]  # fmt: skip
-    print(f"[bench] model {args.model} at {model_dir}; {', '.join(args.variants)} alternating, {args.repeats} each",
-          flush=True)  # fmt: skip
+    base = {
+        "stage": "sft",
+        "device": args.device,
+        "threads": args.threads,
+        "model_dir": str(model_dir),
+        "warmup": 1,
+        "rows": str(rows_path),
+        "pad_to": PAD_TO,
+        "lora_targets": lora_target_modules(AutoConfig.from_pretrained(model_dir)),
+    }
+    variants = [
+        harness.Variant(
+            name,
+            {
+                **base,
+                "role": "kochatgpt" if name == "kochatgpt" else "ours",
+                "config": {**config, **VARIANT_SETTINGS[name]},
+            },
+        )
+        for name in args.variants
+    ]
+    print(
+        f"[bench] model {args.model} at {model_dir}; {', '.join(args.variants)} alternating, {args.repeats} each",
+        flush=True,
+    )
     harness.run_alternating(variants, args, scratch / "runs")
     summaries = {variant.label: harness.summarize(variant) for variant in variants}
     markdown = render(args.model, summaries, machine)
     print("\n" + markdown)
     name = f"kochatgpt-{args.model.split('/')[-1]}-{args.device}"
-    payload = {"benchmark": "kochatgpt", "command": harness.command_line(), "model": args.model,
-               "params": models.model_params(model_dir), "settings": config, "pad_to": PAD_TO, "machine": machine,
-               "gate": vars(harness.Gate.from_args(args)), "summary": summaries,
-               "runs": {variant.label: variant.runs for variant in variants}}  # fmt: skip
+    payload = {
+        "benchmark": "kochatgpt",
+        "command": harness.command_line(),
+        "model": args.model,
+        "params": models.model_params(model_dir),
+        "settings": config,
+        "pad_to": PAD_TO,
+        "machine": machine,
+        "gate": vars(harness.Gate.from_args(args)),
+        "summary": summaries,
+        "runs": {variant.label: variant.runs for variant in variants},
+    }
     harness.finish(args, scratch, name, payload, markdown)
     return 0
 

@@ -24,9 +24,11 @@ from typing import Any
 
 import harness
 
-RUN = ("import json, sys\nfrom kochat_trl.pipeline import run_pipeline\n"
-       "report = run_pipeline(None, sys.argv[1], overwrite=True)\n"
-       "json.dump(report, open(sys.argv[2], 'w', encoding='utf-8'), ensure_ascii=False)\n")  # fmt: skip
+RUN = (
+    "import json, sys\nfrom kochat_trl.pipeline import run_pipeline\n"
+    "report = run_pipeline(None, sys.argv[1], overwrite=True)\n"
+    "json.dump(report, open(sys.argv[2], 'w', encoding='utf-8'), ensure_ascii=False)\n"
+)
 
 
 def _busy_seconds() -> float:
@@ -45,24 +47,35 @@ def run_once(args: argparse.Namespace, scratch: Path, index: int) -> dict[str, A
     out = scratch / f"report-{index}.json"
     busy, children, started = _busy_seconds(), _children_seconds(), time.perf_counter()
     load_start = os.getloadavg()[0]
-    process = subprocess.run([sys.executable, "-c", RUN, str(scratch / f"run-{index}"), str(out)], cwd=harness.REPO,
-                             env=harness.worker_env(args.threads), capture_output=True, text=True,
-                             timeout=args.timeout)  # fmt: skip
+    process = subprocess.run(
+        [sys.executable, "-c", RUN, str(scratch / f"run-{index}"), str(out)],
+        cwd=harness.REPO,
+        env=harness.worker_env(args.threads),
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+    )
     wall = time.perf_counter() - started
     if process.returncode != 0:
         raise harness.BenchmarkError(f"pipeline failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
     foreign = (_busy_seconds() - busy) - (_children_seconds() - children)
     report = json.loads(out.read_text(encoding="utf-8"))
-    return {"wall_time_s": report["wall_time_s"], "total_s": wall, "load1_start": load_start,
-            "load1_after": os.getloadavg()[0], "foreign_cpu": max(0.0, foreign) / (wall * (os.cpu_count() or 1)),
-            "sft_eval_loss": [report["sft"]["eval_loss_start"], report["sft"]["eval_loss_end"]],
-            "rm_accuracy": report["rm"]["accuracy"],
-            "ppo_reward": [report["ppo"]["reward_before"], report["ppo"]["reward_after"]]}  # fmt: skip
+    return {
+        "wall_time_s": report["wall_time_s"],
+        "total_s": wall,
+        "load1_start": load_start,
+        "load1_after": os.getloadavg()[0],
+        "foreign_cpu": max(0.0, foreign) / (wall * (os.cpu_count() or 1)),
+        "sft_eval_loss": [report["sft"]["eval_loss_start"], report["sft"]["eval_loss_end"]],
+        "rm_accuracy": report["rm"]["accuracy"],
+        "ppo_reward": [report["ppo"]["reward_before"], report["ppo"]["reward_after"]],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     harness.add_common_arguments(parser, repeats=1)
     parser.set_defaults(timeout=1200.0)
     args = parser.parse_args(argv)
@@ -75,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         for attempt in range(gate.retries + 1):
             load, waited = gate.wait_quiet()
             run = run_once(args, scratch, f"{index}-{attempt}")
-            run.update({"load1_before": round(load, 2), "waited_s": round(waited, 1),
-                        "clean": load < gate.max_load and run["foreign_cpu"] <= gate.max_foreign})  # fmt: skip
+            run.update(
+                {
+                    "load1_before": round(load, 2),
+                    "waited_s": round(waited, 1),
+                    "clean": load < gate.max_load and run["foreign_cpu"] <= gate.max_foreign,
+                }
+            )
             runs.append(run)
-            print(f"[bench] pipeline run {index}.{attempt}: {run['total_s']:.1f} s  {run['wall_time_s']}  "
-                  f"load1 {load:.2f}->{run['load1_after']:.2f}  foreign {100 * run['foreign_cpu']:.1f}%"
-                  f"{'' if run['clean'] else '  CONTENDED'}", flush=True)  # fmt: skip
+            print(
+                f"[bench] pipeline run {index}.{attempt}: {run['total_s']:.1f} s  {run['wall_time_s']}  "
+                f"load1 {load:.2f}->{run['load1_after']:.2f}  foreign {100 * run['foreign_cpu']:.1f}%"
+                f"{'' if run['clean'] else '  CONTENDED'}",
+                flush=True,
+            )
             if run["clean"]:
                 break
     used = [run for run in runs if run["clean"]] or runs
@@ -90,14 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[stage, seconds] for stage, seconds in medians.items()] + [["total (process)", total]]
     table = harness.markdown_table(["stage", "seconds"], rows)
     clean = sum(run["clean"] for run in runs)
-    markdown = (f"### Default pipeline wall time (tiny default, CPU, {args.threads} threads)\n\n{table}\n\n"
-                f"median of {len(used)} run(s), {clean}/{len(runs)} clean; load1 before "
-                f"{statistics.median(run['load1_before'] for run in used):.2f}, foreign CPU "
-                f"{100 * statistics.median(run['foreign_cpu'] for run in used):.1f} %")  # fmt: skip
+    markdown = (
+        f"### Default pipeline wall time (tiny default, CPU, {args.threads} threads)\n\n{table}\n\n"
+        f"median of {len(used)} run(s), {clean}/{len(runs)} clean; load1 before "
+        f"{statistics.median(run['load1_before'] for run in used):.2f}, foreign CPU "
+        f"{100 * statistics.median(run['foreign_cpu'] for run in used):.1f} %"
+    )
     print("\n" + markdown)
-    payload = {"benchmark": "pipeline", "command": harness.command_line(),
-               "machine": harness.machine_info(args.threads, "cpu"), "gate": vars(gate), "median_s": medians,
-               "total_s": total, "runs": runs}  # fmt: skip
+    payload = {
+        "benchmark": "pipeline",
+        "command": harness.command_line(),
+        "machine": harness.machine_info(args.threads, "cpu"),
+        "gate": vars(gate),
+        "median_s": medians,
+        "total_s": total,
+        "runs": runs,
+    }
     harness.finish(args, scratch, "pipeline-cpu", payload, markdown)
     return 0
 

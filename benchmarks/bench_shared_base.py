@@ -38,13 +38,28 @@ MODES = ("separate", "shared")
 COMPARED = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg")
 # Per model: a few updates, each worker well under the harness timeout on 2 CPU cores.
 PROFILES = {
-    "tiny": {"total_episodes": 128, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
-             "response_length": 32, "eval_prompts": 8},
-    "small": {"total_episodes": 20, "per_device_train_batch_size": 4, "local_rollout_forward_batch_size": 4,
-              "response_length": 24, "eval_prompts": 4},
-    "gpu": {"total_episodes": 64, "per_device_train_batch_size": 8, "local_rollout_forward_batch_size": 8,
-            "response_length": 64, "eval_prompts": 8},
-}  # fmt: skip
+    "tiny": {
+        "total_episodes": 128,
+        "per_device_train_batch_size": 16,
+        "local_rollout_forward_batch_size": 16,
+        "response_length": 32,
+        "eval_prompts": 8,
+    },
+    "small": {
+        "total_episodes": 20,
+        "per_device_train_batch_size": 4,
+        "local_rollout_forward_batch_size": 4,
+        "response_length": 24,
+        "eval_prompts": 4,
+    },
+    "gpu": {
+        "total_episodes": 64,
+        "per_device_train_batch_size": 8,
+        "local_rollout_forward_batch_size": 8,
+        "response_length": 64,
+        "eval_prompts": 8,
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,9 +100,19 @@ def reward_adapter(model_dir: Path, folder: Path) -> Path:
 def ppo_config(args: argparse.Namespace, model_dir: Path, rm_dir: Path) -> dict[str, Any]:
     config = harness.load_stage_config("ppo")
     config.update(PROFILES[args.profile])
-    config.update({"model_name_or_path": str(model_dir), "reward_model_path": str(rm_dir), "eval_samples_per_prompt": 1,
-                   "eval_fraction": 0.05, "seed": 42, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-                   "disable_tqdm": True})  # fmt: skip
+    config.update(
+        {
+            "model_name_or_path": str(model_dir),
+            "reward_model_path": str(rm_dir),
+            "eval_samples_per_prompt": 1,
+            "eval_fraction": 0.05,
+            "seed": 42,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+        }
+    )
     if "lm_head" in (config.get("lora_modules_to_save") or []) and args.model != "tiny":
         config["lora_modules_to_save"] = None  # a 51,200-wide lm_head copy would dwarf the adapters
     if args.device == "cuda":
@@ -140,20 +165,24 @@ def worker(mode: str, setup_path: Path, result_path: Path) -> None:
     import yaml
 
     config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
-    metrics = recipe.main(*parse_recipe_args(recipe.make_parser(), ["--config", str(config_path), "--overwrite",
-                                                                     "true"]))  # fmt: skip
+    metrics = recipe.main(
+        *parse_recipe_args(recipe.make_parser(), ["--config", str(config_path), "--overwrite", "true"])
+    )
     history = json.loads((Path(config["output_dir"]) / "log_history.json").read_text())
     times = [figures["loop_start"], *figures["update_times"]]
     intervals = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-    figures.update({
-        "seconds_per_update": statistics.median(intervals[1:] or intervals),
-        "updates": len(intervals),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "logged": [{key: entry[key] for key in COMPARED if key in entry} for entry in history],
-        "params": metrics["params"],
-        "reward_before": metrics["reward_before"], "reward_after": metrics["reward_after"],
-    })  # fmt: skip
+    figures.update(
+        {
+            "seconds_per_update": statistics.median(intervals[1:] or intervals),
+            "updates": len(intervals),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "logged": [{key: entry[key] for key in COMPARED if key in entry} for entry in history],
+            "params": metrics["params"],
+            "reward_before": metrics["reward_before"],
+            "reward_after": metrics["reward_after"],
+        }
+    )
     del figures["update_times"], figures["loop_start"]
     result_path.write_text(json.dumps(figures))
 
@@ -162,15 +191,24 @@ def run_mode(mode: str, setup: Path, scratch: Path, args: argparse.Namespace, re
     result = scratch / f"{mode}-{repeat}.json"
     command = [sys.executable, __file__, "--worker", mode, str(setup), str(result)]
     started = time.perf_counter()
-    process = subprocess.run(command, env=harness.worker_env(args.threads), cwd=harness.REPO, capture_output=True,
-                             text=True, timeout=args.timeout)  # fmt: skip
+    process = subprocess.run(
+        command,
+        env=harness.worker_env(args.threads),
+        cwd=harness.REPO,
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+    )
     if process.returncode != 0 or not result.is_file():
         raise harness.BenchmarkError(f"{mode} run {repeat} failed:\n{(process.stdout + process.stderr)[-3000:]}")
     figures = json.loads(result.read_text())
     figures["process_wall_s"] = time.perf_counter() - started
-    print(f"[bench] {mode:<9} run {repeat}  {figures['seconds_per_update']:6.2f} s/update  "
-          f"model {figures['model_bytes'] / 2**20:8.1f} MB  peak RSS {figures['peak_rss_mb']:8.0f} MB  "
-          f"reward {figures['reward_before']:.3f} -> {figures['reward_after']:.3f}", flush=True)  # fmt: skip
+    print(
+        f"[bench] {mode:<9} run {repeat}  {figures['seconds_per_update']:6.2f} s/update  "
+        f"model {figures['model_bytes'] / 2**20:8.1f} MB  peak RSS {figures['peak_rss_mb']:8.0f} MB  "
+        f"reward {figures['reward_before']:.3f} -> {figures['reward_after']:.3f}",
+        flush=True,
+    )
     return figures
 
 
@@ -179,9 +217,14 @@ def max_abs_diff(first: list[dict[str, float]], second: list[dict[str, float]]) 
 
 
 def render(model: str, summary: dict[str, Any]) -> str:
-    rows = [[label, summary[key]["separate"], summary[key]["shared"], summary["ratio"][key]]
-            for label, key in (("model storage (MB)", "model_mb"), ("peak RSS (MB)", "peak_rss_mb"),
-                               ("seconds per update", "seconds_per_update"))]  # fmt: skip
+    rows = [
+        [label, summary[key]["separate"], summary[key]["shared"], summary["ratio"][key]]
+        for label, key in (
+            ("model storage (MB)", "model_mb"),
+            ("peak RSS (MB)", "peak_rss_mb"),
+            ("seconds per update", "seconds_per_update"),
+        )
+    ]
     table = harness.markdown_table(["", "separate", "shared", "shared / separate"], rows)
     diffs = ", ".join(f"{key} {value:.1e}" for key, value in summary["max_abs_diff"].items())
     return f"## Shared-base PPO, {model}\n\n{table}\n\nmax |separate - shared| per update: {diffs}"
@@ -199,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = models.model_folder(args.model, scratch, args.device)
     rm_dir = reward_adapter(model_dir, scratch / "reward-adapter")
     setup = scratch / "setup.json"
-    setup.write_text(json.dumps({"config": ppo_config(args, model_dir, rm_dir), "threads": args.threads,
-                                 "output_dir": str(scratch / "ppo")}))  # fmt: skip
+    setup.write_text(
+        json.dumps(
+            {"config": ppo_config(args, model_dir, rm_dir), "threads": args.threads, "output_dir": str(scratch / "ppo")}
+        )
+    )
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
         for mode in MODES:  # alternated: drift of the machine hits both alike
@@ -211,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model_bytes = {mode: runs[mode][0]["model_bytes"] for mode in MODES}  # exact, the same in every repeat
     summary = {
-        "model": args.model, "profile": args.profile, "machine": machine,
+        "model": args.model,
+        "profile": args.profile,
+        "machine": machine,
         "config": json.loads(setup.read_text())["config"],
         "model_bytes": model_bytes,
         "model_mb": {mode: value / 2**20 for mode, value in model_bytes.items()},
@@ -219,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_update": median("seconds_per_update"),
         "max_abs_diff": max_abs_diff(runs["separate"][0]["logged"], runs["shared"][0]["logged"]),
         "runs": runs,
-    }  # fmt: skip
+    }
     if args.device == "cuda":
         summary["peak_cuda_mb"] = median("peak_cuda_mb")
-    summary["ratio"] = {key: summary[key]["shared"] / summary[key]["separate"]
-                        for key in ("model_mb", "peak_rss_mb", "seconds_per_update")}  # fmt: skip
+    summary["ratio"] = {
+        key: summary[key]["shared"] / summary[key]["separate"]
+        for key in ("model_mb", "peak_rss_mb", "seconds_per_update")
+    }
     markdown = render(args.model, summary)
     print("\n" + markdown)
     harness.finish(args, scratch, name, summary, markdown)

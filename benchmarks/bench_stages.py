@@ -29,39 +29,71 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {  # the shipped tiny configs' batch sizes and lengths; SFT's 120 steps; PPO 16 of its 30 updates
         "sft": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
         "rm": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
-        "ppo": {"total_episodes": 256, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
-                "response_length": 48, "eval_prompts": 16, "eval_samples_per_prompt": 1},
+        "ppo": {
+            "total_episodes": 256,
+            "per_device_train_batch_size": 16,
+            "local_rollout_forward_batch_size": 16,
+            "response_length": 48,
+            "eval_prompts": 16,
+            "eval_samples_per_prompt": 1,
+        },
         "generate": {"prompts": 64, "batch_size": 8, "max_new_tokens": 64},
-    },  # fmt: skip
+    },
     "small": {  # ~100M+ random models on CPU (kogpt2-random)
         "sft": {"max_steps": 6, "per_device_train_batch_size": 4, "max_length": 128},
         "rm": {"max_steps": 6, "per_device_train_batch_size": 4, "max_length": 128},
-        "ppo": {"total_episodes": 16, "per_device_train_batch_size": 4, "local_rollout_forward_batch_size": 4,
-                "response_length": 32, "eval_prompts": 4, "eval_samples_per_prompt": 1},
+        "ppo": {
+            "total_episodes": 16,
+            "per_device_train_batch_size": 4,
+            "local_rollout_forward_batch_size": 4,
+            "response_length": 32,
+            "eval_prompts": 4,
+            "eval_samples_per_prompt": 1,
+        },
         "generate": {"prompts": 8, "batch_size": 8, "max_new_tokens": 32},
-    },  # fmt: skip
+    },
     "gpu": {
         "sft": {"max_steps": 20, "per_device_train_batch_size": 8, "max_length": 512},
         "rm": {"max_steps": 20, "per_device_train_batch_size": 8, "max_length": 512},
-        "ppo": {"total_episodes": 64, "per_device_train_batch_size": 8, "local_rollout_forward_batch_size": 8,
-                "response_length": 64, "eval_prompts": 8, "eval_samples_per_prompt": 1},
+        "ppo": {
+            "total_episodes": 64,
+            "per_device_train_batch_size": 8,
+            "local_rollout_forward_batch_size": 8,
+            "response_length": 64,
+            "eval_prompts": 8,
+            "eval_samples_per_prompt": 1,
+        },
         "generate": {"prompts": 32, "batch_size": 8, "max_new_tokens": 64},
-    },  # fmt: skip
+    },
 }
 # Every run: no eval, no checkpoints, no progress bars (worker.py turns token counting on for both sides).
-COMMON = {"eval_strategy": "no", "save_strategy": "no", "disable_tqdm": True, "report_to": "none",
-          "init_tiny": False, "overwrite": True}  # fmt: skip
+COMMON = {
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "disable_tqdm": True,
+    "report_to": "none",
+    "init_tiny": False,
+    "overwrite": True,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default="tiny",
-                        help="tiny, kogpt2-random, or a fit-check preset (skt/kogpt2-base-v2, "
-                             "EleutherAI/polyglot-ko-1.3b, -5.8b, -12.8b): random weights, real sizes")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny, kogpt2-random, or a fit-check preset (skt/kogpt2-base-v2, "
+        "EleutherAI/polyglot-ko-1.3b, -5.8b, -12.8b): random weights, real sizes",
+    )
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--profile", choices=tuple(PROFILES), default=None,
-                        help="step counts and batch sizes (default: tiny for tiny, small on CPU, gpu on CUDA)")
+    parser.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default=None,
+        help="step counts and batch sizes (default: tiny for tiny, small on CPU, gpu on CUDA)",
+    )
     parser.add_argument("--lora", action="store_true", help="train SFT and RM with LoRA (the tiny configs train fully)")
     parser.add_argument("--steps", type=int, default=None, help="override max_steps (SFT, RM)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the per-device batch size")
@@ -122,8 +154,13 @@ def build_variants(stage: str, args: argparse.Namespace, model_dir: Path, scratc
         config = stage_config(stage, args, model_dir)
         rows_path = scratch / f"{stage}-rows.json"
         rows_path.write_text(json.dumps(models.stage_rows(stage, config, model_dir), ensure_ascii=False))
-        base.update({"config": config, "rows": str(rows_path),
-                     "lora_targets": lora_target_modules(AutoConfig.from_pretrained(model_dir))})  # fmt: skip
+        base.update(
+            {
+                "config": config,
+                "rows": str(rows_path),
+                "lora_targets": lora_target_modules(AutoConfig.from_pretrained(model_dir)),
+            }
+        )
     return [harness.Variant("ours", {**base, "role": "ours"}), harness.Variant("bare", {**base, "role": "bare"})]
 
 
@@ -132,36 +169,84 @@ def render(model: str, summaries: dict[str, dict[str, dict[str, Any]]], machine:
     for stage, pair in summaries.items():
         for label in ("ours", "bare"):
             s = pair[label]
-            rows.append([stage, label, f"{harness.fmt(s['throughput'], 1)} {s['throughput_unit']}",
-                         s["step_s"], s["loop_s"], s["import_s"], s["setup_s"], s["process_wall_s"],
-                         harness.memory_cell(s), harness.share_text(s), s["train_loss"],
-                         f"{s['runs_clean']}/{s['runs_total']}", s["load1_before"],
-                         f"{100 * (s['foreign_cpu'] or 0):.1f} %"])  # fmt: skip
+            rows.append(
+                [
+                    stage,
+                    label,
+                    f"{harness.fmt(s['throughput'], 1)} {s['throughput_unit']}",
+                    s["step_s"],
+                    s["loop_s"],
+                    s["import_s"],
+                    s["setup_s"],
+                    s["process_wall_s"],
+                    harness.memory_cell(s),
+                    harness.share_text(s),
+                    s["train_loss"],
+                    f"{s['runs_clean']}/{s['runs_total']}",
+                    s["load1_before"],
+                    f"{100 * (s['foreign_cpu'] or 0):.1f} %",
+                ]
+            )
         ours, bare = pair["ours"], pair["bare"]
         memory_key = "peak_cuda_bytes" if ours.get("peak_cuda_bytes") is not None else "peak_rss_bytes"
-        ratios.append([stage, harness.ratio(ours["throughput"], bare["throughput"]),
-                       harness.ratio(ours["step_s"], bare["step_s"]), harness.ratio(ours["loop_s"], bare["loop_s"]),
-                       harness.ratio(ours["loop_cpu_s"], bare["loop_cpu_s"]),
-                       harness.ratio(ours[memory_key], bare[memory_key]),
-                       harness.ratio(ours["process_wall_s"], bare["process_wall_s"])])  # fmt: skip
+        ratios.append(
+            [
+                stage,
+                harness.ratio(ours["throughput"], bare["throughput"]),
+                harness.ratio(ours["step_s"], bare["step_s"]),
+                harness.ratio(ours["loop_s"], bare["loop_s"]),
+                harness.ratio(ours["loop_cpu_s"], bare["loop_cpu_s"]),
+                harness.ratio(ours[memory_key], bare[memory_key]),
+                harness.ratio(ours["process_wall_s"], bare["process_wall_s"]),
+            ]
+        )
     memory = "peak CUDA allocated" if machine["device"] == "cuda" else "peak RSS"
     table = harness.markdown_table(
-        ["stage", "side", "throughput", "s/step", "loop s", "import s", "setup s", "process s", memory,
-         "trainable", "train loss", "clean runs", "load1", "foreign CPU"], rows)  # fmt: skip
+        [
+            "stage",
+            "side",
+            "throughput",
+            "s/step",
+            "loop s",
+            "import s",
+            "setup s",
+            "process s",
+            memory,
+            "trainable",
+            "train loss",
+            "clean runs",
+            "load1",
+            "foreign CPU",
+        ],
+        rows,
+    )
     ratio_table = harness.markdown_table(
-        ["stage", "throughput ours/bare", "s/step ours/bare", "loop ours/bare", "loop CPU time ours/bare",
-         f"{memory} ours/bare",
-         "process ours/bare"], ratios)  # fmt: skip
-    return f"### {model}: ours vs bare TRL ({machine['device']}, {machine['torch_threads']} threads)\n\n" \
-           f"{table}\n\n{ratio_table}"  # fmt: skip
+        [
+            "stage",
+            "throughput ours/bare",
+            "s/step ours/bare",
+            "loop ours/bare",
+            "loop CPU time ours/bare",
+            f"{memory} ours/bare",
+            "process ours/bare",
+        ],
+        ratios,
+    )
+    return (
+        f"### {model}: ours vs bare TRL ({machine['device']}, {machine['torch_threads']} threads)\n\n"
+        f"{table}\n\n{ratio_table}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scratch, machine = harness.start(args, "stages")
     model_dir = models.model_folder(args.model, scratch / "models", args.device)
-    print(f"[bench] model {args.model} at {model_dir}; machine {machine['cpu']} x{machine['cpu_count']}, "
-          f"{args.threads} torch threads", flush=True)  # fmt: skip
+    print(
+        f"[bench] model {args.model} at {model_dir}; machine {machine['cpu']} x{machine['cpu_count']}, "
+        f"{args.threads} torch threads",
+        flush=True,
+    )
     summaries: dict[str, dict[str, dict[str, Any]]] = {}
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for stage in args.stages:
@@ -176,9 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     name = f"stages-{args.model.split('/')[-1]}-{args.device}"
     if args.stages != list(STAGES):
         name += "-" + "-".join(args.stages)
-    payload = {"benchmark": "stages", "command": harness.command_line(), "model": args.model,
-               "params": models.model_params(model_dir), "profile": PROFILES[args.profile], "machine": machine,
-               "gate": vars(harness.Gate.from_args(args)), "summary": summaries, "runs": raw}  # fmt: skip
+    payload = {
+        "benchmark": "stages",
+        "command": harness.command_line(),
+        "model": args.model,
+        "params": models.model_params(model_dir),
+        "profile": PROFILES[args.profile],
+        "machine": machine,
+        "gate": vars(harness.Gate.from_args(args)),
+        "summary": summaries,
+        "runs": raw,
+    }
     harness.finish(args, scratch, name, payload, markdown)
     return 0
 

@@ -46,16 +46,28 @@ class BenchmarkError(SystemExit):
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
     group = parser.add_argument_group("measurement")
-    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                       help="cpu: peak RSS; cuda: torch.cuda.max_memory_allocated (fails without a GPU)")  # fmt: skip
+    group.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: peak RSS; cuda: torch.cuda.max_memory_allocated (fails without a GPU)",
+    )
     group.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default 2)")
     group.add_argument("--repeats", type=int, default=repeats, help="measured runs per variant, alternated")
-    group.add_argument("--max-load", type=float, default=None,
-                       help="wait before a run until the 1-min load average is below this (default threads + 1.5)")
+    group.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="wait before a run until the 1-min load average is below this (default threads + 1.5)",
+    )
     group.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for a quiet machine per run")
-    group.add_argument("--max-foreign", type=float, default=0.10,
-                       help="a run whose loop saw more than this share of all CPU time used by other processes "
-                            "is contended: retried and left out of the medians")  # fmt: skip
+    group.add_argument(
+        "--max-foreign",
+        type=float,
+        default=0.10,
+        help="a run whose loop saw more than this share of all CPU time used by other processes "
+        "is contended: retried and left out of the medians",
+    )
     group.add_argument("--retries", type=int, default=2, help="extra attempts for a contended run")
     group.add_argument("--timeout", type=float, default=600.0, help="seconds one worker may take")
     group.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temp folder)")
@@ -83,20 +95,24 @@ def check_device(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise BenchmarkError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
-                             "run on a GPU machine with a CUDA build of torch, or use --device cpu")  # fmt: skip
+        raise BenchmarkError(
+            "--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+            "run on a GPU machine with a CUDA build of torch, or use --device cpu"
+        )
 
 
 def worker_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRL_EXPERIMENTAL_SILENCE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-    })  # fmt: skip
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRL_EXPERIMENTAL_SILENCE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        }
+    )
     return env
 
 
@@ -111,8 +127,14 @@ def machine_info(threads: int, device: str) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)  # fmt: skip
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
     info = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -191,8 +213,14 @@ def run_worker(spec: dict[str, Any], env: dict[str, str], timeout: float, scratc
     out_path.unlink(missing_ok=True)
     started = time.perf_counter()
     try:
-        process = subprocess.run([sys.executable, str(WORKER), str(spec_path), str(out_path)], env=env, cwd=REPO,
-                                 capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        process = subprocess.run(
+            [sys.executable, str(WORKER), str(spec_path), str(out_path)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         code, tail = process.returncode, (process.stdout + process.stderr)[-3000:]
     except subprocess.TimeoutExpired as expired:
         code = None
@@ -206,8 +234,9 @@ def run_worker(spec: dict[str, Any], env: dict[str, str], timeout: float, scratc
     return result
 
 
-def run_alternating(variants: Sequence[Variant], args: argparse.Namespace, scratch: Path,
-                    log: Callable[[str], None] = print) -> None:  # fmt: skip
+def run_alternating(
+    variants: Sequence[Variant], args: argparse.Namespace, scratch: Path, log: Callable[[str], None] = print
+) -> None:
     """Run every variant `args.repeats` times in the order A B C A B C ...; results go to `variant.runs`."""
     gate = Gate.from_args(args)
     env = worker_env(args.threads)
@@ -216,8 +245,9 @@ def run_alternating(variants: Sequence[Variant], args: argparse.Namespace, scrat
             for attempt in range(gate.retries + 1):
                 load, waited = gate.wait_quiet()
                 result = run_worker(variant.spec, env, args.timeout, scratch / f"{variant.label}-{repeat}-{attempt}")
-                result.update({"repeat": repeat, "attempt": attempt, "load1_before": round(load, 2),
-                               "waited_s": round(waited, 1)})  # fmt: skip
+                result.update(
+                    {"repeat": repeat, "attempt": attempt, "load1_before": round(load, 2), "waited_s": round(waited, 1)}
+                )
                 result["clean"] = gate.clean(result, load)
                 variant.runs.append(result)
                 log(run_line(variant.label, result))
@@ -230,13 +260,15 @@ def run_alternating(variants: Sequence[Variant], args: argparse.Namespace, scrat
 def run_line(label: str, result: dict[str, Any]) -> str:
     speed = result.get("throughput")
     unit = result.get("throughput_unit", "")
-    parts = [f"[bench] {label:<24} run {result['repeat']}.{result['attempt']}",
-             f"loop {result.get('loop_s', float('nan')):7.2f} s",
-             f"{fmt(speed, 2):>9} {unit}" if speed is not None else "",
-             f"peak {memory_text(result)}",
-             f"load1 {result['load1_before']:.2f}->{result.get('load1_after', float('nan')):.2f}",
-             f"foreign {100 * result.get('foreign_cpu', 0):4.1f}%",
-             "" if result["clean"] else "CONTENDED"]  # fmt: skip
+    parts = [
+        f"[bench] {label:<24} run {result['repeat']}.{result['attempt']}",
+        f"loop {result.get('loop_s', float('nan')):7.2f} s",
+        f"{fmt(speed, 2):>9} {unit}" if speed is not None else "",
+        f"peak {memory_text(result)}",
+        f"load1 {result['load1_before']:.2f}->{result.get('load1_after', float('nan')):.2f}",
+        f"foreign {100 * result.get('foreign_cpu', 0):4.1f}%",
+        "" if result["clean"] else "CONTENDED",
+    ]
     return "  ".join(part for part in parts if part)
 
 
@@ -251,9 +283,22 @@ def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-SUMMARY_KEYS = ("throughput", "step_s", "loop_s", "loop_cpu_s", "import_s", "setup_s", "post_s", "process_wall_s",
-                "peak_rss_bytes", "rss_loop_start_bytes", "peak_cuda_bytes", "foreign_cpu", "load1_before",
-                "load1_after")  # fmt: skip
+SUMMARY_KEYS = (
+    "throughput",
+    "step_s",
+    "loop_s",
+    "loop_cpu_s",
+    "import_s",
+    "setup_s",
+    "post_s",
+    "process_wall_s",
+    "peak_rss_bytes",
+    "rss_loop_start_bytes",
+    "peak_cuda_bytes",
+    "foreign_cpu",
+    "load1_before",
+    "load1_after",
+)
 
 
 def summarize(variant: Variant) -> dict[str, Any]:
@@ -262,19 +307,21 @@ def summarize(variant: Variant) -> dict[str, Any]:
     used = clean or [run for run in variant.runs if run["ok"]]
     first = used[0]
     summary = {key: median_of(used, key) for key in SUMMARY_KEYS}
-    summary.update({
-        "label": variant.label,
-        "runs_clean": len(clean),
-        "runs_total": len(variant.runs),
-        "contended": not clean,
-        "throughput_unit": first.get("throughput_unit"),
-        "trainable_params": first.get("trainable_params"),
-        "total_params": first.get("total_params"),
-        "trainable_share": first.get("trainable_share"),
-        "train_loss": first.get("train_loss"),
-        "steps_timed": first.get("steps_timed"),
-        "tokens_per_step": first.get("tokens_per_step"),
-    })  # fmt: skip
+    summary.update(
+        {
+            "label": variant.label,
+            "runs_clean": len(clean),
+            "runs_total": len(variant.runs),
+            "contended": not clean,
+            "throughput_unit": first.get("throughput_unit"),
+            "trainable_params": first.get("trainable_params"),
+            "total_params": first.get("total_params"),
+            "trainable_share": first.get("trainable_share"),
+            "train_loss": first.get("train_loss"),
+            "steps_timed": first.get("steps_timed"),
+            "tokens_per_step": first.get("tokens_per_step"),
+        }
+    )
     return summary
 
 
@@ -295,8 +342,10 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in
-                                                               range(len(headers))) + "|"]  # fmt: skip
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+    ]
     lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -58,8 +58,9 @@ def random_model(preset: str, root: Path, device: str = "cpu", dtype: str = "flo
     # Built on the target device: a 12.8B model initialises in seconds on a GPU, in many minutes on a CPU.
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     params = sum(parameter.numel() for parameter in model.parameters())
     with atomic_output_dir(folder, overwrite=True) as staging:
         model.save_pretrained(staging, safe_serialization=True)
@@ -159,8 +160,11 @@ def fixed_length_records(stage: str, model_dir: Path, template: str, seq_len: in
     words = _one_token_words(tokenizer)
 
     def answer(prompt: str, stream: list[str]) -> str:  # RM: the (prompt, answer) conversation, eos included
-        return _fit(lambda k: "".join(stream[:k]).strip(),
-                    lambda text: len(conversation_ids(tokenizer, answered(prompt, text))), seq_len)  # fmt: skip
+        return _fit(
+            lambda k: "".join(stream[:k]).strip(),
+            lambda text: len(conversation_ids(tokenizer, answered(prompt, text))),
+            seq_len,
+        )
 
     def query(prompt: str, stream: list[str]) -> str:  # PPO: the rendered prompt alone
         return _fit(lambda k: prompt + "".join(stream[:k]), lambda text: len(prompt_ids(tokenizer, text)), seq_len)

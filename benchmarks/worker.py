@@ -143,15 +143,17 @@ class Recorder:
             timed = durations[skip:]
             first, last = (self.steps[skip - 1] if skip else (marks["loop_start"], 0, 0)), self.steps[-1]
             seconds = last[0] - first[0]
-            result.update({
-                "step_durations_s": durations,
-                "step_s": sorted(timed)[len(timed) // 2],
-                "steps_timed": len(timed),
-                "tokens_per_step": (last[1] - first[1]) / len(timed),
-                "episodes_per_step": (last[2] - first[2]) / len(timed),
-                "tokens_per_s": (last[1] - first[1]) / seconds if seconds > 0 else None,
-                "episodes_per_s": (last[2] - first[2]) / seconds if seconds > 0 else None,
-            })  # fmt: skip
+            result.update(
+                {
+                    "step_durations_s": durations,
+                    "step_s": sorted(timed)[len(timed) // 2],
+                    "steps_timed": len(timed),
+                    "tokens_per_step": (last[1] - first[1]) / len(timed),
+                    "episodes_per_step": (last[2] - first[2]) / len(timed),
+                    "tokens_per_s": (last[1] - first[1]) / seconds if seconds > 0 else None,
+                    "episodes_per_s": (last[2] - first[2]) / seconds if seconds > 0 else None,
+                }
+            )
         return result
 
 
@@ -216,8 +218,9 @@ def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
     settings = spec["generate"]
     generator.generate(texts[: settings["batch_size"]], "greedy", max_new_tokens=4, batch_size=settings["batch_size"])
     RECORDER.loop_start(None)
-    result = generator.generate(texts, "greedy", max_new_tokens=settings["max_new_tokens"],
-                                batch_size=settings["batch_size"])  # fmt: skip
+    result = generator.generate(
+        texts, "greedy", max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"]
+    )
     RECORDER.loop_end()
     return {"generated_tokens": result.generated_tokens, "generate_s": result.seconds}
 
@@ -240,9 +243,14 @@ def _lora(spec: dict[str, Any], task_type: str) -> Any:
     from peft import LoraConfig
 
     modules = config.get("lora_modules_to_save") if task_type == "CAUSAL_LM" else None
-    return LoraConfig(task_type=task_type, r=config.get("lora_r", 16), lora_alpha=config.get("lora_alpha", 32),
-                      lora_dropout=config.get("lora_dropout", 0.05), target_modules=spec["lora_targets"],
-                      modules_to_save=modules)  # fmt: skip
+    return LoraConfig(
+        task_type=task_type,
+        r=config.get("lora_r", 16),
+        lora_alpha=config.get("lora_alpha", 32),
+        lora_dropout=config.get("lora_dropout", 0.05),
+        target_modules=spec["lora_targets"],
+        modules_to_save=modules,
+    )
 
 
 def _dtype(spec: dict[str, Any]) -> Any:
@@ -265,8 +273,13 @@ def bare_sft(spec: dict[str, Any]) -> dict[str, Any]:
     set_seed(spec["config"]["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=_dtype(spec))
-    trainer = SFTTrainer(model=model, args=_fields(SFTConfig, spec["config"], spec["output_dir"]),
-                         train_dataset=_rows(spec), processing_class=tokenizer, peft_config=_lora(spec, "CAUSAL_LM"))
+    trainer = SFTTrainer(
+        model=model,
+        args=_fields(SFTConfig, spec["config"], spec["output_dir"]),
+        train_dataset=_rows(spec),
+        processing_class=tokenizer,
+        peft_config=_lora(spec, "CAUSAL_LM"),
+    )
     trainer.train()
     return {"train_loss": trainer.state.log_history[-1].get("train_loss")}
 
@@ -280,8 +293,13 @@ def bare_rm(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=_dtype(spec))
     model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = RewardTrainer(model=model, args=_fields(RewardConfig, spec["config"], spec["output_dir"]),
-                            train_dataset=_rows(spec), processing_class=tokenizer, peft_config=_lora(spec, "SEQ_CLS"))
+    trainer = RewardTrainer(
+        model=model,
+        args=_fields(RewardConfig, spec["config"], spec["output_dir"]),
+        train_dataset=_rows(spec),
+        processing_class=tokenizer,
+        peft_config=_lora(spec, "SEQ_CLS"),
+    )
     trainer.train()
     return {"train_loss": trainer.state.log_history[-1].get("train_loss")}
 
@@ -307,9 +325,17 @@ def bare_ppo(spec: dict[str, Any]) -> dict[str, Any]:
 
         value_model = get_peft_model(value_model, _lora(spec, "SEQ_CLS"))
     reference = None if peft_config else AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=_dtype(spec))
-    trainer = PPOTrainer(args=_fields(PPOConfig, config, spec["output_dir"]), processing_class=tokenizer,
-                         model=policy, ref_model=reference, reward_model=reward_model, value_model=value_model,
-                         train_dataset=_rows(spec), eval_dataset=_rows(spec, "eval"), peft_config=peft_config)
+    trainer = PPOTrainer(
+        args=_fields(PPOConfig, config, spec["output_dir"]),
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=_rows(spec),
+        eval_dataset=_rows(spec, "eval"),
+        peft_config=peft_config,
+    )
     trainer.train()
     return {}
 
@@ -330,8 +356,9 @@ def bare_generate(spec: dict[str, Any]) -> dict[str, Any]:
         produced = 0
         for offset in range(0, len(texts), batch_size):
             # The texts are rendered by the chat template, which writes any special token they need.
-            batch = tokenizer(texts[offset : offset + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)  # fmt: skip
+            batch = tokenizer(
+                texts[offset : offset + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             with torch.no_grad():
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
             for row in output[:, batch["input_ids"].shape[1] :].tolist():
@@ -379,8 +406,12 @@ def kochatgpt_sft(spec: dict[str, Any]) -> dict[str, Any]:
 
     rows = _rows(spec)
     train = rows.map(encode, remove_columns=rows.column_names)
-    trainer = Trainer(model=model, args=_fields(TrainingArguments, config, spec["output_dir"]), train_dataset=train,
-                      data_collator=default_data_collator)  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=_fields(TrainingArguments, config, spec["output_dir"]),
+        train_dataset=train,
+        data_collator=default_data_collator,
+    )
     trainer.train()
     return {"train_loss": trainer.state.log_history[-1].get("train_loss")}
 

@@ -20,27 +20,51 @@ from typing import Any, TextIO
 # (category, message regex, why it is filtered). The message is matched from its start, as `warnings` does; a
 # category named "module:Class" is imported when the filters are installed.
 KNOWN_WARNINGS: tuple[tuple[type[Warning] | str, str, str], ...] = (
-    (FutureWarning, r"`gradient_checkpointing` is deprecated and will be removed in v6",
-     "transformers 5 renamed the TrainingArguments field; TRL 1.12's configs still define the old one"),
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
-     "peft 0.21 reads the old property when it saves or prepares a model"),
-    (FutureWarning, r"`gradient_checkpointing_(enable|disable)` is deprecated and will be removed in v6",
-     "TRL 1.12 turns checkpointing off and on around every rollout, and peft 0.21 on in k-bit preparation, by the "
-     "old names; kochat_trl calls activation_checkpointing_enable"),
-    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found",
-     "the Trainer pins memory by default; on a CPU-only machine torch ignores it"),
-    ("trl.import_utils:TRLExperimentalWarning", r"You are importing from 'trl.experimental'",
-     "kochat_trl.rl imports TRL 1.12's PPOTrainer from there on purpose; nothing else does"),
-    (FutureWarning, r"`torch.distributed.all_gather_into_tensor` is deprecated",
-     "DeepSpeed 0.19's ZeRO calls it (torch 2.13 renamed it); the launched run cannot change that"),
-)  # fmt: skip
+    (
+        FutureWarning,
+        r"`gradient_checkpointing` is deprecated and will be removed in v6",
+        "transformers 5 renamed the TrainingArguments field; TRL 1.12's configs still define the old one",
+    ),
+    (
+        FutureWarning,
+        r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
+        "peft 0.21 reads the old property when it saves or prepares a model",
+    ),
+    (
+        FutureWarning,
+        r"`gradient_checkpointing_(enable|disable)` is deprecated and will be removed in v6",
+        "TRL 1.12 turns checkpointing off and on around every rollout, and peft 0.21 on in k-bit preparation, by the "
+        "old names; kochat_trl calls activation_checkpointing_enable",
+    ),
+    (
+        UserWarning,
+        r"'pin_memory' argument is set as true but no accelerator is found",
+        "the Trainer pins memory by default; on a CPU-only machine torch ignores it",
+    ),
+    (
+        "trl.import_utils:TRLExperimentalWarning",
+        r"You are importing from 'trl.experimental'",
+        "kochat_trl.rl imports TRL 1.12's PPOTrainer from there on purpose; nothing else does",
+    ),
+    (
+        FutureWarning,
+        r"`torch.distributed.all_gather_into_tensor` is deprecated",
+        "DeepSpeed 0.19's ZeRO calls it (torch 2.13 renamed it); the launched run cannot change that",
+    ),
+)
 # (logger, message regex, why). bitsandbytes comes in through peft's import even when no 8/4-bit is asked for.
 KNOWN_LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
-    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
-     "an optional CPU kernel for 4-bit inference; training and the float paths do not use it"),
-    ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU",
-     "transformers imports DeepSpeed when it is installed; on a CPU run finding no GPU is expected"),
-)  # fmt: skip
+    (
+        "bitsandbytes.backends.cpu.ops",
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "an optional CPU kernel for 4-bit inference; training and the float paths do not use it",
+    ),
+    (
+        "DeepSpeed",
+        r"Setting accelerator to CPU\. If you have GPU",
+        "transformers imports DeepSpeed when it is installed; on a CPU run finding no GPU is expected",
+    ),
+)
 # (exact line, why). Printed with print(), so no filter can catch them but a stdout that drops the line.
 KNOWN_PRINTS: tuple[tuple[str, str], ...] = (
     ("===training policy===", "TRL 1.12's PPOTrainer announces its training loop"),

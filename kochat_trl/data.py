@@ -123,9 +123,7 @@ def read_records(source: str | os.PathLike) -> tuple[list[RawRecord], str]:
         return _read_json_lines(path, text), "json_lines"
     if CONVERSATION_MARKER in text:
         return _read_conversations(path, text), "conversation_text"
-    return [RawRecord(line, f"line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()], (
-        "text_lines"
-    )
+    return [RawRecord(line, f"line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()], ("text_lines")
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -321,8 +319,11 @@ def _rows_of(record: RawRecord, layout: str, stage: str, source: str) -> Iterato
         if stage == "ppo":
             yield {"prompt": prompt}
         else:
-            yield {"prompt": prompt, "chosen": _text(record, source, "chosen"),
-                   "rejected": _text(record, source, "rejected")}  # fmt: skip
+            yield {
+                "prompt": prompt,
+                "chosen": _text(record, source, "chosen"),
+                "rejected": _text(record, source, "rejected"),
+            }
     elif layout == "rm":
         prompt, completions, ranking = _ranked_completions(record, source)
         if stage == "ppo":

@@ -27,9 +27,11 @@ def requested_engine() -> str | None:
 # accelerate 1.15 reads ACCELERATE_USE_FSDP only for GPU-like process groups (AcceleratorState): CPU processes stay
 # MULTI_CPU and train as plain DDP, and fsdp_cpu_ram_efficient_loading leaves every rank but 0 with meta weights
 # (a new reward head then fails: "Cannot copy out of meta tensor").
-FSDP_NEEDS_GPUS = ("fsdp.yaml needs GPUs: on CPU accelerate runs it as plain DDP (nothing sharded, weights loaded on "
-                   "rank 0 only); launch with accelerate_configs/cpu_multiprocess.yaml, or deepspeed_zero3.yaml to "
-                   "shard on CPU")
+FSDP_NEEDS_GPUS = (
+    "fsdp.yaml needs GPUs: on CPU accelerate runs it as plain DDP (nothing sharded, weights loaded on "
+    "rank 0 only); launch with accelerate_configs/cpu_multiprocess.yaml, or deepspeed_zero3.yaml to "
+    "shard on CPU"
+)
 
 
 def zero_stage(accelerator: Any) -> int | None:
@@ -149,6 +151,8 @@ def check_ppo_checkpoints(training_args: Any) -> None:
     saving = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
     if requested_engine() == "DEEPSPEED" and (saving or training_args.resume_from_checkpoint):
         what = "resume_from_checkpoint" if training_args.resume_from_checkpoint else "save_strategy"
-        raise ConfigError(f"PPO under DeepSpeed cannot checkpoint or resume ({what} is set); set save_strategy: "
-                          "no to train without checkpoints, or launch with accelerate_configs/multi_gpu.yaml (DDP) "
-                          "to checkpoint and resume")
+        raise ConfigError(
+            f"PPO under DeepSpeed cannot checkpoint or resume ({what} is set); set save_strategy: "
+            "no to train without checkpoints, or launch with accelerate_configs/multi_gpu.yaml (DDP) "
+            "to checkpoint and resume"
+        )

@@ -133,8 +133,9 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message="Upload merged kochat-trl model")  # fmt: skip
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload merged kochat-trl model"
+        )
     except Exception as error:  # network, auth, validation: all reported the same way
         raise KochatError(
             f"push to the hub repo {repo_id} failed ({type(error).__name__}: {_redact(_first_line(error))}); "
@@ -166,8 +167,9 @@ def _full_precision_base_config(base: str) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as error:
-        raise KochatError(f"{base}: cannot load the base model config ({_first_line(error)}); "
-                          "pass --base with a local model folder") from error  # fmt: skip
+        raise KochatError(
+            f"{base}: cannot load the base model config ({_first_line(error)}); pass --base with a local model folder"
+        ) from error
     if getattr(config, "quantization_config", None):
         raise KochatError(
             f"{base}: the base checkpoint is saved quantized; merge into the full-precision original "
@@ -206,9 +208,15 @@ def _set_generation_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenize
         config.eos_token_id = tokenizer.eos_token_id
 
 
-def _load_full_precision_base(base: str, base_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
-                              dtype: str, task_type: str, adapter_dir: Path,
-                              adapter_config: dict[str, Any]) -> PreTrainedModel:  # fmt: skip
+def _load_full_precision_base(
+    base: str,
+    base_config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str,
+    task_type: str,
+    adapter_dir: Path,
+    adapter_config: dict[str, Any],
+) -> PreTrainedModel:
     """The base in `dtype`, never quantized, embeddings resized to the tokenizer, pad id set (shared loaders)."""
     from trl import ModelConfig
 
@@ -309,8 +317,9 @@ def _format_metric(value: Any) -> str:
 
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     rows = ["| metric | value |", "|---|---|"]
-    rows += [f"| {key} | {_format_metric(value)} |" for key, value in metrics.items()
-             if not isinstance(value, dict | list)]  # fmt: skip
+    rows += [
+        f"| {key} | {_format_metric(value)} |" for key, value in metrics.items() if not isinstance(value, dict | list)
+    ]
     return rows
 
 
@@ -324,8 +333,12 @@ def model_card(info: dict[str, Any], output: str | os.PathLike) -> str:
     front = ["---", "library_name: transformers", "tags:", "- kochat-trl", "- korean", "- rlhf", "- merged-lora"]
     if _HUB_ID.fullmatch(base) and not Path(base).exists():
         front.append(f"base_model: {base}")  # the hub rejects a local path here
-    front += ["language:", "- ko", f"pipeline_tag: {'text-classification' if is_classifier else 'text-generation'}",
-              "---"]  # fmt: skip
+    front += [
+        "language:",
+        "- ko",
+        f"pipeline_tag: {'text-classification' if is_classifier else 'text-generation'}",
+        "---",
+    ]
     quantized = info["trained_quantized"]
     lora = info["lora"]
     lines = [
@@ -353,19 +366,28 @@ def model_card(info: dict[str, Any], output: str | os.PathLike) -> str:
     ]
     if quantized:
         lines.append(f"| 학습 시 양자화 / trained on | {quantized} base (QLoRA); merged into the full-precision base |")
-    for title, metrics in (("학습 지표 / training metrics", info["metrics"]),
-                           ("추가 지표 / extra metrics", info["extra_metrics"])):  # fmt: skip
+    for title, metrics in (
+        ("학습 지표 / training metrics", info["metrics"]),
+        ("추가 지표 / extra metrics", info["extra_metrics"]),
+    ):
         if metrics:
             lines += ["", f"## {title}", "", *_metrics_table(metrics)]
-    lines += ["", "## 사용법 / How to load", "",
-              "토크나이저에 학습 때의 프롬프트 템플릿이 chat template으로 들어 있습니다: `apply_chat_template`으로 "
-              "형식을 맞추세요. / The tokenizer carries the training prompt template as its chat template: format "
-              "conversations with `apply_chat_template`.", "",
-              "```python", "import torch",
-              f"from transformers import AutoTokenizer, {auto_class}" + ("" if is_classifier else ", pipeline"), "",
-              f'path = "{Path(output).name}"  # this folder or its hub repo id',
-              "tokenizer = AutoTokenizer.from_pretrained(path)",
-              f"model = {auto_class}.from_pretrained(path, dtype=torch.{info['dtype']})"]  # fmt: skip
+    lines += [
+        "",
+        "## 사용법 / How to load",
+        "",
+        "토크나이저에 학습 때의 프롬프트 템플릿이 chat template으로 들어 있습니다: `apply_chat_template`으로 "
+        "형식을 맞추세요. / The tokenizer carries the training prompt template as its chat template: format "
+        "conversations with `apply_chat_template`.",
+        "",
+        "```python",
+        "import torch",
+        f"from transformers import AutoTokenizer, {auto_class}" + ("" if is_classifier else ", pipeline"),
+        "",
+        f'path = "{Path(output).name}"  # this folder or its hub repo id',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        f"model = {auto_class}.from_pretrained(path, dtype=torch.{info['dtype']})",
+    ]
     question, answer = json.dumps(EXAMPLE_QUESTION, ensure_ascii=False), json.dumps(EXAMPLE_ANSWER, ensure_ascii=False)
     if is_classifier:
         lines += [
@@ -388,8 +410,14 @@ def model_card(info: dict[str, Any], output: str | os.PathLike) -> str:
     lines += ["```", ""]
     if info.get("example_input"):
         what = "the conversation with its answer" if is_classifier else "the prompt"
-        lines += [f"The chat template renders {what} as (template `{info['template']}`):", "", "```text",
-                  info["example_input"], "```", ""]  # fmt: skip
+        lines += [
+            f"The chat template renders {what} as (template `{info['template']}`):",
+            "",
+            "```text",
+            info["example_input"],
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 

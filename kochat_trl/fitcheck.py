@@ -539,14 +539,25 @@ def _trainer_components(shape: ModelShape, settings: FitSettings, prefix: str, l
     else:
         adapter_formula, kind = "none (full fine-tuning)", f"{count:,} trainable x {DTYPE_BYTES[settings.dtype]} B"
     return [
-        Component(f"{prefix}weights", f"{label} weights", weight_bytes(shape, settings), "static",
-                  f"{shape.param_count:,} params, {_weights_label(settings)}"),
-        Component(f"{prefix}adapter", f"{label} LoRA adapter", trainable if settings.lora else 0, "static",
-                  adapter_formula),
+        Component(
+            f"{prefix}weights",
+            f"{label} weights",
+            weight_bytes(shape, settings),
+            "static",
+            f"{shape.param_count:,} params, {_weights_label(settings)}",
+        ),
+        Component(
+            f"{prefix}adapter", f"{label} LoRA adapter", trainable if settings.lora else 0, "static", adapter_formula
+        ),
         Component(f"{prefix}gradients", f"{label} gradients", trainable, "static", kind),
-        Component(f"{prefix}optimizer", f"{label} AdamW states", 2 * trainable, "static",
-                  "exp_avg + exp_avg_sq, 2 x gradient bytes"),
-    ]  # fmt: skip
+        Component(
+            f"{prefix}optimizer",
+            f"{label} AdamW states",
+            2 * trainable,
+            "static",
+            "exp_avg + exp_avg_sq, 2 x gradient bytes",
+        ),
+    ]
 
 
 def estimate(
@@ -568,19 +579,34 @@ def estimate(
     if stage == "sft":
         tokens = batch * settings.seq_len
         components = _trainer_components(clm, settings, "", "model") + [
-            Component("activations", "activations", activation_bytes(clm, settings, tokens, dropout=True), "train",
-                      f"{batch} x {settings.seq_len} tokens" + _checkpoint_note(settings)),
-            Component("logits", "logits + loss", logits_bytes(clm, settings, tokens), "train",
-                      f"{tokens:,} tokens x vocab {clm.vocab:,} x ({e}+8) B"),
-        ]  # fmt: skip
+            Component(
+                "activations",
+                "activations",
+                activation_bytes(clm, settings, tokens, dropout=True),
+                "train",
+                f"{batch} x {settings.seq_len} tokens" + _checkpoint_note(settings),
+            ),
+            Component(
+                "logits",
+                "logits + loss",
+                logits_bytes(clm, settings, tokens),
+                "train",
+                f"{tokens:,} tokens x vocab {clm.vocab:,} x ({e}+8) B",
+            ),
+        ]
         trainable = trainable_params(clm, settings)[0]
     elif stage == "rm":
         cls = model_shape(model_config, "cls")
         tokens = 2 * batch * settings.seq_len  # chosen and rejected in one forward
         components = _trainer_components(cls, settings, "", "reward model") + [
-            Component("activations", "activations", activation_bytes(cls, settings, tokens, dropout=True), "train",
-                      f"2 x {batch} x {settings.seq_len} tokens (chosen + rejected)" + _checkpoint_note(settings)),
-        ]  # fmt: skip
+            Component(
+                "activations",
+                "activations",
+                activation_bytes(cls, settings, tokens, dropout=True),
+                "train",
+                f"2 x {batch} x {settings.seq_len} tokens (chosen + rejected)" + _checkpoint_note(settings),
+            ),
+        ]
         clm = cls
         trainable = trainable_params(cls, settings)[0]
     elif stage == "dpo":
@@ -593,8 +619,10 @@ def estimate(
         value = "with its own LoRA adapter and score head" if settings.lora else "fully trained"
         reference = "the policy with its adapter disabled (no extra weights)" if settings.lora else "a full copy"
         if settings.shared_base:
-            notes.append("shared base: one frozen base for policy, reference, reward and value (their adapters on it), "
-                         "as the PPO recipe trains with shared_base: true")  # fmt: skip
+            notes.append(
+                "shared base: one frozen base for policy, reference, reward and value (their adapters on it), "
+                "as the PPO recipe trains with shared_base: true"
+            )
         else:
             notes.append(f"value model: a separate copy of the reward model, {value}")
         notes.append(f"reference: {reference}")
@@ -636,16 +664,35 @@ def _dpo_components(policy: ModelShape, settings: FitSettings) -> list[Component
     reference = 0 if settings.lora else weight_bytes(policy, settings)
     return [
         *_trainer_components(policy, settings, "", "policy"),
-        Component("reference_weights", "reference weights", reference, "static",
-                  "adapter disabled on the policy" if settings.lora else "frozen copy of the policy"),
-        Component("activations", "activations", activation_bytes(policy, settings, tokens, dropout=True), "train",
-                  f"2 x {settings.batch_size} x {settings.seq_len} tokens (chosen + rejected)"
-                  + _checkpoint_note(settings)),
-        Component("logits", "logits + log-probs", logits_bytes(policy, settings, tokens), "train",
-                  f"{tokens:,} tokens x vocab {policy.vocab:,} x ({e}+8) B"),
-        Component("reference_logits", "reference logits", tokens * policy.vocab * e, "reference: score",
-                  f"no-grad forward, {tokens:,} tokens x vocab {policy.vocab:,} x {e} B"),
-    ]  # fmt: skip
+        Component(
+            "reference_weights",
+            "reference weights",
+            reference,
+            "static",
+            "adapter disabled on the policy" if settings.lora else "frozen copy of the policy",
+        ),
+        Component(
+            "activations",
+            "activations",
+            activation_bytes(policy, settings, tokens, dropout=True),
+            "train",
+            f"2 x {settings.batch_size} x {settings.seq_len} tokens (chosen + rejected)" + _checkpoint_note(settings),
+        ),
+        Component(
+            "logits",
+            "logits + log-probs",
+            logits_bytes(policy, settings, tokens),
+            "train",
+            f"{tokens:,} tokens x vocab {policy.vocab:,} x ({e}+8) B",
+        ),
+        Component(
+            "reference_logits",
+            "reference logits",
+            tokens * policy.vocab * e,
+            "reference: score",
+            f"no-grad forward, {tokens:,} tokens x vocab {policy.vocab:,} x {e} B",
+        ),
+    ]
 
 
 def _ppo_components(
@@ -658,46 +705,103 @@ def _ppo_components(
     policy_parts = _trainer_components(policy, settings, "policy_", "policy")
     value_parts = _trainer_components(cls, settings, "value_", "value model")
     reference = 0 if settings.lora else weight_bytes(policy, settings)
-    reward = Component("reward_weights", "reward model weights", weight_bytes(cls, settings), "static",
-                       f"{cls.param_count:,} params, {_weights_label(settings)}, frozen")  # fmt: skip
+    reward = Component(
+        "reward_weights",
+        "reward model weights",
+        weight_bytes(cls, settings),
+        "static",
+        f"{cls.param_count:,} params, {_weights_label(settings)}, frozen",
+    )
     if settings.shared_base:  # one frozen base: the reward model is its RM adapter + score head, frozen
         reward_adapter = lora_param_count(cls, settings.lora_r)
-        reward = Component("reward_weights", "reward model (RM adapter + head)",
-                           4 * reward_adapter + _unquantized_bytes(settings) * cls.head_param_count, "static",
-                           f"{reward_adapter:,} LoRA params x 4 B + score head {cls.head_param_count:,} params, "
-                           "on the policy's base")  # fmt: skip
+        reward = Component(
+            "reward_weights",
+            "reward model (RM adapter + head)",
+            4 * reward_adapter + _unquantized_bytes(settings) * cls.head_param_count,
+            "static",
+            f"{reward_adapter:,} LoRA params x 4 B + score head {cls.head_param_count:,} params, on the policy's base",
+        )
         value_parts[0] = Component("value_weights", "value model weights", 0, "static", "the policy's base (shared)")
     static = [
         *policy_parts[:2],
-        Component("reference_weights", "reference weights", reference, "static",
-                  "adapter disabled on the policy" if settings.lora else "frozen copy of the policy"),
+        Component(
+            "reference_weights",
+            "reference weights",
+            reference,
+            "static",
+            "adapter disabled on the policy" if settings.lora else "frozen copy of the policy",
+        ),
         reward,
         *value_parts[:2],
-        Component("gradients", "gradients (policy + value)", policy_parts[2].bytes + value_parts[2].bytes, "static",
-                  "trainable params of both"),
-        Component("optimizer", "AdamW states (policy + value)", policy_parts[3].bytes + value_parts[3].bytes,
-                  "static", "exp_avg + exp_avg_sq"),
-        Component("rollout_scores", "generation scores kept", batch * response * policy.vocab * 4, "static",
-                  f"{batch} x {response} x vocab {policy.vocab:,} fp32 (trl keeps them through the update)"),
-    ]  # fmt: skip
+        Component(
+            "gradients",
+            "gradients (policy + value)",
+            policy_parts[2].bytes + value_parts[2].bytes,
+            "static",
+            "trainable params of both",
+        ),
+        Component(
+            "optimizer",
+            "AdamW states (policy + value)",
+            policy_parts[3].bytes + value_parts[3].bytes,
+            "static",
+            "exp_avg + exp_avg_sq",
+        ),
+        Component(
+            "rollout_scores",
+            "generation scores kept",
+            batch * response * policy.vocab * 4,
+            "static",
+            f"{batch} x {response} x vocab {policy.vocab:,} fp32 (trl keeps them through the update)",
+        ),
+    ]
     checkpointed = _checkpoint_note(settings)
     kv = 2 * policy.layers * batch * (query + response) * policy.kv_dim * e
     transient = [
         # PPO disables dropout in every model, LoRA's included.
-        Component("policy_activations", "policy activations", activation_bytes(policy, settings, tokens, False),
-                  "train", f"{batch} x ({query}+{response}) tokens" + checkpointed),
-        Component("value_activations", "value model activations", activation_bytes(cls, settings, tokens, False),
-                  "train", f"{batch} x ({query}+{response}) tokens" + checkpointed),
-        Component("logits", "policy logits + log-probs", tokens * policy.vocab * e
-                  + batch * response * policy.vocab * 8, "train",
-                  f"all {tokens:,} positions x ({e} B) + response log-softmax and its gradient (fp32)"),
-        Component("kv_cache", "generation KV cache", kv, "rollout: generate",
-                  f"2 x {policy.layers} layers x {batch} x {query + response} x {policy.kv_dim} x {e} B"),
-        Component("generation_scores", "generation scores (stacking)", batch * response * policy.vocab * 4,
-                  "rollout: generate", "per-step fp32 scores before torch.stack"),
-        Component("scoring_logits", "reference/policy scoring logits", tokens * policy.vocab * e,
-                  "rollout: score", "no-grad forward over query + response"),
-    ]  # fmt: skip
+        Component(
+            "policy_activations",
+            "policy activations",
+            activation_bytes(policy, settings, tokens, False),
+            "train",
+            f"{batch} x ({query}+{response}) tokens" + checkpointed,
+        ),
+        Component(
+            "value_activations",
+            "value model activations",
+            activation_bytes(cls, settings, tokens, False),
+            "train",
+            f"{batch} x ({query}+{response}) tokens" + checkpointed,
+        ),
+        Component(
+            "logits",
+            "policy logits + log-probs",
+            tokens * policy.vocab * e + batch * response * policy.vocab * 8,
+            "train",
+            f"all {tokens:,} positions x ({e} B) + response log-softmax and its gradient (fp32)",
+        ),
+        Component(
+            "kv_cache",
+            "generation KV cache",
+            kv,
+            "rollout: generate",
+            f"2 x {policy.layers} layers x {batch} x {query + response} x {policy.kv_dim} x {e} B",
+        ),
+        Component(
+            "generation_scores",
+            "generation scores (stacking)",
+            batch * response * policy.vocab * 4,
+            "rollout: generate",
+            "per-step fp32 scores before torch.stack",
+        ),
+        Component(
+            "scoring_logits",
+            "reference/policy scoring logits",
+            tokens * policy.vocab * e,
+            "rollout: score",
+            "no-grad forward over query + response",
+        ),
+    ]
     trainable = trainable_params(policy, settings)[0] + trainable_params(cls, settings)[0]
     return static + transient, trainable
 

@@ -139,8 +139,9 @@ class Generator:
         # A LoRA run saves the tokenizer it trained with (chat template, maybe an added pad token) by the adapter.
         tokenizer_path = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
         try:
-            tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(tokenizer_path)), padding_side="left",
-                                       template=template)  # fmt: skip
+            tokenizer = load_tokenizer(
+                ModelConfig(model_name_or_path=str(tokenizer_path)), padding_side="left", template=template
+            )
             model = load_causal_lm(ModelConfig(model_name_or_path=str(model_path)), tokenizer)
             if adapter is not None:
                 from peft import PeftModel
@@ -180,8 +181,9 @@ class Generator:
         start = time.perf_counter()
         for offset in range(0, len(texts), batch_size):
             # The chat template writes every special token it needs (a bos too): tokenized as apply_chat_template does.
-            batch = self.tokenizer(list(texts[offset : offset + batch_size]), return_tensors="pt", padding=True,
-                                   add_special_tokens=False)  # fmt: skip
+            batch = self.tokenizer(
+                list(texts[offset : offset + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+            )
             batch = batch.to(device)
             try:
                 with torch.no_grad():
@@ -253,8 +255,9 @@ class DecodingMetrics:
     judge: dict[str, Any] | None = None  # kochat_trl.judge rates, when the prompts are known
 
 
-def decoding_metrics(generation: Generation, rewards: Sequence[float] | None = None,
-                     prompts: Sequence[str] | None = None) -> DecodingMetrics:  # fmt: skip
+def decoding_metrics(
+    generation: Generation, rewards: Sequence[float] | None = None, prompts: Sequence[str] | None = None
+) -> DecodingMetrics:
     """Diversity, repetition, length and speed of one strategy's answers (+ mean reward if scored, + the rule-based
     judge's rates when the `prompts` they answer are given)."""
     from kochat_trl.judge import judge_answers
@@ -401,8 +404,21 @@ SUMMARY_COLUMNS = (
     *(f"judge: {name}" for name in ("broken", "hangul", "polite", "on-topic", "repeats")),
 )
 # The same columns, short enough for a terminal.
-SHORT_SUMMARY_COLUMNS = ("strategy", "reward", "dist-1", "dist-2", f"rep-{REPEAT_N}", "tokens", "chars", "tok/s",
-                         "broken", "hangul", "polite", "topic", "repeat")  # fmt: skip
+SHORT_SUMMARY_COLUMNS = (
+    "strategy",
+    "reward",
+    "dist-1",
+    "dist-2",
+    f"rep-{REPEAT_N}",
+    "tokens",
+    "chars",
+    "tok/s",
+    "broken",
+    "hangul",
+    "polite",
+    "topic",
+    "repeat",
+)
 
 
 def _rate(value: float | None) -> str:

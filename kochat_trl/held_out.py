@@ -39,8 +39,16 @@ class HeldOutEvaluation:
     def _sample(self, policy: Any) -> tuple[list[list[int]], list[float]]:
         # Under ZeRO-3 every rank samples the same answers from the gathered weights (same seed).
         with engines.gathered(policy), engines.gathered(self.reward_model):
-            return rl.sample_and_score(policy, self.reward_model, self.tokenizer, self.prompts, self.max_new_tokens,
-                                       self.temperature, self.seed, self.missing_eos_penalty)  # fmt: skip
+            return rl.sample_and_score(
+                policy,
+                self.reward_model,
+                self.tokenizer,
+                self.prompts,
+                self.max_new_tokens,
+                self.temperature,
+                self.seed,
+                self.missing_eos_penalty,
+            )
 
     def score_before(self, policy: Any) -> None:
         """The SFT policy's answers and rewards, before training changes it."""
@@ -55,8 +63,17 @@ class HeldOutEvaluation:
         after, scores_after = self._sample(policy)
         with engines.gathered(policy), engines.gathered(reference) if reference is not policy else nullcontext():
             kl = rl.sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
-        return rl.policy_comparison(self.tokenizer, self.queries, before, scores_before, after, scores_after, kl,
-                                    self.kl_bound, self.samples_per_prompt)  # fmt: skip
+        return rl.policy_comparison(
+            self.tokenizer,
+            self.queries,
+            before,
+            scores_before,
+            after,
+            scores_after,
+            kl,
+            self.kl_bound,
+            self.samples_per_prompt,
+        )
 
 
 def trained_and_reference(trainer: Any, load_sft: Callable[[], Any]) -> tuple[Any, Any, Callable[[], Any]]:

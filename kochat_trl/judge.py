@@ -78,8 +78,7 @@ def judge_answer(prompt: str, answer: str, names: Sequence[str] | None = None) -
     )
 
 
-def judge_answers(prompts: Sequence[str], answers: Sequence[str],
-                  names: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def judge_answers(prompts: Sequence[str], answers: Sequence[str], names: Sequence[str] | None = None) -> dict[str, Any]:
     """The judge's rates over answers to `prompts` (one answer per prompt, in order).
 
     `on_topic_rate` counts only answers to prompts that name a topic (`on_topic_answers` of them); it is

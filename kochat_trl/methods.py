@@ -27,10 +27,25 @@ from kochat_trl.runs import METRICS_FILE, read_json, stage_finished
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = REPO_ROOT / "recipes" / "configs" / "tiny"
 METHODS = ("ppo", "rloo", "grpo", "dpo", "kto", "orpo")
-RECIPE_OF_METHOD = {"ppo": "ppo.py", "rloo": "rl.py", "grpo": "rl.py", "dpo": "dpo.py", "kto": "dpo.py",
-                    "orpo": "dpo.py"}  # fmt: skip
-ROW_KEYS = ("method", "reward_before", "reward_after", "kl", "win_rate", "judge", "wall_time_s", "peak_rss_mb",
-            "trainable_params")  # fmt: skip
+RECIPE_OF_METHOD = {
+    "ppo": "ppo.py",
+    "rloo": "rl.py",
+    "grpo": "rl.py",
+    "dpo": "dpo.py",
+    "kto": "dpo.py",
+    "orpo": "dpo.py",
+}
+ROW_KEYS = (
+    "method",
+    "reward_before",
+    "reward_after",
+    "kl",
+    "win_rate",
+    "judge",
+    "wall_time_s",
+    "peak_rss_mb",
+    "trainable_params",
+)
 RUN_FILE = "method_run.json"  # wall time and peak memory of the process that trained a method folder
 
 
@@ -45,8 +60,10 @@ def parse_methods(text: str) -> list[str]:
 def _check_run(run_dir: Path) -> None:
     for stage in ("sft", "rm"):
         if not stage_finished(run_dir / stage):
-            raise KochatError(f"{run_dir / stage}: no finished {stage} stage ({METRICS_FILE}); run `kochat-trl "
-                              f"pipeline --output_dir {run_dir}` first")  # fmt: skip
+            raise KochatError(
+                f"{run_dir / stage}: no finished {stage} stage ({METRICS_FILE}); run `kochat-trl "
+                f"pipeline --output_dir {run_dir}` first"
+            )
 
 
 def _train(method: str, run_dir: Path, configs: Path, verbose: bool) -> dict[str, float]:
@@ -54,18 +71,31 @@ def _train(method: str, run_dir: Path, configs: Path, verbose: bool) -> dict[str
     config = configs / f"{method}.yaml"
     if not config.is_file():
         raise ConfigError(f"{config}: no {method} config in {configs}")
-    command = [sys.executable, str(REPO_ROOT / "recipes" / RECIPE_OF_METHOD[method]), "--config", str(config),
-               "--model_name_or_path", str(run_dir / "sft"), "--reward_model_path", str(run_dir / "rm"),
-               "--output_dir", str(run_dir / method), "--overwrite", "true",
-               *(["--trainer", method] if RECIPE_OF_METHOD[method] != "ppo.py" else []),
-               *(["--verbose", "true"] if verbose else [])]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "recipes" / RECIPE_OF_METHOD[method]),
+        "--config",
+        str(config),
+        "--model_name_or_path",
+        str(run_dir / "sft"),
+        "--reward_model_path",
+        str(run_dir / "rm"),
+        "--output_dir",
+        str(run_dir / method),
+        "--overwrite",
+        "true",
+        *(["--trainer", method] if RECIPE_OF_METHOD[method] != "ppo.py" else []),
+        *(["--verbose", "true"] if verbose else []),
+    ]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO_ROOT)
     _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory, not the largest of all children
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise KochatError(f"method {method} failed (exit {process.returncode}); fix the error above and rerun: "
-                          f"finished methods in {run_dir} are kept")  # fmt: skip
+        raise KochatError(
+            f"method {method} failed (exit {process.returncode}); fix the error above and rerun: "
+            f"finished methods in {run_dir} are kept"
+        )
     peak_kb = usage.ru_maxrss  # kilobytes on Linux
     run = {"wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
     write_json_atomic(run, run_dir / method / RUN_FILE)
@@ -94,9 +124,13 @@ def method_row(method: str, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def compare_methods(run_dir: str | os.PathLike, methods: Sequence[str], output: str | os.PathLike | None = None,
-                    configs: str | os.PathLike | None = None, verbose: bool = False,
-                    ) -> list[dict[str, Any]]:  # fmt: skip
+def compare_methods(
+    run_dir: str | os.PathLike,
+    methods: Sequence[str],
+    output: str | os.PathLike | None = None,
+    configs: str | os.PathLike | None = None,
+    verbose: bool = False,
+) -> list[dict[str, Any]]:
     """Train what is missing, then write the comparison to `output` (default RUN_DIR/methods); returns the rows."""
     run_dir = Path(run_dir)
     configs = Path(configs) if configs else TINY_CONFIGS
@@ -125,16 +159,24 @@ def _with_unit(value: float | None, digits: int, unit: str) -> str:
 def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     befores = {round(row["reward_before"], 6) for row in rows}
     lines = [
-        "# Alignment methods compared", "",
+        "# Alignment methods compared",
+        "",
         "Every method starts from the same SFT model and is judged on the same held-out answers: the same prompts, "
         "sampling and seed, the stage-2 reward model and the rule-based judge (`kochat_trl.judge`).",
-        *([] if len(befores) == 1 else ["", "**Warning: the SFT policy's reward differs between methods: they were "
-                                         "not judged on the same prompts or sampling; compare them with care.**"]),
+        *(
+            []
+            if len(befores) == 1
+            else [
+                "",
+                "**Warning: the SFT policy's reward differs between methods: they were "
+                "not judged on the same prompts or sampling; compare them with care.**",
+            ]
+        ),
         "",
         "| method | RM reward (SFT → method) | KL to SFT | win-rate | on topic | polite | broken | repeats | "
         "implicit-reward accuracy | wall time | peak RSS | trainable params |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for row in rows:
         judge = row["judge"]
         lines.append(
@@ -145,8 +187,11 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_number(row['trainable_params'])} |"
         )
     if any(row["peak_rss_mb"] is None for row in rows):
-        lines += ["", "Peak RSS n/a: trained inside the pipeline's process (its peak is every stage's), not by "
-                  "compare-methods, which trains each method in a process of its own."]  # fmt: skip
+        lines += [
+            "",
+            "Peak RSS n/a: trained inside the pipeline's process (its peak is every stage's), not by "
+            "compare-methods, which trains each method in a process of its own.",
+        ]
     lines += ["", "![reward against KL](methods.png)", ""]
     return "\n".join(lines)
 

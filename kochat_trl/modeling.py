@@ -161,8 +161,9 @@ def fix_tokenizer(
     return tokenizer
 
 
-def load_tokenizer(model_args: ModelConfig, padding_side: str = "right", template: str | None = None,
-                   announce: bool = True) -> PreTrainedTokenizerBase:  # fmt: skip
+def load_tokenizer(
+    model_args: ModelConfig, padding_side: str = "right", template: str | None = None, announce: bool = True
+) -> PreTrainedTokenizerBase:
     """The tokenizer of `model_args.model_name_or_path`, fixed by `fix_tokenizer`, carrying prompt template
     `template` as its chat template (None: the one it was saved with; see `templates.install_template`).
     `announce`: print a note when the template is replaced or defaulted."""
@@ -226,9 +227,7 @@ def _auto_compute_dtype() -> torch.dtype:
 def model_init_kwargs(model_args: ModelConfig) -> dict[str, Any]:
     """`from_pretrained` keyword arguments for `model_args` (dtype, revision, quantization, device map)."""
     if model_args.load_in_8bit and model_args.load_in_4bit:
-        raise ConfigError(
-            "load_in_8bit and load_in_4bit are both set; choose one (load_in_4bit uses the least memory)"
-        )
+        raise ConfigError("load_in_8bit and load_in_4bit are both set; choose one (load_in_4bit uses the least memory)")
     dtype_name = model_args.dtype or "float32"
     if dtype_name not in _DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype_name!r}")
@@ -354,8 +353,11 @@ def disable_bnb_cpu_bf16_repack(model: nn.Module) -> int:
     layer and LoRA adapters behind them (q/k/v) silently get zero gradients. Already repacked weights
     are converted back.
     """
-    four_bit = [module for module in model.modules()
-                if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")]
+    four_bit = [
+        module
+        for module in model.modules()
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+    ]
     if not four_bit:  # nothing to do, and no reason to import bitsandbytes
         return 0
     changed = 0

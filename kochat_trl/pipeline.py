@@ -69,8 +69,10 @@ class PipelineConfig:
 
         unknown_methods = [name for name in config.methods if name not in METHODS or name == "ppo"]
         if unknown_methods:
-            raise ConfigError(f"{path}: methods: {', '.join(map(str, unknown_methods))}; PPO is always compared, "
-                              f"add any of {', '.join(name for name in METHODS if name != 'ppo')}")  # fmt: skip
+            raise ConfigError(
+                f"{path}: methods: {', '.join(map(str, unknown_methods))}; PPO is always compared, "
+                f"add any of {', '.join(name for name in METHODS if name != 'ppo')}"
+            )
         for stage, recipe_config in config.stages.items():
             if stage not in TRAINING_STAGES:
                 raise ConfigError(f"{path}: unknown stage {stage!r}; stages are {', '.join(TRAINING_STAGES)}")
@@ -110,15 +112,21 @@ def _override_arguments(overrides: dict[str, Any]) -> list[str]:
     return arguments
 
 
-def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path, resume: bool = False,
-              verbose: bool = False) -> None:  # fmt: skip
+def run_stage(
+    stage: str, config: PipelineConfig, run_dir: Path, base: Path, resume: bool = False, verbose: bool = False
+) -> None:
     """Run one recipe: in this process, or with the configured launcher in a child process (its output streams to
     the console as it trains). `resume`: continue from the newest complete checkpoint in the stage folder."""
     recipe = REPO_ROOT / "recipes" / RECIPE_OF_STAGE[stage]
     if not recipe.is_file():
         raise KochatError(f"{recipe}: recipe not found; run the pipeline from a source checkout (pip install -e .)")
-    arguments = ["--config", str(_in_repo(config.stages[stage])), *_stage_arguments(stage, run_dir, base, resume),
-                 *_override_arguments(config.overrides.get(stage, {})), *(["--verbose", "true"] if verbose else [])]
+    arguments = [
+        "--config",
+        str(_in_repo(config.stages[stage])),
+        *_stage_arguments(stage, run_dir, base, resume),
+        *_override_arguments(config.overrides.get(stage, {})),
+        *(["--verbose", "true"] if verbose else []),
+    ]
     if not config.launcher:
         _run_in_process(stage, recipe, arguments, run_dir)
         return
@@ -127,8 +135,10 @@ def run_stage(stage: str, config: PipelineConfig, run_dir: Path, base: Path, res
         print(f"[kochat-trl] {stage}: {' '.join(command)}", flush=True)
     result = subprocess.run(command, cwd=REPO_ROOT)
     if result.returncode != 0:
-        raise KochatError(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
-                          f"finished stages in {run_dir} are kept")  # fmt: skip
+        raise KochatError(
+            f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
+            f"finished stages in {run_dir} are kept"
+        )
 
 
 def _run_in_process(stage: str, recipe: Path, arguments: list[str], run_dir: Path) -> None:
@@ -169,9 +179,13 @@ def _export(run_dir: Path) -> str:
 def _decoding(run_dir: Path, config: PipelineConfig) -> str:
     from kochat_trl.generation import compare_decoding, default_prompts, render_markdown
 
-    result = compare_decoding(str(run_dir / "merged" / "policy"), default_prompts(config.decoding_prompts),
-                              config.decoding_strategies, reward_model=str(run_dir / "merged" / "reward"),
-                              seed=config.seed)  # fmt: skip
+    result = compare_decoding(
+        str(run_dir / "merged" / "policy"),
+        default_prompts(config.decoding_prompts),
+        config.decoding_strategies,
+        reward_model=str(run_dir / "merged" / "reward"),
+        seed=config.seed,
+    )
     write_text_atomic(render_markdown(result), run_dir / "decoding.md")
     return f"{len(result.results)} strategies on {len(result.prompts)} prompts in {run_dir / 'decoding.md'}"
 
@@ -182,8 +196,13 @@ def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
     return {
         "sft": {"eval_loss_start": sft["eval_loss_start"], "eval_loss_end": sft["eval_loss_end"]},
         "rm": {"accuracy": rm["accuracy"], "mean_margin": rm["mean_margin"]},
-        "ppo": {"reward_before": ppo["reward_before"], "reward_after": ppo["reward_after"], "kl": ppo["kl"],
-                "win_rate": ppo["win_rate"], "samples": ppo["samples"]},  # fmt: skip
+        "ppo": {
+            "reward_before": ppo["reward_before"],
+            "reward_after": ppo["reward_after"],
+            "kl": ppo["kl"],
+            "win_rate": ppo["win_rate"],
+            "samples": ppo["samples"],
+        },
         # The rule-based judge on the answers PPO's held-out reward is measured on (SFT policy, then PPO policy).
         "judge": {"sft": _judge_rates(ppo["judge_before"]), "ppo": _judge_rates(ppo["judge_after"])},
         "methods": read_json(run_dir / "methods" / "methods.json"),
@@ -205,43 +224,79 @@ def _rate(value: float | None) -> str:
 def render_report(report: dict[str, Any]) -> str:
     sft, rm, ppo, judge = report["sft"], report["rm"], report["ppo"], report["judge"]
     lines = [
-        "# kochat-trl pipeline report", "",
-        "| stage | metric | value |", "|---|---|---:|",
+        "# kochat-trl pipeline report",
+        "",
+        "| stage | metric | value |",
+        "|---|---|---:|",
         f"| SFT | eval loss (start → end) | {sft['eval_loss_start']:.3f} → {sft['eval_loss_end']:.3f} |",
         f"| RM | held-out pairwise accuracy | {rm['accuracy']:.3f} |",
         f"| RM | mean margin | {rm['mean_margin']:.3f} |",
         f"| PPO | RM reward (SFT → PPO) | {ppo['reward_before']:.3f} → {ppo['reward_after']:.3f} |",
         f"| PPO | KL to the SFT policy | {ppo['kl']:.3f} |",
         f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
-        "", "## Held-out answers: reward model and rule-based judge", "",
+        "",
+        "## Held-out answers: reward model and rule-based judge",
+        "",
         "The same held-out answers, scored by the reward model and by `kochat_trl.judge` (rules of the bundled data: "
         "no broken character, Hangul, 합니다체 ending, names the asked topic, no repeated word bigram). RM reward up "
-        "with the judge's rates down would be reward hacking.", "",
+        "with the judge's rates down would be reward hacking.",
+        "",
         "| policy | RM reward | broken | Hangul share | polite (합니다체) | on topic | repeats |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *(f"| {name} | {reward:.3f} | " + " | ".join(_rate(rates[key]) for key in rates) + " |"
-          for name, reward, rates in (("SFT", ppo["reward_before"], judge["sft"]),
-                                      ("PPO", ppo["reward_after"], judge["ppo"]))),
-        "", "## Wall time (s)", "", "| stage | seconds |", "|---|---:|",
+        *(
+            f"| {name} | {reward:.3f} | " + " | ".join(_rate(rates[key]) for key in rates) + " |"
+            for name, reward, rates in (
+                ("SFT", ppo["reward_before"], judge["sft"]),
+                ("PPO", ppo["reward_after"], judge["ppo"]),
+            )
+        ),
+        "",
+        "## Wall time (s)",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
         *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()),
-        "", "## Sample answers (before → after PPO)", "",
-    ]  # fmt: skip
+        "",
+        "## Sample answers (before → after PPO)",
+        "",
+    ]
     for sample in ppo["samples"]:
-        lines += [f"**{sample['prompt']}**", "",
-                  f"- SFT ({sample['score_before']:.2f}): {sample['before']}",
-                  f"- PPO ({sample['score_after']:.2f}): {sample['after']}", ""]  # fmt: skip
+        lines += [
+            f"**{sample['prompt']}**",
+            "",
+            f"- SFT ({sample['score_before']:.2f}): {sample['before']}",
+            f"- PPO ({sample['score_after']:.2f}): {sample['after']}",
+            "",
+        ]
     if report.get("methods"):
         table = (Path(report["output_dir"]) / "methods" / "methods.md").read_text(encoding="utf-8")
-        lines += ["## Alignment methods (same SFT model, same held-out answers)", "",
-                  *[line for line in table.splitlines() if line.startswith("|")], "",
-                  "Details and the reward-KL plot: [methods/methods.md](methods/methods.md).", ""]  # fmt: skip
-    lines += ["## Curves", "", "![SFT](sft/curves.png)", "![RM](rm/curves.png)", "![PPO](ppo/curves.png)", "",
-              "Decoding strategies compared: [decoding.md](decoding.md).", ""]  # fmt: skip
+        lines += [
+            "## Alignment methods (same SFT model, same held-out answers)",
+            "",
+            *[line for line in table.splitlines() if line.startswith("|")],
+            "",
+            "Details and the reward-KL plot: [methods/methods.md](methods/methods.md).",
+            "",
+        ]
+    lines += [
+        "## Curves",
+        "",
+        "![SFT](sft/curves.png)",
+        "![RM](rm/curves.png)",
+        "![PPO](ppo/curves.png)",
+        "",
+        "Decoding strategies compared: [decoding.md](decoding.md).",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str | None = None,
-                 overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_pipeline(
+    config_path: str | os.PathLike | None = None,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> dict[str, Any]:
     """Run (or continue) the pipeline; returns report.json's content."""
     config = PipelineConfig.load(config_path or DEFAULT_CONFIG)
     run_dir = Path(output_dir or _in_repo(config.output_dir))
@@ -284,8 +339,9 @@ def run_pipeline(config_path: str | os.PathLike | None = None, output_dir: str |
         from kochat_trl.methods import compare_methods
 
         started = time.perf_counter()
-        compare_methods(run_dir, ["ppo", *config.methods], configs=_in_repo(config.stages["ppo"]).parent,
-                        verbose=verbose)  # fmt: skip
+        compare_methods(
+            run_dir, ["ppo", *config.methods], configs=_in_repo(config.stages["ppo"]).parent, verbose=verbose
+        )
         wall_time["methods"] = round(time.perf_counter() - started, 2)
     for step, action in (("merge", lambda: _export(run_dir)), ("decoding", lambda: _decoding(run_dir, config))):
         started = time.perf_counter()

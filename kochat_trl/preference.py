@@ -18,8 +18,23 @@ if TYPE_CHECKING:
 
 PREFERENCE_TRAINERS = ("dpo", "kto", "orpo")
 # What each trainer's loss_type accepts in TRL 1.12 (DPOTrainer checks only when it computes the first loss).
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
@@ -58,12 +73,14 @@ def check_settings(name: str, script_args: Any, training_args: Any) -> None:
         return
     for loss_type in loss_types if isinstance(loss_types, list) else [loss_types]:
         if loss_type not in allowed:
-            raise ConfigError(f"loss_type {loss_type!r} is not one {name.upper()}Trainer knows; choose from "
-                              f"{', '.join(allowed)}")  # fmt: skip
+            raise ConfigError(
+                f"loss_type {loss_type!r} is not one {name.upper()}Trainer knows; choose from {', '.join(allowed)}"
+            )
 
 
-def preference_dataset(name: str, source: str, eval_fraction: float, seed: int,
-                       max_samples: int | None = None) -> DatasetDict:  # fmt: skip
+def preference_dataset(
+    name: str, source: str, eval_fraction: float, seed: int, max_samples: int | None = None
+) -> DatasetDict:
     """Conversational pairs `{prompt, chosen, rejected}` (DPO, ORPO) or unpaired `{prompt, completion, label}` (KTO)."""
     from kochat_trl.training_data import reward_dataset
 
@@ -91,20 +108,38 @@ def unpaired(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         undesirable = [answer for answer in rejected.get(key, {}) if answer not in chosen.get(key, {})]
         for answer, label in [*((answer, True) for answer in desirable), *((answer, False) for answer in undesirable)]:
             rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": label})
-    return sorted(rows, key=lambda row: (row["prompt"][0]["content"], not row["label"],
-                                         row["completion"][0]["content"]))  # fmt: skip
+    return sorted(
+        rows, key=lambda row: (row["prompt"][0]["content"], not row["label"], row["completion"][0]["content"])
+    )
 
 
-def build_trainer(name: str, args: Any, tokenizer: Any, policy: Any, train_dataset: Any, eval_dataset: Any = None,
-                  peft_config: Any = None, callbacks: Any = ()) -> Any:  # fmt: skip
+def build_trainer(
+    name: str,
+    args: Any,
+    tokenizer: Any,
+    policy: Any,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    peft_config: Any = None,
+    callbacks: Any = (),
+) -> Any:
     """TRL's trainer for `name`; with a LoRA `peft_config` and no ref_model, DPO and KTO use the policy with its
     adapter disabled as the reference."""
     _, trainer_class = preference_classes(name)
-    return trainer_class(model=policy, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))  # fmt: skip
+    return trainer_class(
+        model=policy,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
 
 
 def implicit_reward_metrics(evaluation: dict[str, float]) -> dict[str, float | None]:
     """DPO's (and ORPO's) implicit-reward accuracy and margin on the held-out pairs, from `trainer.evaluate()`."""
-    return {"implicit_accuracy": evaluation.get("eval_rewards/accuracies"),
-            "implicit_margin": evaluation.get("eval_rewards/margins")}  # fmt: skip
+    return {
+        "implicit_accuracy": evaluation.get("eval_rewards/accuracies"),
+        "implicit_margin": evaluation.get("eval_rewards/margins"),
+    }

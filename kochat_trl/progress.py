@@ -56,8 +56,14 @@ class StageProgress(TrainerCallback):
         if state.is_world_process_zero and interactive(self.stream):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.stage, file=self.stream,
-                            dynamic_ncols=True, leave=False)  # fmt: skip
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc=self.stage,
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=False,
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
@@ -69,8 +75,12 @@ class StageProgress(TrainerCallback):
         if self.reported < third < 3:  # the last third is the stage's result line
             self.reported = third
             numbers = self.numbers()
-            say(f"{self.stage}: step {state.global_step}/{state.max_steps}" + (f", {numbers}" if numbers else "")
-                + f" ({time.perf_counter() - self.started:.0f} s)", self.stream)  # fmt: skip
+            say(
+                f"{self.stage}: step {state.global_step}/{state.max_steps}"
+                + (f", {numbers}" if numbers else "")
+                + f" ({time.perf_counter() - self.started:.0f} s)",
+                self.stream,
+            )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         for key in self.keys:

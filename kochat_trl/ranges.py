@@ -32,7 +32,6 @@ _BETA = Range("beta", 0, False, "set e.g. 0.1 (how closely the policy keeps to t
 
 # One table per dataclass, by class name: TRL's experimental configs (PPO, ORPO) are never imported here
 # (kochat_trl.rl is the one seam to trl.experimental), and a subclass inherits its bases' rows (its MRO).
-# fmt: off
 RANGES: dict[str, tuple[Range, ...]] = {
     "TrainingArguments": (
         Range("per_device_train_batch_size", 1, True),
@@ -53,11 +52,14 @@ RANGES: dict[str, tuple[Range, ...]] = {
     "RewardConfig": (_MAX_LENGTH,),
     "DPOConfig": (_MAX_LENGTH, _BETA),
     "KTOConfig": (
-        _MAX_LENGTH, _BETA,
-        Range("desirable_weight", 0, False), Range("undesirable_weight", 0, False),
+        _MAX_LENGTH,
+        _BETA,
+        Range("desirable_weight", 0, False),
+        Range("undesirable_weight", 0, False),
     ),
     "ORPOConfig": (
-        _MAX_LENGTH, Range("beta", 0, False, "set e.g. 0.1 (the weight of the odds-ratio term)"),
+        _MAX_LENGTH,
+        Range("beta", 0, False, "set e.g. 0.1 (the weight of the odds-ratio term)"),
         Range("max_completion_length", 1, True),
     ),
     "PPOConfig": (
@@ -68,17 +70,25 @@ RANGES: dict[str, tuple[Range, ...]] = {
         Range("local_rollout_forward_batch_size", 1, True),
         Range("temperature", 0, False, "set a sampling temperature such as 0.7"),
         Range("kl_coef", 0, True, "set 0 to turn the KL penalty off"),
-        Range("cliprange", 0, False), Range("cliprange_value", 0, False),
+        Range("cliprange", 0, False),
+        Range("cliprange_value", 0, False),
         Range("num_sample_generations", 0, True, "set 0 to sample no debugging answers"),
     ),
-    **{name: (
-        Range("num_generations", 2, True, "sample e.g. 4 answers per prompt: the baseline compares each with the rest"),
-        Range("max_completion_length", 1, True, "set the token limit of a sampled answer, e.g. 48"),
-        Range("temperature", 0, False, "set a sampling temperature such as 0.7"),
-        Range("beta", 0, True, "set 0 to turn the KL penalty off"),
-        Range("num_iterations", 1, True), Range("epsilon", 0, False),
-        Range("generation_batch_size", 1, True), Range("steps_per_generation", 1, True),
-    ) for name in ("RLOOConfig", "GRPOConfig")},
+    **{
+        name: (
+            Range(
+                "num_generations", 2, True, "sample e.g. 4 answers per prompt: the baseline compares each with the rest"
+            ),
+            Range("max_completion_length", 1, True, "set the token limit of a sampled answer, e.g. 48"),
+            Range("temperature", 0, False, "set a sampling temperature such as 0.7"),
+            Range("beta", 0, True, "set 0 to turn the KL penalty off"),
+            Range("num_iterations", 1, True),
+            Range("epsilon", 0, False),
+            Range("generation_batch_size", 1, True),
+            Range("steps_per_generation", 1, True),
+        )
+        for name in ("RLOOConfig", "GRPOConfig")
+    },
     "ModelConfig": (
         Range("lora_r", 1, True, "set e.g. 16, or leave it out without use_peft"),
         Range("lora_alpha", 0, False, "set e.g. twice lora_r (0 scales the adapter to nothing)"),
@@ -89,20 +99,22 @@ RANGES: dict[str, tuple[Range, ...]] = {
         Range("eval_fraction", 0, True, "set 0 to hold out nothing", high=1),
     ),
     "RLArguments": (
-        Range("eval_prompts", 1, True), Range("eval_samples_per_prompt", 1, True),
+        Range("eval_prompts", 1, True),
+        Range("eval_samples_per_prompt", 1, True),
         Range("kl_bound", 0, False, "leave it out to report no bound"),
     ),
     "PPOScriptArguments": (  # recipes/ppo.py
         Range("kl_target", 0, False, "leave it out for a fixed kl_coef (0 would silently mean that)"),
     ),
     "PreferenceScriptArguments": (  # recipes/dpo.py
-        Range("prompts_eval_fraction", 0, False, high=1), Range("eval_prompts", 1, True),
-        Range("eval_samples_per_prompt", 1, True), Range("eval_max_new_tokens", 1, True),
+        Range("prompts_eval_fraction", 0, False, high=1),
+        Range("eval_prompts", 1, True),
+        Range("eval_samples_per_prompt", 1, True),
+        Range("eval_max_new_tokens", 1, True),
         Range("eval_temperature", 0, False, "set a sampling temperature such as 0.7"),
         Range("kl_bound", 0, False, "leave it out to report no bound"),
     ),
 }
-# fmt: on
 
 
 def ranges_of(dataclass_types: Sequence[type]) -> dict[str, Range]:

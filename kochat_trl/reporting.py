@@ -34,7 +34,7 @@ def plot_curves(log_history: list[dict[str, Any]], keys: Sequence[str], path: st
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(present):]:
+    for axis in list(axes.flat)[len(present) :]:
         axis.axis("off")
     figure.tight_layout()
     path = Path(path)

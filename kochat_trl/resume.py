@@ -31,8 +31,10 @@ class TrainingInterrupted(Stopped):
     def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint for this step"
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; {where}; "
-                         "continue with --resume_from_checkpoint last")  # fmt: skip
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} at step {step}; {where}; "
+            "continue with --resume_from_checkpoint last"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -71,10 +73,15 @@ class StoppedAtOnce(KeyboardInterrupt):
     def __init__(self, signum: int, output_dir: str | os.PathLike | None) -> None:
         self.signum = signum
         checkpoint = last_complete_checkpoint(output_dir) if output_dir else None
-        where = (f"continue from {checkpoint} with --resume_from_checkpoint last" if checkpoint
-                 else "no checkpoint was saved; rerun to train the stage from the start")  # fmt: skip
-        super().__init__(f"interrupted by {signal.Signals(signum).name} twice: stopped at once, the step in "
-                         f"progress is lost; {where}")  # fmt: skip
+        where = (
+            f"continue from {checkpoint} with --resume_from_checkpoint last"
+            if checkpoint
+            else "no checkpoint was saved; rerun to train the stage from the start"
+        )
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} twice: stopped at once, the step in "
+            f"progress is lost; {where}"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -123,8 +130,9 @@ class InterruptCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.signum:
             self._restore_handlers()
-            raise TrainingInterrupted(self.signum, state.global_step,
-                                      str(checkpoint_dir(args.output_dir, state.global_step)))  # fmt: skip
+            raise TrainingInterrupted(
+                self.signum, state.global_step, str(checkpoint_dir(args.output_dir, state.global_step))
+            )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._restore_handlers()
@@ -188,8 +196,9 @@ def load_model_weights(model: Any, folder: str | os.PathLike) -> None:
         unexpected = list(result.unexpected_keys)
         missing = [key for key in result.missing_keys if key not in _tied_parameter_names(model)]
     if unexpected or missing:
-        raise RuntimeError(f"{folder}: checkpoint does not match the model (unexpected {unexpected[:3]}, "
-                           f"missing {missing[:3]})")  # fmt: skip
+        raise RuntimeError(
+            f"{folder}: checkpoint does not match the model (unexpected {unexpected[:3]}, missing {missing[:3]})"
+        )
 
 
 def _tied_parameter_names(model: Any) -> set[str]:
@@ -239,8 +248,9 @@ class EpochSeededBatches:
         # wraps that BatchSampler (every rank draws the same permutation and takes its share of batches).
         batches = dataloader.batch_sampler
         holders = (batches, getattr(batches, "batch_sampler", None))
-        self.sampler = next((holder.sampler for holder in holders if hasattr(getattr(holder, "sampler", None),
-                                                                             "generator")), None)  # fmt: skip
+        self.sampler = next(
+            (holder.sampler for holder in holders if hasattr(getattr(holder, "sampler", None), "generator")), None
+        )
         if self.sampler is None or not len(dataloader):
             raise TypeError("PPO needs a shuffled DataLoader with at least one batch")
         if self.sampler.generator is None:

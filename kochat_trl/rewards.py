@@ -10,8 +10,9 @@ import torch
 
 
 @torch.no_grad()
-def score_token_sequences(model: Any, pad_token_id: int, sequences: Sequence[Sequence[int]],
-                          batch_size: int = 32) -> list[float]:  # fmt: skip
+def score_token_sequences(
+    model: Any, pad_token_id: int, sequences: Sequence[Sequence[int]], batch_size: int = 32
+) -> list[float]:
     """Scalar reward per token sequence, read at its last token (sequences are right-padded here)."""
     was_training = model.training
     model.eval()
@@ -33,8 +34,9 @@ def score_token_sequences(model: Any, pad_token_id: int, sequences: Sequence[Seq
     return scores
 
 
-def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]],
-                        batch_size: int = 32) -> list[float]:  # fmt: skip
+def score_conversations(
+    model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]], batch_size: int = 32
+) -> list[float]:
     """Scalar reward per conversation ending in an answer, rendered and tokenized exactly as RewardTrainer does
     with conversational pairs (`apply_chat_template`, whose assistant turn ends with eos)."""
     from kochat_trl.templates import conversation_ids
@@ -43,8 +45,9 @@ def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[list
     return score_token_sequences(model, tokenizer.pad_token_id, sequences, batch_size)
 
 
-def score_answers(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
-                  batch_size: int = 32) -> list[float]:  # fmt: skip
+def score_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> list[float]:
     """Scalar reward of each `answer` to the user prompt beside it."""
     from kochat_trl.templates import answered
 
@@ -52,9 +55,14 @@ def score_answers(model: Any, tokenizer: Any, prompts: Sequence[str], answers: S
     return score_conversations(model, tokenizer, conversations, batch_size)
 
 
-def score_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
-                    response_ids: Sequence[Sequence[int]], missing_eos_penalty: float | None = None,
-                    batch_size: int = 32) -> list[float]:  # fmt: skip
+def score_responses(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    missing_eos_penalty: float | None = None,
+    batch_size: int = 32,
+) -> list[float]:
     """Score generated answers as PPO does: prompt ids + answer ids cut after the first eos.
 
     An answer that never produced eos was cut off by the length limit: it is scored as is and,

@@ -24,11 +24,26 @@ with known_warnings_ignored():  # TRL's one-time "you are importing from trl.exp
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as _ppo_module
 
-__all__ = ["PPOConfig", "AdaptiveKLCallback", "build_ppo_trainer", "train_ppo", "reference_context",
-           "sample_responses", "sequence_kl",
-           "CRITIC_FREE_TRAINERS", "critic_free_classes", "critic_free_parser", "orpo_classes", "place_on",
-           "RewardModelReward", "build_critic_free_trainer", "adapter_disabled_reference", "repeat_each",
-           "sample_and_score", "policy_comparison"]  # fmt: skip
+__all__ = [
+    "PPOConfig",
+    "AdaptiveKLCallback",
+    "build_ppo_trainer",
+    "train_ppo",
+    "reference_context",
+    "sample_responses",
+    "sequence_kl",
+    "CRITIC_FREE_TRAINERS",
+    "critic_free_classes",
+    "critic_free_parser",
+    "orpo_classes",
+    "place_on",
+    "RewardModelReward",
+    "build_critic_free_trainer",
+    "adapter_disabled_reference",
+    "repeat_each",
+    "sample_and_score",
+    "policy_comparison",
+]
 
 
 class _LoggingPPOTrainer(SharedBaseReference, engines.DeepSpeedPPOFixes, PPOTrainer):
@@ -52,8 +67,9 @@ class _LoggingPPOTrainer(SharedBaseReference, engines.DeepSpeedPPOFixes, PPOTrai
         # super(), then marks the whole checkpoint complete.
         if self.args.should_save:
             value_model = self.accelerator.unwrap_model(self.model).value_model
-            resume.save_model_weights(value_model, resume.checkpoint_dir(self.args.output_dir, self.state.global_step)
-                                      / resume.VALUE_SUBDIR)  # fmt: skip
+            resume.save_model_weights(
+                value_model, resume.checkpoint_dir(self.args.output_dir, self.state.global_step) / resume.VALUE_SUBDIR
+            )
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> None:
@@ -71,8 +87,9 @@ class _LoggingPPOTrainer(SharedBaseReference, engines.DeepSpeedPPOFixes, PPOTrai
             restore_rng = partial(self._load_rng_state, str(resume_from_checkpoint))
         # TRL's loop counts updates from 1 and resets its counters in train(); it runs the remaining ones.
         self.args.num_total_batches = total - done
-        self.dataloader = resume.EpochSeededBatches(original_loader, self.args.seed, skip=done,
-                                                    before_first=restore_rng)  # fmt: skip
+        self.dataloader = resume.EpochSeededBatches(
+            original_loader, self.args.seed, skip=done, before_first=restore_rng
+        )
         try:
             super().train()
         finally:
@@ -112,8 +129,10 @@ class AdaptiveKLCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # A resumed run continues with the coefficient the interrupted one had reached.
-        args.kl_coef = next((entry["objective/kl_coef"] for entry in reversed(state.log_history)
-                             if "objective/kl_coef" in entry), args.kl_coef)  # fmt: skip
+        args.kl_coef = next(
+            (entry["objective/kl_coef"] for entry in reversed(state.log_history) if "objective/kl_coef" in entry),
+            args.kl_coef,
+        )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not logs or "objective/kl" not in logs:
@@ -126,10 +145,19 @@ class AdaptiveKLCallback(TrainerCallback):
             state.log_history[-1]["objective/kl_coef"] = args.kl_coef
 
 
-def build_ppo_trainer(args: PPOConfig, tokenizer: Any, policy: Any, reward_model: Any, value_model: Any,
-                      train_dataset: Any, eval_dataset: Any = None, peft_config: Any = None,
-                      ref_model: Any = None, callbacks: Sequence[TrainerCallback] = (),
-                      shared_base: SharedBase | None = None) -> PPOTrainer:  # fmt: skip
+def build_ppo_trainer(
+    args: PPOConfig,
+    tokenizer: Any,
+    policy: Any,
+    reward_model: Any,
+    value_model: Any,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    peft_config: Any = None,
+    ref_model: Any = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    shared_base: SharedBase | None = None,
+) -> PPOTrainer:
     """TRL's PPOTrainer. With a PEFT policy (or a LoRA `peft_config`) and `ref_model=None` the reference is the policy
     with its adapter disabled: the SFT model itself, at no extra memory. With `shared_base` the policy,
     reward and value models are its adapters (`kochat_trl.shared_base.build`) and `peft_config` is None."""
@@ -196,16 +224,29 @@ def reference_context(trainer: PPOTrainer):
 
 
 @torch.no_grad()
-def sample_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                     temperature: float, seed: int, batch_size: int = 64) -> list[list[int]]:  # fmt: skip
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 64,
+) -> list[list[int]]:
     """Sample one answer per prompt exactly as PPO samples (top_k 0, top_p 1, temperature), seeded.
 
     Prompts are left-padded so every answer starts right after its prompt; answers are returned
     cut after the first eos.
     """
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature + 1e-7,
-                              top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature + 1e-7,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -217,8 +258,9 @@ def sample_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in batch])
             attention_mask = (input_ids != tokenizer.pad_token_id).long()  # prompts never contain pad
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=config)  # fmt: skip
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
             for row in output[:, width:].tolist():
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id) + 1]
@@ -229,8 +271,13 @@ def sample_responses(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
 
 
 @torch.no_grad()
-def _response_logprob_sums(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                           temperature: float, batch_size: int = 64) -> list[float]:  # fmt: skip
+def _response_logprob_sums(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    temperature: float,
+    batch_size: int = 64,
+) -> list[float]:
     """Per answer, sum_t log p(a_t | prompt, a_<t) at `temperature`; sequences right-padded, in batches."""
     device = next(model.parameters()).device
     sums: list[float] = []
@@ -255,8 +302,14 @@ def _response_logprob_sums(model: Any, prompt_ids: Sequence[Sequence[int]], resp
     return sums
 
 
-def sequence_kl(policy: Any, reference: Any, reference_ctx: Any, prompt_ids: Sequence[Sequence[int]],
-                response_ids: Sequence[Sequence[int]], temperature: float) -> float:  # fmt: skip
+def sequence_kl(
+    policy: Any,
+    reference: Any,
+    reference_ctx: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    temperature: float,
+) -> float:
     """Mean over answers of sum_t log pi(a_t) - log ref(a_t): PPO's k1 KL on the policy's own samples."""
     kept = [(prompt, response) for prompt, response in zip(prompt_ids, response_ids, strict=True) if response]
     if not kept:
@@ -315,8 +368,9 @@ class RewardModelReward:
     `completion_ids` (cut after the first eos), less `missing_eos_penalty` when no eos came (`score_responses`).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, missing_eos_penalty: float | None = None,
-                 batch_size: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self, model: Any, tokenizer: Any, missing_eos_penalty: float | None = None, batch_size: int = 32
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.missing_eos_penalty, self.batch_size = missing_eos_penalty, batch_size
         self.__name__ = "reward_model"  # TRL logs rewards/<__name__>/mean
@@ -332,13 +386,22 @@ class RewardModelReward:
         # Under ZeRO-3 the reward model is sharded (zero.Init) and no engine runs it: every rank scores its
         # own completions with the gathered weights (all ranks call the reward function at every step).
         with engines.gathered(self.model):
-            return score_responses(self.model, self.tokenizer, ids, completion_ids, self.missing_eos_penalty,
-                                   self.batch_size)  # fmt: skip
+            return score_responses(
+                self.model, self.tokenizer, ids, completion_ids, self.missing_eos_penalty, self.batch_size
+            )
 
 
-def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any, reward: RewardModelReward,
-                              train_dataset: Any, peft_config: Any = None, callbacks: Sequence[TrainerCallback] = (),
-                              shared_base: SharedBase | None = None) -> Any:  # fmt: skip
+def build_critic_free_trainer(
+    name: str,
+    args: Any,
+    tokenizer: Any,
+    policy: Any,
+    reward: RewardModelReward,
+    train_dataset: Any,
+    peft_config: Any = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    shared_base: SharedBase | None = None,
+) -> Any:
     """TRL's RLOOTrainer or GRPOTrainer on conversational prompts, rewarded by `reward`. With a LoRA `peft_config`
     the reference is the policy with its adapter disabled (no copy). With `shared_base` the policy is its PEFT model
     (the reward model an adapter on it) and `peft_config` is None; TRL then keeps the reference as a "ref" copy of
@@ -347,9 +410,15 @@ def build_critic_free_trainer(name: str, args: Any, tokenizer: Any, policy: Any,
     if shared_base is not None:
         shared_base.draw_policy_adapter()  # what TRL's get_peft_model would draw here
     with shared_base.copies_draw_nothing() if shared_base is not None else nullcontext():
-        trainer = trainer_class(model=policy, reward_funcs=[reward], args=args, train_dataset=train_dataset,
-                                processing_class=tokenizer, peft_config=peft_config,
-                                callbacks=list(callbacks))  # fmt: skip
+        trainer = trainer_class(
+            model=policy,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=list(callbacks),
+        )
     # TRL places reward *models* on the device; the model inside a reward function is ours to place.
     place_on(reward.model, trainer.accelerator.device)
     return trainer
@@ -367,9 +436,16 @@ def repeat_each(items: Sequence[Any], times: int) -> list[Any]:
     return [item for item in items for _ in range(times)]
 
 
-def sample_and_score(policy: Any, reward_model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
-                     max_new_tokens: int, temperature: float, seed: int,
-                     missing_eos_penalty: float | None = None) -> tuple[list[list[int]], list[float]]:  # fmt: skip
+def sample_and_score(
+    policy: Any,
+    reward_model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    missing_eos_penalty: float | None = None,
+) -> tuple[list[list[int]], list[float]]:
     """One seeded sample per prompt (`sample_responses`) and its reward (`score_responses`)."""
     from kochat_trl.rewards import score_responses
 
@@ -377,10 +453,18 @@ def sample_and_score(policy: Any, reward_model: Any, tokenizer: Any, prompt_ids:
     return answers, score_responses(reward_model, tokenizer, prompt_ids, answers, missing_eos_penalty)
 
 
-def policy_comparison(tokenizer: Any, queries: Sequence[str], before: Sequence[Sequence[int]],
-                      scores_before: Sequence[float], after: Sequence[Sequence[int]], scores_after: Sequence[float],
-                      kl: float | None, kl_bound: float | None, samples_per_prompt: int = 1,
-                      samples: int = 3) -> dict[str, Any]:  # fmt: skip
+def policy_comparison(
+    tokenizer: Any,
+    queries: Sequence[str],
+    before: Sequence[Sequence[int]],
+    scores_before: Sequence[float],
+    after: Sequence[Sequence[int]],
+    scores_after: Sequence[float],
+    kl: float | None,
+    kl_bound: float | None,
+    samples_per_prompt: int = 1,
+    samples: int = 3,
+) -> dict[str, Any]:
     """Held-out metrics of an RL run against its SFT policy (the same names for PPO, RLOO and GRPO).
 
     `before`/`after` hold `samples_per_prompt` answers per query, prompt-major (`repeat_each`); the
@@ -417,7 +501,8 @@ def policy_comparison(tokenizer: Any, queries: Sequence[str], before: Sequence[S
         "judge_after": judge_answers(asked, [text(ids) for ids in after]),
         "samples": [
             {"prompt": query, "before": text(b), "after": text(a), "score_before": sb, "score_after": sa}
-            for query, b, a, sb, sa in zip(queries, before[first], after[first], scores_before[first],
-                                           scores_after[first], strict=True)
-        ][:samples],  # fmt: skip
+            for query, b, a, sb, sa in zip(
+                queries, before[first], after[first], scores_before[first], scores_after[first], strict=True
+            )
+        ][:samples],
     }

@@ -33,8 +33,9 @@ def load_critic_free_models(script_args: Any, training_args: Any, model_args: An
     return _load(script_args, training_args, model_args, tokenizer, script_args.reward_model_path, with_value=False)
 
 
-def _load(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any, reward_path: str,
-          with_value: bool) -> RLModels:  # fmt: skip
+def _load(
+    script_args: Any, training_args: Any, model_args: Any, tokenizer: Any, reward_path: str, with_value: bool
+) -> RLModels:
     gradient_checkpointing = training_args.gradient_checkpointing
     policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
     policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
@@ -73,16 +74,26 @@ def parameter_counts(models: RLModels, trained_policy: Any, separate_reference: 
     shared_base the reward and value models add only their adapters and heads to the one base."""
     if models.shared is not None:
         counts = models.shared.parameter_counts()
-        return {"policy": counts["base"] + counts["policy_adapter"], "policy_trainable": counts["policy_adapter"],
-                "reference_extra": 0, "reward": counts["reward_adapter"] + counts["reward_head"],
-                "value": counts["value_adapter"] + counts["value_head"],
-                "value_trainable": counts["value_adapter"] + counts["value_head"], "shared_base": True}  # fmt: skip
+        return {
+            "policy": counts["base"] + counts["policy_adapter"],
+            "policy_trainable": counts["policy_adapter"],
+            "reference_extra": 0,
+            "reward": counts["reward_adapter"] + counts["reward_head"],
+            "value": counts["value_adapter"] + counts["value_head"],
+            "value_trainable": counts["value_adapter"] + counts["value_head"],
+            "shared_base": True,
+        }
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained_policy)
     value_trainable, value_total = modeling.trainable_parameter_share(models.value)
-    return {"policy": policy_total, "policy_trainable": policy_trainable,
-            "reference_extra": policy_total if separate_reference else 0,
-            "reward": sum(parameter.numel() for parameter in models.reward.parameters()),
-            "value": value_total, "value_trainable": value_trainable, "shared_base": False}  # fmt: skip
+    return {
+        "policy": policy_total,
+        "policy_trainable": policy_trainable,
+        "reference_extra": policy_total if separate_reference else 0,
+        "reward": sum(parameter.numel() for parameter in models.reward.parameters()),
+        "value": value_total,
+        "value_trainable": value_trainable,
+        "shared_base": False,
+    }
 
 
 def critic_free_parameter_counts(models: RLModels, trained_policy: Any) -> dict[str, Any]:
@@ -93,5 +104,9 @@ def critic_free_parameter_counts(models: RLModels, trained_policy: Any) -> dict[
         reward = counts["reward_adapter"] + counts["reward_head"]
     else:
         reward = sum(parameter.numel() for parameter in models.reward.parameters())
-    return {"policy": policy_total, "policy_trainable": policy_trainable, "reward": reward,
-            "shared_base": models.shared is not None}  # fmt: skip
+    return {
+        "policy": policy_total,
+        "policy_trainable": policy_trainable,
+        "reward": reward,
+        "shared_base": models.shared is not None,
+    }

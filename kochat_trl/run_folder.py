@@ -23,8 +23,16 @@ PIPELINE_STAGES = ("sft", "rm", "ppo")
 STATE_FILE = "pipeline_state.json"  # = kochat_trl.pipeline.STATE_FILE (not imported: pipeline pulls in more)
 REPORT_FILE = "report.json"
 # The layout each folder's training data is read in (the preference methods train on rankings, RL on prompts).
-DATA_STAGE = {"sft": "sft", "rm": "rm", "ppo": "ppo", "rloo": "ppo", "grpo": "ppo", "dpo": "rm", "kto": "rm",
-              "orpo": "rm"}  # fmt: skip
+DATA_STAGE = {
+    "sft": "sft",
+    "rm": "rm",
+    "ppo": "ppo",
+    "rloo": "ppo",
+    "grpo": "ppo",
+    "dpo": "rm",
+    "kto": "rm",
+    "orpo": "rm",
+}
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,10 @@ def open_run(path: str | os.PathLike) -> RunFolder:
         raise KochatError(f"{run_dir}: no such folder; make a run with `kochat-trl pipeline --output_dir {run_dir}`")
     marks = [run_dir / STATE_FILE, run_dir / REPORT_FILE]
     if not any(mark.is_file() for mark in marks) and not any(_is_model_folder(run_dir / n) for n in ("base", "sft")):
-        raise KochatError(f"{run_dir}: not a kochat-trl run folder (no {STATE_FILE}, {REPORT_FILE}, base/ or sft/); "
-                          f"make one with `kochat-trl pipeline --output_dir {run_dir}`")  # fmt: skip
+        raise KochatError(
+            f"{run_dir}: not a kochat-trl run folder (no {STATE_FILE}, {REPORT_FILE}, base/ or sft/); "
+            f"make one with `kochat-trl pipeline --output_dir {run_dir}`"
+        )
     problems, models = [], []
     if _is_model_folder(run_dir / "base"):  # absent when the pipeline config names a base_model
         models.append(RunModel("base", run_dir / "base", run_dir / "base"))
@@ -170,8 +180,19 @@ def stage_datasets(run: RunFolder, limit: int = 5) -> list[StageData]:
             datasets.append(StageData(name, str(source), "?", 0, 0, 0, {}, [], "", error=str(error)))
             continue
         rows = [{key: _cell(value) for key, value in row.items()} for row in loaded.rows[:limit]]
-        datasets.append(StageData(name, str(source), loaded.layout, loaded.read, loaded.candidates, loaded.kept,
-                                  dict(loaded.dropped), rows, loaded.summary()))  # fmt: skip
+        datasets.append(
+            StageData(
+                name,
+                str(source),
+                loaded.layout,
+                loaded.read,
+                loaded.candidates,
+                loaded.kept,
+                dict(loaded.dropped),
+                rows,
+                loaded.summary(),
+            )
+        )
     return datasets
 
 

@@ -34,10 +34,12 @@ class KochatArguments:
     )
     template: str | None = field(
         default=None,
-        metadata={"help": "Prompt template, installed as the tokenizer's chat template: kochatgpt, kochatgpt_short, "
-                  "koalpaca, kullm, or chat (the model's own). Default: the chat template the model folder carries, "
-                  "else kochatgpt."},
-    )  # fmt: skip
+        metadata={
+            "help": "Prompt template, installed as the tokenizer's chat template: kochatgpt, kochatgpt_short, "
+            "koalpaca, kullm, or chat (the model's own). Default: the chat template the model folder carries, "
+            "else kochatgpt."
+        },
+    )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of rows held out for evaluation."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows (quick trials)."})
     init_tiny: bool = field(
@@ -183,8 +185,9 @@ def user_errors():
         print_error_line(f"stopped: {error}")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:  # outside training: nothing to save, and the stage is not marked finished
-        print_error_line("stopped: interrupted by SIGINT before training started or after it ended; "
-                         "rerun to finish the stage")  # fmt: skip
+        print_error_line(
+            "stopped: interrupted by SIGINT before training started or after it ended; rerun to finish the stage"
+        )
         sys.exit(128 + 2)
 
 
@@ -230,14 +233,18 @@ def resume_checkpoint(training_args: Any) -> str | None:
     if str(value).lower() in ("true", "last"):
         last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ConfigError(f"{training_args.output_dir}: no complete checkpoint-* folder to resume from; "
-                              "drop --resume_from_checkpoint to start from the beginning")  # fmt: skip
+            raise ConfigError(
+                f"{training_args.output_dir}: no complete checkpoint-* folder to resume from; "
+                "drop --resume_from_checkpoint to start from the beginning"
+            )
         return str(last)
     if not Path(value).is_dir():
         raise ConfigError(f"{value}: resume_from_checkpoint is not a checkpoint folder")
     if not is_complete_checkpoint(value):
-        raise ConfigError(f"{value}: checkpoint is incomplete (its save was cut short: no trainer_state.json); "
-                          "resume from an earlier checkpoint")  # fmt: skip
+        raise ConfigError(
+            f"{value}: checkpoint is incomplete (its save was cut short: no trainer_state.json); "
+            "resume from an earlier checkpoint"
+        )
     return str(value)
 
 
@@ -291,14 +298,17 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
     context = model_context_length(model_args.model_name_or_path)
     max_length = getattr(training_args, "max_length", None)
     if context and max_length and max_length > context:
-        raise ConfigError(f"max_length {max_length} exceeds the context of {model_args.model_name_or_path} "
-                          f"({context} positions in config.json); set max_length <= {context}")  # fmt: skip
+        raise ConfigError(
+            f"max_length {max_length} exceeds the context of {model_args.model_name_or_path} "
+            f"({context} positions in config.json); set max_length <= {context}"
+        )
     if stage is None:
         return
     rows = _check_data(kochat_args, stage)
     if stage == "ppo" and kochat_args.eval_fraction == 0:
-        raise ConfigError("PPO, RLOO and GRPO score the policy on held-out prompts before and after training; "
-                          "set eval_fraction > 0")  # fmt: skip
+        raise ConfigError(
+            "PPO, RLOO and GRPO score the policy on held-out prompts before and after training; set eval_fraction > 0"
+        )
     if stage == "ppo" and hasattr(training_args, "num_mini_batches"):  # TRL's PPOConfig (not RLOO/GRPO's configs)
         _check_ppo(kochat_args, training_args, model_args, rows, context)
     if stage == "ppo":
@@ -312,8 +322,9 @@ def _check_settings(kochat_args: KochatArguments, training_args: Any, model_args
     if model_args.load_in_8bit and model_args.load_in_4bit:
         raise ConfigError("load_in_8bit and load_in_4bit are both set; choose one")
     if kochat_args.overwrite and resume_requested(training_args):
-        raise ConfigError("overwrite and resume_from_checkpoint are both set; overwrite deletes the checkpoints, "
-                          "choose one")  # fmt: skip
+        raise ConfigError(
+            "overwrite and resume_from_checkpoint are both set; overwrite deletes the checkpoints, choose one"
+        )
     sharding = parameter_sharding(training_args)
     if sharding and (model_args.load_in_8bit or model_args.load_in_4bit):
         # Caught here because the libraries' own errors name neither flag: ZeRO-3 fails in from_pretrained with
@@ -357,8 +368,10 @@ def _check_output_dir(kochat_args: KochatArguments, training_args: Any) -> None:
         raise ConfigError(f"{output_dir}: output_dir exists and is not a folder; choose another output_dir")
     resuming = resume_checkpoint(training_args) is not None
     if resuming and stage_finished(output_dir):
-        raise ConfigError(f"{output_dir}: the stage already finished ({METRICS_FILE} exists); nothing to resume. "
-                          "Pass --overwrite true instead of --resume_from_checkpoint to train it again")  # fmt: skip
+        raise ConfigError(
+            f"{output_dir}: the stage already finished ({METRICS_FILE} exists); nothing to resume. "
+            "Pass --overwrite true instead of --resume_from_checkpoint to train it again"
+        )
     if output_dir.is_dir() and any(output_dir.iterdir()) and not resuming and not kochat_args.overwrite:
         raise ConfigError(
             f"{output_dir}: output_dir is not empty; pass --overwrite true to replace it, "
@@ -406,33 +419,42 @@ def _check_data(kochat_args: KochatArguments, stage: str) -> list[dict[str, Any]
 
     rows = load_stage_data(kochat_args.dataset_name, stage).rows[: kochat_args.max_samples]
     if kochat_args.eval_fraction > 0 and len(rows) < 2:
-        raise DataError(f"{kochat_args.dataset_name}: {len(rows)} usable row(s) cannot be split into train and eval; "
-                        "add data or set eval_fraction: 0")  # fmt: skip
+        raise DataError(
+            f"{kochat_args.dataset_name}: {len(rows)} usable row(s) cannot be split into train and eval; "
+            "add data or set eval_fraction: 0"
+        )
     return rows
 
 
-def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]],
-               context: int | None) -> None:  # fmt: skip
+def _check_ppo(
+    kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]], context: int | None
+) -> None:
     from kochat_trl.engines import check_ppo_checkpoints
 
     check_ppo_checkpoints(training_args)
     local_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     minibatches = training_args.num_mini_batches
     if minibatches < 1 or local_batch % minibatches:
-        raise ConfigError(f"per_device_train_batch_size x gradient_accumulation_steps = {local_batch} is not divisible "
-                          f"by num_mini_batches {minibatches}; PPO splits every rollout batch into that many "
-                          "minibatches")  # fmt: skip
+        raise ConfigError(
+            f"per_device_train_batch_size x gradient_accumulation_steps = {local_batch} is not divisible "
+            f"by num_mini_batches {minibatches}; PPO splits every rollout batch into that many "
+            "minibatches"
+        )
     if training_args.whiten_rewards and local_batch // minibatches < 8:
-        raise ConfigError(f"whiten_rewards needs minibatches of at least 8 rollouts, got {local_batch // minibatches}; "
-                          "raise per_device_train_batch_size or set whiten_rewards: false")  # fmt: skip
+        raise ConfigError(
+            f"whiten_rewards needs minibatches of at least 8 rollouts, got {local_batch // minibatches}; "
+            "raise per_device_train_batch_size or set whiten_rewards: false"
+        )
     if training_args.stop_token and training_args.stop_token_id is not None:
         raise ConfigError("stop_token and stop_token_id are both set; choose one")
     train_rows, _ = _split_sizes(len(rows), kochat_args.eval_fraction)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if train_rows < local_batch * world:
         # TRL's loader drops incomplete batches: with none left its loop would wait forever.
-        raise DataError(f"{kochat_args.dataset_name}: {train_rows} training prompts, fewer than one rollout batch "
-                        f"({local_batch * world}); add prompts or lower per_device_train_batch_size")  # fmt: skip
+        raise DataError(
+            f"{kochat_args.dataset_name}: {train_rows} training prompts, fewer than one rollout batch "
+            f"({local_batch * world}); add prompts or lower per_device_train_batch_size"
+        )
     check_model_path("reward_model_path", training_args.reward_model_path)
     check_model_path("value_model_path", getattr(kochat_args, "value_model_path", None))
     if context is None or not Path(model_args.model_name_or_path).is_dir():
@@ -443,11 +465,13 @@ def _check_ppo(kochat_args: Any, training_args: Any, model_args: Any, rows: list
     tokenizer = load_tokenizer(model_args, padding_side="left", template=kochat_args.template, announce=False)
     longest = max(len(prompt_ids(tokenizer, row["prompt"])) for row in rows)
     if longest + training_args.response_length > context:
-        raise ConfigError(f"longest prompt ({longest} tokens with template {saved_template_name(tokenizer)}) + "
-                          f"response_length {training_args.response_length} exceeds the context of "
-                          f"{model_args.model_name_or_path} "
-                          f"({context} positions); lower response_length to {context - longest} or "
-                          "drop the longest prompts")  # fmt: skip
+        raise ConfigError(
+            f"longest prompt ({longest} tokens with template {saved_template_name(tokenizer)}) + "
+            f"response_length {training_args.response_length} exceeds the context of "
+            f"{model_args.model_name_or_path} "
+            f"({context} positions); lower response_length to {context - longest} or "
+            "drop the longest prompts"
+        )
 
 
 def resolved_config(*argument_groups: Any) -> dict[str, Any]:
@@ -463,8 +487,13 @@ def resolved_config(*argument_groups: Any) -> dict[str, Any]:
     return config
 
 
-def finish_run(output_dir: str | Path, metrics: dict[str, Any], config: dict[str, Any],
-               log_history: list[dict[str, Any]], curve_keys: Sequence[str]) -> Path:  # fmt: skip
+def finish_run(
+    output_dir: str | Path,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    log_history: list[dict[str, Any]],
+    curve_keys: Sequence[str],
+) -> Path:
     """Write config.yaml, curves.png and, last, metrics.json (main process only)."""
     import yaml
 

@@ -110,8 +110,9 @@ class AdapterScoreModel(nn.Module):
 
     base_model_prefix = "body"
 
-    def __init__(self, shared: SharedBase, adapter: str, score: nn.Linear, pad_token_id: int,
-                 frozen: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, shared: SharedBase, adapter: str, score: nn.Linear, pad_token_id: int, frozen: bool = False
+    ) -> None:
         super().__init__()
         self.body = _RoutedBody(shared.body, shared.router, adapter, frozen)
         self.score = score
@@ -139,8 +140,11 @@ class AdapterScoreModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         weights = get_peft_model_state_dict(self._shared.policy, adapter_name=self.adapter)
         weights.update({_HEAD_PREFIX + name: tensor for name, tensor in self.score.state_dict().items()})
-        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()},
-                  str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()},
+            str(folder / ADAPTER_WEIGHTS),
+            metadata={"format": "pt"},
+        )
         self._shared.reward_adapter_config.save_pretrained(str(folder))
 
     def load_adapter_weights(self, folder: str | Path) -> None:
@@ -236,8 +240,14 @@ class SharedBase:
         return counts
 
 
-def build(causal_lm: nn.Module, policy_lora: Any, reward_adapter: str | Path, tokenizer: Any,
-          gradient_checkpointing: bool = False, with_value: bool = True) -> SharedBase:  # fmt: skip
+def build(
+    causal_lm: nn.Module,
+    policy_lora: Any,
+    reward_adapter: str | Path,
+    tokenizer: Any,
+    gradient_checkpointing: bool = False,
+    with_value: bool = True,
+) -> SharedBase:
     """Wrap the SFT `causal_lm` with the policy adapter (`policy_lora`) and stage 2's reward adapter (as "reward",
     frozen, and, for PPO, as "value", trained), and build the reward (and value) models over its base."""
     from peft import get_peft_model
@@ -256,8 +266,9 @@ def build(causal_lm: nn.Module, policy_lora: Any, reward_adapter: str | Path, to
     shared = SharedBase(policy, AdapterRouter(policy), body, _reward_adapter_config(reward_adapter))
     dtype = base.get_input_embeddings().weight.dtype
     device = base.get_input_embeddings().weight.device
-    shared.reward = AdapterScoreModel(shared, REWARD, _score_head(head, dtype, device), tokenizer.pad_token_id,
-                                      frozen=True)  # fmt: skip
+    shared.reward = AdapterScoreModel(
+        shared, REWARD, _score_head(head, dtype, device), tokenizer.pad_token_id, frozen=True
+    )
     if with_value:
         shared.value = AdapterScoreModel(shared, VALUE, _score_head(head, dtype, device), tokenizer.pad_token_id)
     shared.set_trainable()
@@ -309,11 +320,14 @@ def _read_adapter_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[s
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
-    head = {name.removeprefix(_HEAD_PREFIX): tensor for name, tensor in weights.items()
-            if name.startswith(_HEAD_PREFIX)}  # fmt: skip
+    head = {
+        name.removeprefix(_HEAD_PREFIX): tensor for name, tensor in weights.items() if name.startswith(_HEAD_PREFIX)
+    }
     if "weight" not in head:
-        raise ConfigError(f"{folder / ADAPTER_WEIGHTS}: no score head ({_HEAD_PREFIX}weight); train the reward model "
-                          "with use_peft: true (score is saved with the adapter)")  # fmt: skip
+        raise ConfigError(
+            f"{folder / ADAPTER_WEIGHTS}: no score head ({_HEAD_PREFIX}weight); train the reward model "
+            "with use_peft: true (score is saved with the adapter)"
+        )
     return {name: tensor for name, tensor in weights.items() if not name.startswith(_HEAD_PREFIX)}, head
 
 
@@ -323,9 +337,11 @@ def _load_lora(policy: Any, weights: dict[str, torch.Tensor], adapter: str, fold
     result = set_peft_model_state_dict(policy, weights, adapter_name=adapter)
     missing = [name for name in result.missing_keys if f".{adapter}." in name]
     if result.unexpected_keys or missing:
-        raise ConfigError(f"{folder}: the adapter does not fit the policy's layers (unexpected "
-                          f"{list(result.unexpected_keys)[:2]}, missing {missing[:2]}); train the reward model on "
-                          "the same SFT model as the policy")  # fmt: skip
+        raise ConfigError(
+            f"{folder}: the adapter does not fit the policy's layers (unexpected "
+            f"{list(result.unexpected_keys)[:2]}, missing {missing[:2]}); train the reward model on "
+            "the same SFT model as the policy"
+        )
 
 
 def _score_head(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: Any) -> nn.Linear:
@@ -354,39 +370,50 @@ def check_settings(script_args: Any, training_args: Any, model_args: Any) -> Non
 
 def _verify_lora(model_args: Any) -> None:
     if not model_args.use_peft:
-        raise ConfigError("shared_base: true trains the policy and value model as LoRA adapters on one frozen base; "
-                          "set use_peft: true, or shared_base: false for full models")  # fmt: skip
+        raise ConfigError(
+            "shared_base: true trains the policy and value model as LoRA adapters on one frozen base; "
+            "set use_peft: true, or shared_base: false for full models"
+        )
 
 
 def _verify_reward_adapter(path: str | None) -> None:
     from kochat_trl.modeling import adapter_base
 
     if not path or adapter_base(path) is None:
-        raise ConfigError(f"reward_model_path {path}: shared_base: true needs the reward model as a LoRA adapter "
-                          "folder (adapter_config.json); train stage 2 with use_peft: true "
-                          "(recipes/configs/tiny/reward_lora.yaml), or set shared_base: false")  # fmt: skip
+        raise ConfigError(
+            f"reward_model_path {path}: shared_base: true needs the reward model as a LoRA adapter "
+            "folder (adapter_config.json); train stage 2 with use_peft: true "
+            "(recipes/configs/tiny/reward_lora.yaml), or set shared_base: false"
+        )
     task = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("task_type")
     if task != "SEQ_CLS":
-        raise ConfigError(f"{Path(path) / ADAPTER_CONFIG}: task_type {task!r} is not a reward model "
-                          "adapter (SEQ_CLS); point reward_model_path at stage 2's output")  # fmt: skip
+        raise ConfigError(
+            f"{Path(path) / ADAPTER_CONFIG}: task_type {task!r} is not a reward model "
+            "adapter (SEQ_CLS); point reward_model_path at stage 2's output"
+        )
 
 
 def _verify_same_base(reward_adapter: str, model_name_or_path: str) -> None:
     from kochat_trl.modeling import adapter_base
 
     base = adapter_base(reward_adapter)
-    same = base == model_name_or_path or (Path(base).exists() and Path(base).resolve() == Path(model_name_or_path)
-                                          .resolve())  # fmt: skip
+    same = base == model_name_or_path or (
+        Path(base).exists() and Path(base).resolve() == Path(model_name_or_path).resolve()
+    )
     if not same:
-        raise ConfigError(f"{Path(reward_adapter) / ADAPTER_CONFIG}: the reward adapter was trained on {base}, not on "
-                          f"the policy {model_name_or_path}; shared_base needs one base for both (train stage 2 "
-                          f"from {model_name_or_path}, or set shared_base: false)")  # fmt: skip
+        raise ConfigError(
+            f"{Path(reward_adapter) / ADAPTER_CONFIG}: the reward adapter was trained on {base}, not on "
+            f"the policy {model_name_or_path}; shared_base needs one base for both (train stage 2 "
+            f"from {model_name_or_path}, or set shared_base: false)"
+        )
 
 
 def _verify_no_value_model_path(script_args: Any) -> None:
     if getattr(script_args, "value_model_path", None):
-        raise ConfigError("value_model_path is set with shared_base: true; the value model is the reward adapter "
-                          "trained further on the shared base: drop value_model_path")  # fmt: skip
+        raise ConfigError(
+            "value_model_path is set with shared_base: true; the value model is the reward adapter "
+            "trained further on the shared base: drop value_model_path"
+        )
 
 
 def _verify_engine() -> None:
@@ -394,9 +421,11 @@ def _verify_engine() -> None:
 
     engine = requested_engine()
     if engine:
-        raise ConfigError(f"shared_base: true runs under DDP or one process, not {engine} (the reward and value "
-                          "models would be separate engines over the policy's weights); launch with "
-                          "accelerate_configs/multi_gpu.yaml or cpu_multiprocess.yaml")  # fmt: skip
+        raise ConfigError(
+            f"shared_base: true runs under DDP or one process, not {engine} (the reward and value "
+            "models would be separate engines over the policy's weights); launch with "
+            "accelerate_configs/multi_gpu.yaml or cpu_multiprocess.yaml"
+        )
 
 
 class SharedBaseReference:

@@ -40,8 +40,9 @@ class PromptTemplate:
     turn_separator: str = "\n\n"
     answer_prefix: str = " "
 
-    def format_messages(self, messages: list[Message], eos_token: str, add_generation_prompt: bool = True,
-                        bos_token: str = "") -> str:  # fmt: skip
+    def format_messages(
+        self, messages: list[Message], eos_token: str, add_generation_prompt: bool = True, bos_token: str = ""
+    ) -> str:
         """The conversation as text, exactly as `chat_template` renders it."""
         check_messages(messages)
         before, after = self.user_format.split("{prompt}")
@@ -111,8 +112,9 @@ def check_messages(messages: list[Message]) -> None:
     for index, message in enumerate(messages):
         role = message.get("role")
         if role not in ROLES or (role == "system" and index > 0):
-            raise ValueError(f"message {index}: roles must be user or assistant after an optional first system "
-                             f"turn, got {role!r}")  # fmt: skip
+            raise ValueError(
+                f"message {index}: roles must be user or assistant after an optional first system turn, got {role!r}"
+            )
         if not isinstance(message.get("content"), str):
             raise ValueError(f"message {index}: content must be text")
 
@@ -197,8 +199,10 @@ def install_template(tokenizer: Any, name: str | None, where: str = "the model f
         note = f"{where} carries no chat template; formatting prompts with {DEFAULT_TEMPLATE} (set template to choose)"
     elif name == CHAT:
         if saved is None:
-            raise ConfigError(f"template 'chat' needs a tokenizer with a chat template, and {where} has none; "
-                              f"pick one of {', '.join(TEMPLATES)}")  # fmt: skip
+            raise ConfigError(
+                f"template 'chat' needs a tokenizer with a chat template, and {where} has none; "
+                f"pick one of {', '.join(TEMPLATES)}"
+            )
         return (saved if saved != CHAT else CHAT), None
     else:
         replaced = saved not in (None, name)
@@ -223,8 +227,7 @@ def prompt_text(tokenizer: Any, prompt: str | list[Message]) -> str:
 
 def prompt_ids(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
     """`prompt_text` as token ids, tokenized as TRL tokenizes conversational prompts (no extra special tokens)."""
-    return tokenizer.apply_chat_template(_conversation(prompt), tokenize=True, add_generation_prompt=True)[
-        "input_ids"]  # fmt: skip
+    return tokenizer.apply_chat_template(_conversation(prompt), tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
 def conversation_ids(tokenizer: Any, messages: list[Message]) -> list[int]:

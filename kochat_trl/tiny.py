@@ -49,8 +49,10 @@ def tokenizer_training_texts(template_name: str) -> list[str]:
         for record in json.loads(bundled_data_path(name).read_text(encoding="utf-8")):
             question = user_turn(record["prompt"])
             answers = [value for key, value in record.items() if key.startswith("completion")]
-            texts.extend(template.format_messages(answered(question, answer), "", add_generation_prompt=False)
-                         for answer in answers)  # fmt: skip
+            texts.extend(
+                template.format_messages(answered(question, answer), "", add_generation_prompt=False)
+                for answer in answers
+            )
             if not answers:
                 texts.append(template.format_messages(question, ""))
     return texts
@@ -72,25 +74,30 @@ def build_tokenizer(spec: TinyModelSpec):
 
     core = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
     core.normalizer = normalizers.Replace("\n", "\n" + SPACE)
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True),
-        pre_tokenizers.Split(Regex(PARTICLE), behavior="isolated"),
-    ])  # fmt: skip
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size - len(BYTE_TOKENS), special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False)  # fmt: skip
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True),
+            pre_tokenizers.Split(Regex(PARTICLE), behavior="isolated"),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size - len(BYTE_TOKENS), special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     core.train_from_iterator(tokenizer_training_texts(spec.template), trainer=trainer)
     # The trainer knows byte tokens only as added (special) tokens, which decoding with skip_special_tokens
     # would drop: insert them as plain vocabulary entries right after the special tokens instead.
     state = json.loads(core.to_str())
     vocab = state["model"]["vocab"]
-    shifted = {token: index if index < len(SPECIAL_TOKENS) else index + len(BYTE_TOKENS)
-               for token, index in vocab.items()}  # fmt: skip
+    shifted = {
+        token: index if index < len(SPECIAL_TOKENS) else index + len(BYTE_TOKENS) for token, index in vocab.items()
+    }
     shifted.update({token: len(SPECIAL_TOKENS) + index for index, token in enumerate(BYTE_TOKENS)})
     state["model"]["vocab"] = shifted
     core = Tokenizer.from_str(json.dumps(state))
-    core.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Replace("\n ", "\n")])  # fmt: skip
+    core.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\n ", "\n")]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
@@ -132,8 +139,9 @@ def build_model(spec: TinyModelSpec, tokenizer, seed: int):
     return model
 
 
-def init_tiny(output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False,
-              spec: TinyModelSpec | None = None) -> Path:  # fmt: skip
+def init_tiny(
+    output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, spec: TinyModelSpec | None = None
+) -> Path:
     """Build and save the embedded default model + tokenizer into `output_dir` (atomically)."""
     spec = spec or TinyModelSpec()
     tokenizer = build_tokenizer(spec)

@@ -31,8 +31,9 @@ def requested_trainer(args: Sequence[str], default: str) -> str:
     return default
 
 
-def switch_parser(script_arguments: type, config_class_of: Callable[[str], type], default: str,
-                  trainer: str | None = None) -> Any:  # fmt: skip
+def switch_parser(
+    script_arguments: type, config_class_of: Callable[[str], type], default: str, trainer: str | None = None
+) -> Any:
     """`TrlParser` over (script_arguments, the trainer's config class, ModelConfig).
 
     `config_class_of(name)` raises a ConfigError for an unknown name; `trainer` only picks the class the parser

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
 
-def _split(loaded: LoadedData, rows: list[dict[str, Any]], eval_fraction: float, seed: int,
-           max_samples: int | None) -> DatasetDict:  # fmt: skip
+def _split(
+    loaded: LoadedData, rows: list[dict[str, Any]], eval_fraction: float, seed: int, max_samples: int | None
+) -> DatasetDict:
     from kochat_trl.runs import is_main_process
 
     if max_samples is not None:
@@ -62,8 +63,9 @@ def reward_dataset(source: str, eval_fraction: float, seed: int, max_samples: in
     return _split(loaded, rows, eval_fraction, seed, max_samples)
 
 
-def prompt_dataset(source: str, tokenizer: Any, eval_fraction: float, seed: int,
-                   max_samples: int | None = None) -> DatasetDict:  # fmt: skip
+def prompt_dataset(
+    source: str, tokenizer: Any, eval_fraction: float, seed: int, max_samples: int | None = None
+) -> DatasetDict:
     """RL prompts: the raw `query`, the conversational `prompt` (RLOO/GRPO render it) and its chat-template
     `input_ids` (PPO takes pre-tokenised prompts)."""
     loaded = load_stage_data(source, "ppo")
@@ -80,14 +82,16 @@ def rl_prompts(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[Da
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        dataset = prompt_dataset(script_args.dataset_name, tokenizer, script_args.eval_fraction, training_args.seed,
-                                 script_args.max_samples)  # fmt: skip
+        dataset = prompt_dataset(
+            script_args.dataset_name, tokenizer, script_args.eval_fraction, training_args.seed, script_args.max_samples
+        )
     held_out = dataset["eval"].select(range(min(script_args.eval_prompts, len(dataset["eval"]))))
     return dataset, held_out
 
 
-def held_out_prompts(source: str, tokenizer: Any, eval_fraction: float, seed: int,
-                     count: int) -> tuple[list[str], list[list[int]]]:  # fmt: skip
+def held_out_prompts(
+    source: str, tokenizer: Any, eval_fraction: float, seed: int, count: int
+) -> tuple[list[str], list[list[int]]]:
     """The first `count` held-out prompts of `source` (raw, and rendered as ids): the prompts the RL recipes judge
     on, for a stage that trains on something else (the preference recipes train on rankings)."""
     from accelerate import PartialState

@@ -24,9 +24,11 @@ from kochat_trl.runs import KochatArguments
 class PreferenceScriptArguments(KochatArguments):
     trainer: str = field(
         default="dpo",
-        metadata={"help": "TRL trainer: dpo (DPOTrainer), kto (KTOTrainer) or orpo (ORPOTrainer).",
-                  "choices": ["dpo", "kto", "orpo"]},
-    )  # fmt: skip
+        metadata={
+            "help": "TRL trainer: dpo (DPOTrainer), kto (KTOTrainer) or orpo (ORPOTrainer).",
+            "choices": ["dpo", "kto", "orpo"],
+        },
+    )
     dataset_name: str = field(default="bundled:rm", metadata={"help": "Ranked answers (any ranking/pairs layout)."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Stage 2's reward model, for the judging."})
     prompts_dataset: str = field(default="bundled:ppo", metadata={"help": "Prompts whose held-out split is judged."})
@@ -51,24 +53,50 @@ def main(script_args, training_args, model_args):
     runs.prepare_run(script_args, training_args, model_args, stage="rm")  # the ranking data, read as the RM reads it
     runs.check_model_path("reward_model_path", script_args.reward_model_path)
     tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
-    dataset = preference.preference_dataset(script_args.trainer, script_args.dataset_name, script_args.eval_fraction,
-                                            training_args.seed, script_args.max_samples)  # fmt: skip
-    queries, prompt_ids = held_out_prompts(script_args.prompts_dataset, tokenizer, script_args.prompts_eval_fraction,
-                                           training_args.seed, script_args.eval_prompts)  # fmt: skip
+    dataset = preference.preference_dataset(
+        script_args.trainer,
+        script_args.dataset_name,
+        script_args.eval_fraction,
+        training_args.seed,
+        script_args.max_samples,
+    )
+    queries, prompt_ids = held_out_prompts(
+        script_args.prompts_dataset,
+        tokenizer,
+        script_args.prompts_eval_fraction,
+        training_args.seed,
+        script_args.eval_prompts,
+    )
 
     device = training_args.device  # the "before" answers are drawn before the trainer places the policy
     policy = rl.place_on(modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)
-    reward_model = rl.place_on(modeling.load_reward_model(modeling.at_path(model_args, script_args.reward_model_path),
-                                                          tokenizer), device)  # fmt: skip
-    evaluation = HeldOutEvaluation(tokenizer, reward_model, queries, prompt_ids, script_args.eval_samples_per_prompt,
-                                   script_args.eval_max_new_tokens, script_args.eval_temperature, training_args.seed,
-                                   script_args.missing_eos_penalty, script_args.kl_bound)  # fmt: skip
+    reward_model = rl.place_on(
+        modeling.load_reward_model(modeling.at_path(model_args, script_args.reward_model_path), tokenizer), device
+    )
+    evaluation = HeldOutEvaluation(
+        tokenizer,
+        reward_model,
+        queries,
+        prompt_ids,
+        script_args.eval_samples_per_prompt,
+        script_args.eval_max_new_tokens,
+        script_args.eval_temperature,
+        training_args.seed,
+        script_args.missing_eos_penalty,
+        script_args.kl_bound,
+    )
     evaluation.score_before(policy)
 
     trainer = preference.build_trainer(
-        script_args.trainer, training_args, tokenizer, policy, dataset["train"], dataset.get("eval"),
-        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"), callbacks=resume.training_callbacks(),
-    )  # fmt: skip
+        script_args.trainer,
+        training_args,
+        tokenizer,
+        policy,
+        dataset["train"],
+        dataset.get("eval"),
+        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        callbacks=resume.training_callbacks(),
+    )
     progress.attach_progress(trainer, script_args.trainer, ["loss", "rewards/margins"], script_args.verbose)
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     held_out_pairs = trainer.evaluate() if "eval" in dataset else {}
@@ -76,7 +104,8 @@ def main(script_args, training_args, model_args):
 
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
     trained, reference, reference_ctx = trained_and_reference(
-        trainer, lambda: rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device))
+        trainer, lambda: rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device)
+    )
     policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),
@@ -87,19 +116,28 @@ def main(script_args, training_args, model_args):
         "train_rows": len(dataset["train"]),
         "eval_rows": len(dataset["eval"]) if "eval" in dataset else 0,
         "global_step": trainer.state.global_step,
-        "params": {"policy": policy_total, "policy_trainable": policy_trainable,
-                   "reference_extra": 0 if reference is trained or script_args.trainer == "orpo" else policy_total},
+        "params": {
+            "policy": policy_total,
+            "policy_trainable": policy_trainable,
+            "reference_extra": 0 if reference is trained or script_args.trainer == "orpo" else policy_total,
+        },
         "trainable_params": policy_trainable,
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
         "template": saved_template_name(tokenizer),
-    }  # fmt: skip
-    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
-                    trainer.state.log_history, ["loss", "rewards/margins", "rewards/accuracies", "eval_loss",
-                                                "eval_rewards/accuracies"])  # fmt: skip
-    console.say(f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-                f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, implicit-reward accuracy "
-                f"{console.number(metrics['implicit_accuracy'])}; saved to {training_args.output_dir}")  # fmt: skip
+    }
+    runs.finish_run(
+        training_args.output_dir,
+        metrics,
+        runs.resolved_config(script_args, training_args, model_args),
+        trainer.state.log_history,
+        ["loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies"],
+    )
+    console.say(
+        f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
+        f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, implicit-reward accuracy "
+        f"{console.number(metrics['implicit_accuracy'])}; saved to {training_args.output_dir}"
+    )
     return metrics
 
 

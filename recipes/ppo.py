@@ -31,8 +31,10 @@ class PPOScriptArguments(RLArguments):
     )
     shared_base: bool = field(
         default=False,
-        metadata={"help": "Policy, reference, reward and value as adapters on one frozen SFT base (reward_model_path "
-                          "a LoRA adapter trained on model_name_or_path)."},  # fmt: skip
+        metadata={
+            "help": "Policy, reference, reward and value as adapters on one frozen SFT base (reward_model_path "
+            "a LoRA adapter trained on model_name_or_path)."
+        },
     )
 
 
@@ -51,21 +53,33 @@ def main(script_args, training_args, model_args):
     policy, reward_model, value_model = models.policy, models.reward, models.value
 
     # The SFT policy's held-out answers, sampled exactly as PPO samples, fixed seed.
-    evaluation = HeldOutEvaluation(tokenizer, reward_model, held_out["query"], held_out["input_ids"],
-                                   script_args.eval_samples_per_prompt, training_args.response_length,
-                                   training_args.temperature, training_args.seed, training_args.missing_eos_penalty,
-                                   script_args.kl_bound)  # fmt: skip
+    evaluation = HeldOutEvaluation(
+        tokenizer,
+        reward_model,
+        held_out["query"],
+        held_out["input_ids"],
+        script_args.eval_samples_per_prompt,
+        training_args.response_length,
+        training_args.temperature,
+        training_args.seed,
+        training_args.missing_eos_penalty,
+        script_args.kl_bound,
+    )
     evaluation.score_before(policy)
 
     callbacks = [rl.AdaptiveKLCallback(script_args.kl_target)] if script_args.kl_target else []
     trainer = rl.build_ppo_trainer(
-        training_args, tokenizer, policy, reward_model, value_model,
+        training_args,
+        tokenizer,
+        policy,
+        reward_model,
+        value_model,
         train_dataset=dataset["train"].select_columns(["input_ids"]),
         eval_dataset=held_out.select_columns(["input_ids"]),
         peft_config=models.policy_lora,
         callbacks=[*callbacks, *resume.training_callbacks()],
         shared_base=models.shared,
-    )  # fmt: skip
+    )
     progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
     rl.train_ppo(trainer, resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
@@ -84,13 +98,25 @@ def main(script_args, training_args, model_args):
         "reward_model": training_args.reward_model_path,
         "template": saved_template_name(tokenizer),
     }
-    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
-                    trainer.state.log_history,
-                    ["objective/scores", "objective/kl", "objective/entropy", "val/response_length",
-                     "objective/rlhf_reward", "loss/value_avg"])  # fmt: skip
-    console.say(f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
-                f"KL {metrics['kl']:.3f}, "
-                f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}")  # fmt: skip
+    runs.finish_run(
+        training_args.output_dir,
+        metrics,
+        runs.resolved_config(script_args, training_args, model_args),
+        trainer.state.log_history,
+        [
+            "objective/scores",
+            "objective/kl",
+            "objective/entropy",
+            "val/response_length",
+            "objective/rlhf_reward",
+            "loss/value_avg",
+        ],
+    )
+    console.say(
+        f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
+        f"KL {metrics['kl']:.3f}, "
+        f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}"
+    )
     return metrics
 
 

@@ -24,8 +24,9 @@ def main(script_args, training_args, model_args):
     runs.prepare_run(script_args, training_args, model_args, stage="rm")
     tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
-        dataset = reward_dataset(script_args.dataset_name, script_args.eval_fraction, training_args.seed,
-                                 script_args.max_samples)  # fmt: skip
+        dataset = reward_dataset(
+            script_args.dataset_name, script_args.eval_fraction, training_args.seed, script_args.max_samples
+        )
     model = modeling.load_reward_model(model_args, tokenizer, 1, training_args.gradient_checkpointing)
 
     trainer = RewardTrainer(
@@ -57,11 +58,18 @@ def main(script_args, training_args, model_args):
         "base_model": model_args.model_name_or_path,
         "template": saved_template_name(tokenizer),
     }
-    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
-                    trainer.state.log_history, ["loss", "eval_loss", "eval_accuracy", "eval_margin"])  # fmt: skip
-    console.say(f"rm: held-out accuracy {console.number(metrics['accuracy'])}, mean margin "
-                f"{console.number(metrics['mean_margin'])} after {metrics['global_step']} steps; "
-                f"saved to {training_args.output_dir}")  # fmt: skip
+    runs.finish_run(
+        training_args.output_dir,
+        metrics,
+        runs.resolved_config(script_args, training_args, model_args),
+        trainer.state.log_history,
+        ["loss", "eval_loss", "eval_accuracy", "eval_margin"],
+    )
+    console.say(
+        f"rm: held-out accuracy {console.number(metrics['accuracy'])}, mean margin "
+        f"{console.number(metrics['mean_margin'])} after {metrics['global_step']} steps; "
+        f"saved to {training_args.output_dir}"
+    )
     return metrics
 
 

@@ -32,8 +32,10 @@ class RLScriptArguments(RLArguments):
     )
     shared_base: bool = field(
         default=False,
-        metadata={"help": "The reward model as an adapter on the policy's frozen SFT base (reward_model_path a LoRA "
-                          "adapter trained on model_name_or_path)."},  # fmt: skip
+        metadata={
+            "help": "The reward model as an adapter on the policy's frozen SFT base (reward_model_path a LoRA "
+            "adapter trained on model_name_or_path)."
+        },
     )
     # Several answers per prompt by default: they are the group RLOO/GRPO sample anyway.
     eval_samples_per_prompt: int = field(
@@ -60,27 +62,40 @@ def main(script_args, training_args, model_args):
     policy, reward_model = rl.place_on(models.policy, device), rl.place_on(models.reward, device)
 
     # The SFT policy's held-out answers, sampled as the trainer samples (top_k 0, top_p 1), fixed seed.
-    evaluation = HeldOutEvaluation(tokenizer, reward_model, held_out["query"], held_out["input_ids"],
-                                   script_args.eval_samples_per_prompt, training_args.max_completion_length,
-                                   training_args.temperature, training_args.seed, script_args.missing_eos_penalty,
-                                   script_args.kl_bound)  # fmt: skip
+    evaluation = HeldOutEvaluation(
+        tokenizer,
+        reward_model,
+        held_out["query"],
+        held_out["input_ids"],
+        script_args.eval_samples_per_prompt,
+        training_args.max_completion_length,
+        training_args.temperature,
+        training_args.seed,
+        script_args.missing_eos_penalty,
+        script_args.kl_bound,
+    )
     evaluation.score_before(policy)
 
     reward = rl.RewardModelReward(reward_model, tokenizer, script_args.missing_eos_penalty)
     trainer = rl.build_critic_free_trainer(
-        script_args.trainer, training_args, tokenizer, policy, reward,
+        script_args.trainer,
+        training_args,
+        tokenizer,
+        policy,
+        reward,
         train_dataset=dataset["train"].select_columns(["prompt"]),
         peft_config=models.policy_lora,
         callbacks=resume.training_callbacks(),
         shared_base=models.shared,
-    )  # fmt: skip
+    )
     progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
     trainer.train(resume_from_checkpoint=runs.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
     trained, reference, reference_ctx = trained_and_reference(
-        trainer, lambda: rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device))
+        trainer, lambda: rl.place_on(modeling.load_causal_lm(model_args, tokenizer), device)
+    )
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),
         "trainer": script_args.trainer,
@@ -88,20 +103,29 @@ def main(script_args, training_args, model_args):
         "train_kl_last": runs.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer
         "global_step": trainer.state.global_step,
         # Sampled answers: every optimizer step uses a global batch of them, each batch num_iterations times.
-        "completions": trainer.state.global_step * training_args.per_device_train_batch_size * training_args.world_size
-        * training_args.gradient_accumulation_steps // training_args.num_iterations,  # fmt: skip
+        "completions": trainer.state.global_step
+        * training_args.per_device_train_batch_size
+        * training_args.world_size
+        * training_args.gradient_accumulation_steps
+        // training_args.num_iterations,
         "num_generations": training_args.num_generations,
         "params": critic_free_parameter_counts(models, trained),
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
         "template": saved_template_name(tokenizer),
     }
-    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
-                    trainer.state.log_history,
-                    ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"])  # fmt: skip
-    console.say(f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-                f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, win-rate {metrics['win_rate']:.2f}; "
-                f"saved to {training_args.output_dir}")  # fmt: skip
+    runs.finish_run(
+        training_args.output_dir,
+        metrics,
+        runs.resolved_config(script_args, training_args, model_args),
+        trainer.state.log_history,
+        ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"],
+    )
+    console.say(
+        f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
+        f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, win-rate {metrics['win_rate']:.2f}; "
+        f"saved to {training_args.output_dir}"
+    )
     return metrics
 
 

@@ -22,8 +22,9 @@ def main(script_args, training_args, model_args):
     runs.prepare_run(script_args, training_args, model_args, stage="sft")
     tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
-        dataset = sft_dataset(script_args.dataset_name, script_args.eval_fraction, training_args.seed,
-                              script_args.max_samples)  # fmt: skip
+        dataset = sft_dataset(
+            script_args.dataset_name, script_args.eval_fraction, training_args.seed, script_args.max_samples
+        )
     model = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
 
     trainer = SFTTrainer(
@@ -61,11 +62,18 @@ def main(script_args, training_args, model_args):
         "base_model": model_args.model_name_or_path,
         "template": saved_template_name(tokenizer),
     }
-    runs.finish_run(training_args.output_dir, metrics, runs.resolved_config(script_args, training_args, model_args),
-                    trainer.state.log_history, ["loss", "eval_loss", "learning_rate", "grad_norm"])  # fmt: skip
-    console.say(f"sft: eval loss {console.number(metrics['eval_loss_start'])} -> "
-                f"{console.number(metrics['eval_loss_end'])} after {metrics['global_step']} steps; "
-                f"saved to {training_args.output_dir}")  # fmt: skip
+    runs.finish_run(
+        training_args.output_dir,
+        metrics,
+        runs.resolved_config(script_args, training_args, model_args),
+        trainer.state.log_history,
+        ["loss", "eval_loss", "learning_rate", "grad_norm"],
+    )
+    console.say(
+        f"sft: eval loss {console.number(metrics['eval_loss_start'])} -> "
+        f"{console.number(metrics['eval_loss_end'])} after {metrics['global_step']} steps; "
+        f"saved to {training_args.output_dir}"
+    )
     return metrics
 
 

@@ -78,9 +78,14 @@ def tiny_stages(pipeline_run, tmp_path_factory) -> dict:
     """SFT then reward model on the embedded default with the shipped tiny configs: the pipeline run's stages
     (the pipeline runs each recipe's main() with those configs and seeds). `root` is scratch space for tests."""
     run = pipeline_run.dir
-    return {"root": tmp_path_factory.mktemp("stages"), "base": run / "base", "sft": run / "sft", "rm": run / "rm",
-            "sft_metrics": json.loads((run / "sft" / "metrics.json").read_text()),
-            "rm_metrics": json.loads((run / "rm" / "metrics.json").read_text())}  # fmt: skip
+    return {
+        "root": tmp_path_factory.mktemp("stages"),
+        "base": run / "base",
+        "sft": run / "sft",
+        "rm": run / "rm",
+        "sft_metrics": json.loads((run / "sft" / "metrics.json").read_text()),
+        "rm_metrics": json.loads((run / "rm" / "metrics.json").read_text()),
+    }
 
 
 def adapter_and_reference_logits(sft_dir: Path, adapter_dir: Path):

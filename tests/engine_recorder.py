@@ -35,8 +35,9 @@ def recording(train):
         seen.update(engines.describe(self.accelerator, model, self.optimizer))
         seen["wrapped_in"] = type(getattr(self, "model_wrapped", None) or self.model).__name__
         seen["world_size"] = self.accelerator.num_processes
-        seen["trainable"] = sum(p.ds_numel if engines.is_partitioned(p) else p.numel()
-                                for p in model.parameters() if p.requires_grad)  # fmt: skip
+        seen["trainable"] = sum(
+            p.ds_numel if engines.is_partitioned(p) else p.numel() for p in model.parameters() if p.requires_grad
+        )
         return result
 
     return train_and_record

@@ -16,35 +16,85 @@ SCALING_DOC = ROOT / "docs" / "scaling.md"
 
 # Which launcher `accelerate launch` picks: "torchrun" starts num_processes processes, "simple" one.
 EXPECTED = {
-    "single_gpu.yaml": {"distributed_type": "NO", "num_processes": 1, "mixed_precision": "bf16",
-                        "use_cpu": False, "launcher": "simple"},
-    "multi_gpu.yaml": {"distributed_type": "MULTI_GPU", "num_processes": 8, "mixed_precision": "bf16",
-                       "use_cpu": False, "launcher": "torchrun"},
-    "deepspeed_zero2.yaml": {"distributed_type": "DEEPSPEED", "num_processes": 8, "mixed_precision": "bf16",
-                             "use_cpu": False, "launcher": "deepspeed"},
-    "deepspeed_zero3.yaml": {"distributed_type": "DEEPSPEED", "num_processes": 8, "mixed_precision": "bf16",
-                             "use_cpu": False, "launcher": "deepspeed"},
-    "fsdp.yaml": {"distributed_type": "FSDP", "num_processes": 8, "mixed_precision": "bf16",
-                  "use_cpu": False, "launcher": "fsdp"},
+    "single_gpu.yaml": {
+        "distributed_type": "NO",
+        "num_processes": 1,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+        "launcher": "simple",
+    },
+    "multi_gpu.yaml": {
+        "distributed_type": "MULTI_GPU",
+        "num_processes": 8,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+        "launcher": "torchrun",
+    },
+    "deepspeed_zero2.yaml": {
+        "distributed_type": "DEEPSPEED",
+        "num_processes": 8,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+        "launcher": "deepspeed",
+    },
+    "deepspeed_zero3.yaml": {
+        "distributed_type": "DEEPSPEED",
+        "num_processes": 8,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+        "launcher": "deepspeed",
+    },
+    "fsdp.yaml": {
+        "distributed_type": "FSDP",
+        "num_processes": 8,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+        "launcher": "fsdp",
+    },
     # MULTI_GPU on purpose: the torchrun launcher is the one that really starts 2 processes on a CPU machine.
-    "cpu_multiprocess.yaml": {"distributed_type": "MULTI_GPU", "num_processes": 2, "mixed_precision": "no",
-                              "use_cpu": True, "launcher": "torchrun", "main_process_port": 0},
-}  # fmt: skip
+    "cpu_multiprocess.yaml": {
+        "distributed_type": "MULTI_GPU",
+        "num_processes": 2,
+        "mixed_precision": "no",
+        "use_cpu": True,
+        "launcher": "torchrun",
+        "main_process_port": 0,
+    },
+}
 
 NESTED = {
-    "deepspeed_zero2.yaml": ("deepspeed_config", {
-        "zero_stage": 2, "zero3_init_flag": False, "offload_optimizer_device": "none", "offload_param_device": "none",
-    }),
-    "deepspeed_zero3.yaml": ("deepspeed_config", {
-        "zero_stage": 3, "zero3_init_flag": True, "zero3_save_16bit_model": True,
-        "offload_optimizer_device": "none", "offload_param_device": "none",
-    }),
-    "fsdp.yaml": ("fsdp_config", {
-        "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
-        "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_offload_params": False,
-        "fsdp_cpu_ram_efficient_loading": True, "fsdp_activation_checkpointing": False,
-    }),
-}  # fmt: skip
+    "deepspeed_zero2.yaml": (
+        "deepspeed_config",
+        {
+            "zero_stage": 2,
+            "zero3_init_flag": False,
+            "offload_optimizer_device": "none",
+            "offload_param_device": "none",
+        },
+    ),
+    "deepspeed_zero3.yaml": (
+        "deepspeed_config",
+        {
+            "zero_stage": 3,
+            "zero3_init_flag": True,
+            "zero3_save_16bit_model": True,
+            "offload_optimizer_device": "none",
+            "offload_param_device": "none",
+        },
+    ),
+    "fsdp.yaml": (
+        "fsdp_config",
+        {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_offload_params": False,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_activation_checkpointing": False,
+        },
+    ),
+}
 
 
 def launcher_view(*launch_args: str):
@@ -89,8 +139,10 @@ def test_config_loads_with_accelerate_and_has_the_settings(name):
     assert isinstance(config, ClusterConfig)
     assert config.distributed_type == DistributedType(expected["distributed_type"])
     assert (config.num_processes, config.mixed_precision, config.use_cpu) == (
-        expected["num_processes"], expected["mixed_precision"], expected["use_cpu"],
-    )  # fmt: skip
+        expected["num_processes"],
+        expected["mixed_precision"],
+        expected["use_cpu"],
+    )
     assert (config.num_machines, config.machine_rank) == (1, 0)
     assert config.main_process_port == expected.get("main_process_port")
     section, settings = NESTED.get(name, (None, {}))
@@ -133,11 +185,18 @@ def test_scaling_doc_table_matches_config(name):
 
 
 def test_launcher_flags_override_the_yaml():
-    args = launcher_view("--config_file", str(CONFIG_DIR / "multi_gpu.yaml"), "--num_processes", "4",
-                         "--mixed_precision", "no")  # fmt: skip
+    args = launcher_view(
+        "--config_file", str(CONFIG_DIR / "multi_gpu.yaml"), "--num_processes", "4", "--mixed_precision", "no"
+    )
     assert (launcher_of(args), args.num_processes, args.mixed_precision) == ("torchrun", 4, "no")
-    args = launcher_view("--config_file", str(CONFIG_DIR / "deepspeed_zero3.yaml"),
-                         "--offload_optimizer_device", "cpu", "--offload_param_device", "cpu")  # fmt: skip
+    args = launcher_view(
+        "--config_file",
+        str(CONFIG_DIR / "deepspeed_zero3.yaml"),
+        "--offload_optimizer_device",
+        "cpu",
+        "--offload_param_device",
+        "cpu",
+    )
     assert (args.zero_stage, args.offload_optimizer_device, args.offload_param_device) == (3, "cpu", "cpu")
 
 
@@ -145,9 +204,20 @@ def test_multi_node_example_runs_num_processes_over_all_machines():
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     # The docs/scaling.md example, as machine 1 runs it (machine 1 skips the port check machine 0 does).
-    args = launcher_view("--config_file", str(CONFIG_DIR / "multi_gpu.yaml"), "--num_machines", "2",
-                         "--num_processes", "16", "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
-                         "--main_process_port", "29500")  # fmt: skip
+    args = launcher_view(
+        "--config_file",
+        str(CONFIG_DIR / "multi_gpu.yaml"),
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "16",
+        "--machine_rank",
+        "1",
+        "--main_process_ip",
+        "10.0.0.1",
+        "--main_process_port",
+        "29500",
+    )
     prepare_multi_gpu_env(args)
     assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("8", "2", 1)
     # torchrun finds machine 0 here (the launcher never reads the YAML's same_network: its flag defaults to False).

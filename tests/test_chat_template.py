@@ -40,14 +40,16 @@ def tokenizer(tiny_model_dir):
     ("name", "conversation", "generation_prompt", "with_bos"),
     list(itertools.product(TEMPLATES, CONVERSATIONS, (True, False), (False, True))),
 )
-def test_apply_chat_template_reproduces_format_messages_byte_for_byte(tokenizer, name, conversation,
-                                                                     generation_prompt, with_bos):  # fmt: skip
+def test_apply_chat_template_reproduces_format_messages_byte_for_byte(
+    tokenizer, name, conversation, generation_prompt, with_bos
+):
     template = TEMPLATES[name]
     tokenizer.chat_template = template.chat_template(with_bos)
     messages = CONVERSATIONS[conversation]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    expected = template.format_messages(messages, tokenizer.eos_token, generation_prompt,
-                                        tokenizer.bos_token if with_bos else "")  # fmt: skip
+    expected = template.format_messages(
+        messages, tokenizer.eos_token, generation_prompt, tokenizer.bos_token if with_bos else ""
+    )
     assert rendered == expected
 
 
@@ -85,8 +87,10 @@ def test_the_template_travels_with_save_pretrained(tokenizer, tmp_path):
     assert saved_template_name(reloaded) == "koalpaca"
     assert prompt_text(reloaded, "김치는?") == "### 질문: 김치는?\n\n### 답변:"
     # Tokenized as TRL tokenizes conversational prompts: the rendered text, no extra special tokens.
-    assert prompt_ids(reloaded, "김치는?") == reloaded("### 질문: 김치는?\n\n### 답변:", add_special_tokens=False)[
-        "input_ids"]  # fmt: skip
+    assert (
+        prompt_ids(reloaded, "김치는?")
+        == reloaded("### 질문: 김치는?\n\n### 답변:", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_install_keeps_replaces_or_defaults_and_says_so(tokenizer):

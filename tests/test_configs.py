@@ -12,8 +12,18 @@ from kochat_trl.runs import parse_recipe_args
 from kochat_trl.templates import check_template_name
 
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*/*.yaml"))
-RECIPE_OF = {"sft": "sft", "reward": "reward", "ppo": "ppo", "rloo": "rl", "grpo": "rl", "dpo": "dpo", "kto": "dpo",
-             "orpo": "dpo", "reward_lora": "reward", "ppo_shared": "ppo"}
+RECIPE_OF = {
+    "sft": "sft",
+    "reward": "reward",
+    "ppo": "ppo",
+    "rloo": "rl",
+    "grpo": "rl",
+    "dpo": "dpo",
+    "kto": "dpo",
+    "orpo": "dpo",
+    "reward_lora": "reward",
+    "ppo_shared": "ppo",
+}
 MODELS = ("tiny", "kogpt2", "polyglot-ko-1.3b", "polyglot-ko-5.8b", "exaone-4.0-1.2b")
 
 
@@ -27,8 +37,9 @@ def test_every_model_has_the_three_stage_configs():
 def test_recipe_config_parses(path: Path):
     recipe = load_recipe(RECIPE_OF[path.stem])
     # bf16 is what a GPU run wants; this CPU check turns it off so only the keys and values are checked.
-    script_args, training_args, model_args = parse_recipe_args(recipe.make_parser(), ["--config", str(path),
-                                                                                       "--bf16", "false"])  # fmt: skip
+    script_args, training_args, model_args = parse_recipe_args(
+        recipe.make_parser(), ["--config", str(path), "--bf16", "false"]
+    )
     check_template_name(script_args.template)
     assert not (model_args.load_in_8bit and model_args.load_in_4bit)
     assert training_args.output_dir.startswith(f"runs/{path.parent.name}/")

@@ -106,9 +106,26 @@ def test_report_to_tensorboard_writes_event_files_into_the_stage_folder(tiny_mod
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "sft"
-    run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
-               "--output_dir", str(out), "--max_steps", "6", "--logging_steps", "2", "--eval_steps", "6",
-               "--save_strategy", "no", "--report_to", "tensorboard")  # fmt: skip
+    run_recipe(
+        "sft",
+        "sft.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "2",
+        "--eval_steps",
+        "6",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "tensorboard",
+    )
     (run,) = {events.parent for events in out.glob("runs/*/events.out.tfevents.*")}
     accumulator = EventAccumulator(str(run))
     accumulator.Reload()

@@ -55,8 +55,12 @@ def test_rm_ties_are_skipped_and_counted_for_any_n(tmp_path):
     assert loaded.candidates == 6  # C(4, 2)
     assert loaded.dropped["tie"] == 1
     assert {(row["chosen"], row["rejected"]) for row in loaded.rows} == {
-        ("답0", "답1"), ("답0", "답2"), ("답0", "답3"), ("답1", "답3"), ("답2", "답3"),
-    }  # fmt: skip
+        ("답0", "답1"),
+        ("답0", "답2"),
+        ("답0", "답3"),
+        ("답1", "답3"),
+        ("답2", "답3"),
+    }
 
 
 def test_empty_and_duplicate_rows_are_dropped_and_counted(tmp_path):
@@ -107,13 +111,16 @@ def test_conversation_text_multi_turn(tmp_path):
     loaded = load_stage_data(path, "sft")
     assert loaded.layout == "conversation"
     assert loaded.rows == [
-        {"messages": [
-            {"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "반갑습니다."},
-            {"role": "user", "content": "날씨 어때요?"},
-            {"role": "assistant", "content": "맑습니다.\n이어지는 줄입니다."},
-        ]},
+        {
+            "messages": [
+                {"role": "user", "content": "안녕하세요"},
+                {"role": "assistant", "content": "반갑습니다."},
+                {"role": "user", "content": "날씨 어때요?"},
+                {"role": "assistant", "content": "맑습니다.\n이어지는 줄입니다."},
+            ]
+        },
         {"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답변"}]},
-    ]  # fmt: skip
+    ]
 
 
 def test_rm_and_sft_files_feed_ppo_prompts(tmp_path):
@@ -159,21 +166,46 @@ def test_inspect_prints_layout_counts_and_token_percentiles(tmp_path, capsys, ti
 RM_OK = {"prompt": "질문", "completion_0": "가", "completion_1": "나", "ranking": [0, 1]}
 
 BAD_INPUTS = [
-    ("malformed_jsonl", "jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n', "ppo",
-     ["line 3", "invalid JSON"]),
+    (
+        "malformed_jsonl",
+        "jsonl",
+        '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n',
+        "ppo",
+        ["line 3", "invalid JSON"],
+    ),
     ("malformed_array", "json", '[\n {"prompt": "a"},\n {"prompt": }\n]', "ppo", ["line 3", "invalid JSON"]),
-    ("missing_key_array", "json", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "sft",
-     ["record 1", "missing key 'completion'"]),
-    ("missing_key_jsonl", "jsonl", [{"prompt": "a", "completion": "b"}, {"completion": "c"}], "sft",
-     ["line 2", "missing key 'prompt'"]),
+    (
+        "missing_key_array",
+        "json",
+        [{"prompt": "a", "completion": "b"}, {"prompt": "c"}],
+        "sft",
+        ["record 1", "missing key 'completion'"],
+    ),
+    (
+        "missing_key_jsonl",
+        "jsonl",
+        [{"prompt": "a", "completion": "b"}, {"completion": "c"}],
+        "sft",
+        ["line 2", "missing key 'prompt'"],
+    ),
     ("wrong_type", "jsonl", [{"prompt": ["a"]}], "ppo", ["line 1", "'prompt' must be a string"]),
     ("ranking_length", "json", [RM_OK, {**RM_OK, "ranking": [0, 1, 2]}], "rm", ["record 1", "bad ranking"]),
     ("ranking_range", "json", [{**RM_OK, "ranking": [0, 5]}], "rm", ["record 0", "bad ranking"]),
     ("ranking_type", "json", [{**RM_OK, "ranking": ["0", "1"]}], "rm", ["record 0", "bad ranking"]),
-    ("ranking_missing", "json", [{k: v for k, v in RM_OK.items() if k != "ranking"}], "rm",
-     ["record 0", "missing key 'ranking'"]),
-    ("one_completion", "json", [{"prompt": "a", "completion_0": "b", "ranking": [0]}], "rm",
-     ["record 0", "completion_1"]),
+    (
+        "ranking_missing",
+        "json",
+        [{k: v for k, v in RM_OK.items() if k != "ranking"}],
+        "rm",
+        ["record 0", "missing key 'ranking'"],
+    ),
+    (
+        "one_completion",
+        "json",
+        [{"prompt": "a", "completion_0": "b", "ranking": [0]}],
+        "rm",
+        ["record 0", "completion_1"],
+    ),
     ("unknown_layout", "jsonl", [{"question": "a"}], "sft", ["line 1", "unknown record layout"]),
     ("stage_mismatch", "jsonl", [{"prompt": "a"}], "sft", ["cannot feed the sft stage"]),
     ("all_empty", "jsonl", [{"prompt": " ", "completion": "b"}], "sft", ["no usable sft rows", "empty 1"]),

@@ -39,31 +39,117 @@ TOLERANCE = 1e-4
 # the trained adapter's logits within PPO_DRIFT, and the held-out reward rising under every engine.
 PPO_STEP_ONE, PPO_DRIFT = 0.01, 0.05
 SHARED = ["--use_cpu", "true", "--logging_steps", "1", "--per_device_train_batch_size", "8"]
-LOGGED_KEYS = ("loss", "eval_loss", "eval_accuracy", "rewards/margins", "eval_rewards/accuracies",
-               "objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "reward", "kl")  # fmt: skip
+LOGGED_KEYS = (
+    "loss",
+    "eval_loss",
+    "eval_accuracy",
+    "rewards/margins",
+    "eval_rewards/accuracies",
+    "objective/scores",
+    "objective/kl",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "reward",
+    "kl",
+)
 
 ALL = list(ENGINES)
 # max_samples makes the eval splits multiples of the global eval batch (16): accelerate pads nothing.
 STAGES = {
-    "sft": {"recipe": "recipes/sft.py", "config": "sft.yaml", "from": "tiny", "engines": ALL,
-            "args": ["--init_tiny", "false", "--max_samples", "320", "--max_steps", "4", "--eval_steps", "2",
-                     "--save_steps", "2", "--per_device_eval_batch_size", "8"]},
-    "rm": {"recipe": "recipes/reward.py", "config": "reward.yaml", "from": "tiny", "engines": ALL,
-           "args": ["--max_samples", "480", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
-                    "--per_device_eval_batch_size", "8"]},
-    "dpo": {"recipe": "recipes/dpo.py", "config": "dpo.yaml", "from": "sft", "engines": ALL,
-            "args": ["--max_samples", "480", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
-                     "--per_device_eval_batch_size", "8", "--eval_strategy", "steps", "--eval_prompts", "4",
-                     "--eval_samples_per_prompt", "1"]},
+    "sft": {
+        "recipe": "recipes/sft.py",
+        "config": "sft.yaml",
+        "from": "tiny",
+        "engines": ALL,
+        "args": [
+            "--init_tiny",
+            "false",
+            "--max_samples",
+            "320",
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--per_device_eval_batch_size",
+            "8",
+        ],
+    },
+    "rm": {
+        "recipe": "recipes/reward.py",
+        "config": "reward.yaml",
+        "from": "tiny",
+        "engines": ALL,
+        "args": [
+            "--max_samples",
+            "480",
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--per_device_eval_batch_size",
+            "8",
+        ],
+    },
+    "dpo": {
+        "recipe": "recipes/dpo.py",
+        "config": "dpo.yaml",
+        "from": "sft",
+        "engines": ALL,
+        "args": [
+            "--max_samples",
+            "480",
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--per_device_eval_batch_size",
+            "8",
+            "--eval_strategy",
+            "steps",
+            "--eval_prompts",
+            "4",
+            "--eval_samples_per_prompt",
+            "1",
+        ],
+    },
     # 20 updates of 16 rollouts: enough for the held-out reward to rise on 16 prompts x 2 samples.
-    "ppo": {"recipe": "recipes/ppo.py", "config": "ppo.yaml", "from": "sft", "engines": ALL,
-            "args": ["--total_episodes", "320", "--local_rollout_forward_batch_size", "8", "--eval_prompts", "16",
-                     "--eval_samples_per_prompt", "2"]},
-    "rloo": {"recipe": "recipes/rl.py", "config": "rloo.yaml", "from": "sft", "engines": ALL,
-             "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1"]},
-    "grpo": {"recipe": "recipes/rl.py", "config": "grpo.yaml", "from": "sft", "engines": ALL,
-             "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1"]},
-}  # fmt: skip
+    "ppo": {
+        "recipe": "recipes/ppo.py",
+        "config": "ppo.yaml",
+        "from": "sft",
+        "engines": ALL,
+        "args": [
+            "--total_episodes",
+            "320",
+            "--local_rollout_forward_batch_size",
+            "8",
+            "--eval_prompts",
+            "16",
+            "--eval_samples_per_prompt",
+            "2",
+        ],
+    },
+    "rloo": {
+        "recipe": "recipes/rl.py",
+        "config": "rloo.yaml",
+        "from": "sft",
+        "engines": ALL,
+        "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1"],
+    },
+    "grpo": {
+        "recipe": "recipes/rl.py",
+        "config": "grpo.yaml",
+        "from": "sft",
+        "engines": ALL,
+        "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1"],
+    },
+}
 CASES = [(stage, engine) for stage, spec in STAGES.items() for engine in spec["engines"] if engine != "ddp"]
 
 
@@ -74,13 +160,31 @@ def launch(stage: str, engine: str, base: Path, reward: Path, work: Path) -> Sim
     if spec["from"] == "sft":
         source += ["--reward_model_path", str(reward)]
     config = ROOT / "accelerate_configs" / ENGINES[engine]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", "2", "--mixed_precision", "no", str(RECORDER), spec["recipe"], str(record_dir),
-               "--config", f"recipes/configs/tiny/{spec['config']}", "--output_dir", str(output_dir),
-               *source, *SHARED, *spec["args"]]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(RECORDER),
+        spec["recipe"],
+        str(record_dir),
+        "--config",
+        f"recipes/configs/tiny/{spec['config']}",
+        "--output_dir",
+        str(output_dir),
+        *source,
+        *SHARED,
+        *spec["args"],
+    ]
     # One thread per process: 2 processes on 2 shared cores.
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank*.json"))]
     return SimpleNamespace(output_dir=output_dir, ranks=ranks, stderr=result.stderr)
@@ -205,24 +309,52 @@ def test_ppo_checkpoints_under_deepspeed_are_refused_in_one_line(monkeypatch, se
     setattr(args, setting, value)
     check_ppo_checkpoints(args)  # no launcher: nothing to refuse
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match=rf"^PPO under DeepSpeed cannot checkpoint or resume \({setting} is set\); "
-                                          r"set save_strategy: no .*accelerate_configs/multi_gpu.yaml"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=rf"^PPO under DeepSpeed cannot checkpoint or resume \({setting} is set\); "
+        r"set save_strategy: no .*accelerate_configs/multi_gpu.yaml",
+    ):
         check_ppo_checkpoints(args)
 
 
 def test_ppo_checkpoints_under_zero2_stop_before_any_model_loads(tiny_stages, tmp_path):
     output_dir = tmp_path / "ppo"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", "recipes/ppo.py", "--config", "recipes/configs/tiny/ppo.yaml",
-               "--model_name_or_path", str(tiny_stages["sft"]), "--reward_model_path", str(tiny_stages["rm"]),
-               "--output_dir", str(output_dir), "--use_cpu", "true", "--save_strategy", "steps"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "recipes/ppo.py",
+        "--config",
+        "recipes/configs/tiny/ppo.yaml",
+        "--model_name_or_path",
+        str(tiny_stages["sft"]),
+        "--reward_model_path",
+        str(tiny_stages["rm"]),
+        "--output_dir",
+        str(output_dir),
+        "--use_cpu",
+        "true",
+        "--save_strategy",
+        "steps",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: PPO under DeepSpeed cannot checkpoint or resume (save_strategy is set); set "
-                      "save_strategy: no to train without checkpoints, or launch with "
-                      "accelerate_configs/multi_gpu.yaml (DDP) to checkpoint and resume"] * 2  # fmt: skip
+    assert (
+        errors
+        == [
+            "error: PPO under DeepSpeed cannot checkpoint or resume (save_strategy is set); set "
+            "save_strategy: no to train without checkpoints, or launch with "
+            "accelerate_configs/multi_gpu.yaml (DDP) to checkpoint and resume"
+        ]
+        * 2
+    )
     # Each rank exits 2 without a traceback; what follows is the launcher's own report of a failed child.
     assert "[rank0]: Traceback" not in result.stderr and "exitcode  : 2" in result.stderr
     assert not output_dir.exists()
@@ -232,11 +364,28 @@ def test_fsdp_without_a_gpu_is_refused_before_any_model_loads(tiny_model_dir, tm
     from kochat_trl.engines import FSDP_NEEDS_GPUS
 
     output_dir = tmp_path / "sft"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-               "recipes/sft.py", "--config", "recipes/configs/tiny/sft.yaml", "--init_tiny", "false",
-               "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir),
-               "--use_cpu", "true"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "recipes/sft.py",
+        "--config",
+        "recipes/configs/tiny/sft.yaml",
+        "--init_tiny",
+        "false",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(output_dir),
+        "--use_cpu",
+        "true",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -116,9 +116,19 @@ def test_causal_lm_merge_matches_the_adapter_and_loads_plainly(causal, tiny_mode
     assert not list(tmp_path.glob(".merged.tmp-*"))  # staging folder renamed away
 
     card = (out / "README.md").read_text(encoding="utf-8")
-    for expected in (str(tiny_model_dir), str(causal.dir), "bundled:sft", "SFT", "float32",
-                     "| eval_loss_end | 1.2346 |", "| global_step | 7 |", "| kobest_accuracy | 0.5000 |",
-                     "AutoModelForCausalLM.from_pretrained", "### Instruction(명령어):", "기반 모델"):  # fmt: skip
+    for expected in (
+        str(tiny_model_dir),
+        str(causal.dir),
+        "bundled:sft",
+        "SFT",
+        "float32",
+        "| eval_loss_end | 1.2346 |",
+        "| global_step | 7 |",
+        "| kobest_accuracy | 0.5000 |",
+        "AutoModelForCausalLM.from_pretrained",
+        "### Instruction(명령어):",
+        "기반 모델",
+    ):
         assert expected in card, expected
     assert "base_model:" not in card  # a local path is no hub id: the hub would reject the card
     info = json.loads((out / "kochat_merge.json").read_text())

@@ -40,9 +40,16 @@ def _config(name):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("24GB", 24 * GIB), ("24", 24 * GIB), ("80 GiB", 80 * GIB), ("16000MB", 16000 * 2**20), ("1.5T", 1536 * GIB),
-     ("512b", 512), ("40g", 40 * GIB)],
-)  # fmt: skip
+    [
+        ("24GB", 24 * GIB),
+        ("24", 24 * GIB),
+        ("80 GiB", 80 * GIB),
+        ("16000MB", 16000 * 2**20),
+        ("1.5T", 1536 * GIB),
+        ("512b", 512),
+        ("40g", 40 * GIB),
+    ],
+)
 def test_parse_memory_binary_units(text, expected):
     assert parse_memory(text) == expected
 
@@ -66,9 +73,12 @@ def test_kogpt2_count_matches_a_real_gpt2_and_the_known_size():
 
 @pytest.mark.parametrize(
     ("name", "hidden", "layers", "inner", "card"),
-    [(POLYGLOT_1_3B, 2048, 24, 8192, 1_331_810_304), (POLYGLOT_5_8B, 4096, 28, 16384, 5_885_059_072),
-     (POLYGLOT_12_8B, 5120, 40, 20480, None)],
-)  # fmt: skip
+    [
+        (POLYGLOT_1_3B, 2048, 24, 8192, 1_331_810_304),
+        (POLYGLOT_5_8B, 4096, 28, 16384, 5_885_059_072),
+        (POLYGLOT_12_8B, 5120, 40, 20480, None),
+    ],
+)
 def test_polyglot_counts_match_gpt_neox_layout_and_model_cards(name, hidden, layers, inner, card):
     # GPT-NeoX layer: fused qkv + dense (with biases), two MLP linears (with biases), two LayerNorms;
     # untied embeddings and lm_head, final LayerNorm.
@@ -124,19 +134,29 @@ def _frozen_bytes(model) -> int:
             if parameter.requires_grad:
                 continue
             quant_state = getattr(parameter, "quant_state", None)
-            tensors += [parameter, getattr(quant_state, "absmax", None), getattr(parameter, "SCB", None),
-                        getattr(state, "SCB", None), getattr(state, "CB", None)]  # fmt: skip
+            tensors += [
+                parameter,
+                getattr(quant_state, "absmax", None),
+                getattr(parameter, "SCB", None),
+                getattr(state, "SCB", None),
+                getattr(state, "CB", None),
+            ]
     return _storage_bytes(tensors)
 
 
 @pytest.mark.parametrize(
     ("stage", "settings"),
-    [("sft", FitSettings(dtype="fp32", lora=False)), ("rm", FitSettings(dtype="bf16", lora=False)),
-     ("sft", FitSettings(dtype="bf16")), ("rm", FitSettings(dtype="bf16")),
-     ("sft", FitSettings(quantization="4bit")), ("rm", FitSettings(quantization="4bit")),
-     ("sft", FitSettings(quantization="8bit"))],
+    [
+        ("sft", FitSettings(dtype="fp32", lora=False)),
+        ("rm", FitSettings(dtype="bf16", lora=False)),
+        ("sft", FitSettings(dtype="bf16")),
+        ("rm", FitSettings(dtype="bf16")),
+        ("sft", FitSettings(quantization="4bit")),
+        ("rm", FitSettings(quantization="4bit")),
+        ("sft", FitSettings(quantization="8bit")),
+    ],
     ids=["sft-fp32-full", "rm-bf16-full", "sft-bf16-lora", "rm-bf16-lora", "sft-4bit", "rm-4bit", "sft-8bit"],
-)  # fmt: skip
+)
 def test_weights_and_optimizer_components_equal_real_tensor_bytes(tiny_model_dir, stage, settings):
     """Load the tiny model the way the recipes do, take one AdamW step, sum the tensors' bytes: exact match."""
     from peft import get_peft_model
@@ -199,11 +219,23 @@ def test_shared_base_reward_model_is_its_adapter_and_head_in_real_tensor_bytes(t
 
 TINY_CONFIGS = {
     "gpt2": {"vocab_size": 1000, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
-    "gpt_neox": {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "max_position_embeddings": 256},
-    "llama": {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2},
-}  # fmt: skip
+    "gpt_neox": {
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+    },
+    "llama": {
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+}
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
@@ -364,10 +396,14 @@ def test_no_knob_when_nothing_can_fit():
 
 @pytest.mark.parametrize(
     ("stage", "settings", "message"),
-    [("grpo", FitSettings(), "stage"), ("sft", FitSettings(batch_size=0), "--batch-size"),
-     ("sft", FitSettings(quantization="4bit", lora=False), "cannot be fully fine-tuned"),
-     ("sft", FitSettings(seq_len=4096), "exceeds"), ("ppo", FitSettings(seq_len=1000), "exceeds")],
-)  # fmt: skip
+    [
+        ("grpo", FitSettings(), "stage"),
+        ("sft", FitSettings(batch_size=0), "--batch-size"),
+        ("sft", FitSettings(quantization="4bit", lora=False), "cannot be fully fine-tuned"),
+        ("sft", FitSettings(seq_len=4096), "exceeds"),
+        ("ppo", FitSettings(seq_len=1000), "exceeds"),
+    ],
+)
 def test_estimate_rejects_impossible_settings(stage, settings, message):
     with pytest.raises(KochatError, match=message):
         estimate(_config(KOGPT2), stage, settings)
@@ -386,14 +422,16 @@ def _cli(capsys, *argv):
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--model", "no/such-model"], "not a local model folder"),
-     (["--model", KOGPT2, "--gpu-memory", "24XB"], "--gpu-memory '24XB'"),
-     (["--model", KOGPT2, "--batch-size", "0"], "--batch-size"),
-     (["--model", KOGPT2, "--load-in-8bit", "--load-in-4bit"], "choose one"),
-     (["--model", KOGPT2, "--load-in-4bit", "--no-lora"], "cannot be fully fine-tuned"),
-     (["--model", KOGPT2, "--shared-base"], "does not apply to --stage sft"),
-     (["--model", KOGPT2, "--no-lora", "--shared-base", "--stage", "ppo"], "--shared-base puts LoRA adapters")],
-)  # fmt: skip
+    [
+        (["--model", "no/such-model"], "not a local model folder"),
+        (["--model", KOGPT2, "--gpu-memory", "24XB"], "--gpu-memory '24XB'"),
+        (["--model", KOGPT2, "--batch-size", "0"], "--batch-size"),
+        (["--model", KOGPT2, "--load-in-8bit", "--load-in-4bit"], "choose one"),
+        (["--model", KOGPT2, "--load-in-4bit", "--no-lora"], "cannot be fully fine-tuned"),
+        (["--model", KOGPT2, "--shared-base"], "does not apply to --stage sft"),
+        (["--model", KOGPT2, "--no-lora", "--shared-base", "--stage", "ppo"], "--shared-base puts LoRA adapters"),
+    ],
+)
 def test_cli_bad_inputs_exit_2_with_one_line(capsys, argv, message):
     defaults = [] if "--stage" in argv else ["--stage", "sft"]
     defaults += [] if "--gpu-memory" in argv else ["--gpu-memory", "24GB"]
@@ -403,8 +441,9 @@ def test_cli_bad_inputs_exit_2_with_one_line(capsys, argv, message):
 
 
 def test_cli_json_matches_estimate(capsys):
-    code, out, _ = _cli(capsys, "--model", POLYGLOT_12_8B, "--stage", "sft", "--gpu-memory", "24GB", "--no-lora",
-                        "--json")  # fmt: skip
+    code, out, _ = _cli(
+        capsys, "--model", POLYGLOT_12_8B, "--stage", "sft", "--gpu-memory", "24GB", "--no-lora", "--json"
+    )
     payload = json.loads(out)
     expected = estimate(_config(POLYGLOT_12_8B), "sft", FitSettings(lora=False))
     assert code == 0 and payload["fits"] is False and payload["gpu_memory_bytes"] == GB24
@@ -414,10 +453,22 @@ def test_cli_json_matches_estimate(capsys):
 
 
 def test_cli_table_shows_components_and_verdict(capsys):
-    code, out, _ = _cli(capsys, "--model", POLYGLOT_5_8B, "--stage", "sft", "--gpu-memory", "24GB",
-                        "--load-in-4bit", "--batch-size", "1", "--gradient-checkpointing")  # fmt: skip
-    result = estimate(_config(POLYGLOT_5_8B), "sft", FitSettings(quantization="4bit", batch_size=1,
-                                                                  gradient_checkpointing=True))  # fmt: skip
+    code, out, _ = _cli(
+        capsys,
+        "--model",
+        POLYGLOT_5_8B,
+        "--stage",
+        "sft",
+        "--gpu-memory",
+        "24GB",
+        "--load-in-4bit",
+        "--batch-size",
+        "1",
+        "--gradient-checkpointing",
+    )
+    result = estimate(
+        _config(POLYGLOT_5_8B), "sft", FitSettings(quantization="4bit", batch_size=1, gradient_checkpointing=True)
+    )
     assert code == 0
     assert f"{result.param_count:,} parameters" in out and "logits + loss" in out
     assert f"{result.total_bytes / GIB:.2f}" in out
@@ -438,5 +489,6 @@ def test_dpo_holds_the_policy_its_reference_and_two_rows_per_pair():
     assert lora["reference_weights"] == 0 and full["reference_weights"] == full["weights"] > 2 * 10**9
     assert lora["activations"] == sft["activations"] and lora["logits"] == sft["logits"]
     assert {key: lora[key] for key in ("weights", "adapter", "gradients", "optimizer")} == {
-        key: sft[key] for key in ("weights", "adapter", "gradients", "optimizer")}  # fmt: skip
+        key: sft[key] for key in ("weights", "adapter", "gradients", "optimizer")
+    }
     assert lora["reference_logits"] == 2 * 2 * 256 * 30_080 * 2  # tokens x vocab x bf16

@@ -183,8 +183,19 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     real = generation.compare_decoding
     monkeypatch.setattr(generation, "compare_decoding", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     output = tmp_path / "decoding.md"
-    args = ["compare-decoding", "--model", str(tiny_model_dir), "--reward-model", str(reward_dir), "--strategies",
-            "greedy,beam,top_p", "--max-new-tokens", str(NEW_TOKENS), "--output", str(output)]  # fmt: skip
+    args = [
+        "compare-decoding",
+        "--model",
+        str(tiny_model_dir),
+        "--reward-model",
+        str(reward_dir),
+        "--strategies",
+        "greedy,beam,top_p",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--output",
+        str(output),
+    ]
     assert main(args) == 0
     (result,) = captured
     printed = capsys.readouterr().out
@@ -199,14 +210,23 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     for item in result.results:
         metrics = item.metrics
-        expected = [metrics.mean_reward, metrics.distinct_1, metrics.distinct_2, metrics.repeated_ngram_rate,
-                    metrics.mean_tokens, metrics.mean_chars, metrics.tokens_per_second]  # fmt: skip
+        expected = [
+            metrics.mean_reward,
+            metrics.distinct_1,
+            metrics.distinct_2,
+            metrics.repeated_ngram_rate,
+            metrics.mean_tokens,
+            metrics.mean_chars,
+            metrics.tokens_per_second,
+        ]
         assert [float(cell) for cell in rows[item.strategy][:7]] == pytest.approx(expected, abs=0.051)
         assert float(rows[item.strategy][1]) == round(metrics.distinct_1, 4)
         assert float(rows[item.strategy][0]) == round(metrics.mean_reward, 4)
         # The mean reward is the plain sequence classifier's score of the (prompt, answer) chat, with transformers only.
-        scores = [plain_reward(reward_model, tokenizer, prompt, answer)
-                  for prompt, answer in zip(result.prompts, item.answers, strict=True)]  # fmt: skip
+        scores = [
+            plain_reward(reward_model, tokenizer, prompt, answer)
+            for prompt, answer in zip(result.prompts, item.answers, strict=True)
+        ]
         assert metrics.mean_reward == pytest.approx(sum(scores) / 4, abs=1e-5)
         judge = rows[item.strategy][7:]  # broken, hangul, polite, on-topic, repeats
         assert judge == [f"{metrics.judge[key]:.2f}" for key in JUDGE_KEYS]
@@ -250,8 +270,11 @@ def test_chat_keeps_history_switches_strategy_and_resets(generator):
     assert count == 2 and len(seen) == 2
     first_answer = generator.generate([seen[0][0]], "greedy", max_new_tokens=6).answers[0]
     assert seen[0] == (chat_text(tokenizer, [{"role": "user", "content": "안녕하세요"}]), "greedy")
-    history = [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": first_answer},
-               {"role": "user", "content": "질문"}]  # fmt: skip
+    history = [
+        {"role": "user", "content": "안녕하세요"},
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": "질문"},
+    ]
     assert seen[1] == (chat_text(tokenizer, history), "beam")
     assert f"{first_answer}</s>\n\n### Instruction(명령어):\n질문" in seen[1][0]  # an earlier answer ends with eos
     assert first_answer in out and "(strategy: beam)" in out and "(history cleared)" in out

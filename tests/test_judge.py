@@ -26,9 +26,15 @@ def test_hangul_share_counts_letters_only():
 
 @pytest.mark.parametrize(
     ("answer", "polite"),
-    [(GOOD, True), ("궁금한 점이 있습니까?", True), ("김치는 음식입니다", True), ("김치? 그냥 배추 반찬이야.", False),
-     ("김치는 음식입니다. 몰라.", False), ("김치는 배추와 고춧가루로 만드는", False)],
-)  # fmt: skip
+    [
+        (GOOD, True),
+        ("궁금한 점이 있습니까?", True),
+        ("김치는 음식입니다", True),
+        ("김치? 그냥 배추 반찬이야.", False),
+        ("김치는 음식입니다. 몰라.", False),
+        ("김치는 배추와 고춧가루로 만드는", False),
+    ],
+)
 def test_polite_means_the_last_sentence_ends_in_hamnida_style(answer, polite):
     assert judge_answer("김치는 무엇인가요?", answer).polite is polite
 

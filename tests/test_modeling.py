@@ -66,9 +66,7 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(
-        GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=300, n_positions=64)
-    )
+    return GPT2LMHeadModel(GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=300, n_positions=64))
 
 
 def tiny_gpt_neox() -> GPTNeoXForCausalLM:
@@ -84,9 +82,7 @@ def tiny_gpt_neox() -> GPTNeoXForCausalLM:
 
 
 def tiny_opt(model_class=OPTForCausalLM):
-    config = OPTConfig(
-        hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=300
-    )
+    config = OPTConfig(hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=300)
     return model_class(config)
 
 
@@ -97,16 +93,14 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(tiny_llama_config(vocab_size=300)).save_pretrained(path)
     tokens = ["<unk>", "<s>", "</s>", "<pad>", *WORDS]
-    make_tokenizer(
-        tokens, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    ).save_pretrained(path)
+    make_tokenizer(tokens, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>").save_pretrained(
+        path
+    )
     return path
 
 
 def lora_leaf_names(model) -> list[str]:
-    return [
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)
-    ]
+    return [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
 # --- LoRA targets -------------------------------------------------------------------------------------
@@ -154,13 +148,9 @@ def test_user_targets_win_and_a_single_target_is_not_a_regex():
     assert peft_config.target_modules == {"q_proj"}
     assert lora_leaf_names(get_peft_model(model, peft_config)) == ["q_proj"] * LAYERS
 
-    two = build_peft_config(
-        ModelConfig(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), model, "CAUSAL_LM"
-    )
+    two = build_peft_config(ModelConfig(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), model, "CAUSAL_LM")
     assert two.target_modules == {"q_proj", "v_proj"}
-    everything = build_peft_config(
-        ModelConfig(use_peft=True, lora_target_modules=["all-linear"]), model, "CAUSAL_LM"
-    )
+    everything = build_peft_config(ModelConfig(use_peft=True, lora_target_modules=["all-linear"]), model, "CAUSAL_LM")
     assert everything.target_modules == "all-linear"
 
 

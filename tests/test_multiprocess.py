@@ -32,9 +32,21 @@ STAGES = {
     "sft": {"recipe": "recipes/sft.py", "config": "recipes/configs/tiny/sft.yaml", "max_samples": 320},
     "rm": {"recipe": "recipes/reward.py", "config": "recipes/configs/tiny/reward.yaml", "max_samples": 480},
     # DPO from the tiny SFT model, judged on 4 held-out answers; evaluated on the held-out pairs as it trains.
-    "dpo": {"recipe": "recipes/dpo.py", "config": "recipes/configs/tiny/dpo.yaml", "max_samples": 480,
-            "extra": ["--eval_strategy", "steps", "--eval_prompts", "4", "--eval_samples_per_prompt", "1",
-                      "--save_total_limit", "2"]},
+    "dpo": {
+        "recipe": "recipes/dpo.py",
+        "config": "recipes/configs/tiny/dpo.yaml",
+        "max_samples": 480,
+        "extra": [
+            "--eval_strategy",
+            "steps",
+            "--eval_prompts",
+            "4",
+            "--eval_samples_per_prompt",
+            "1",
+            "--save_total_limit",
+            "2",
+        ],
+    },
 }
 
 # Runs a recipe unchanged (after seeding) and, on every rank, records what that rank computed: the metrics
@@ -76,6 +88,7 @@ def main(script_args, training_args, model_args):
 run_recipe(recipe_globals["make_parser"], main)
 """
 
+
 def accelerate_launch() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -92,12 +105,35 @@ def train(stage: str, base_model: Path, work: Path, processes: int, *extra: str)
     batch = str(16 // processes)
     output_dir, record_dir = work / f"{stage}-{processes}p", work / f"{stage}-{processes}p-ranks"
     recipe_args = [
-        spec["recipe"], str(record_dir),
-        "--config", spec["config"], "--init_tiny", "false", "--model_name_or_path", str(base_model),
-        "--output_dir", str(output_dir), "--use_cpu", "true", "--max_samples", str(spec["max_samples"]),
-        "--max_steps", "4", "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2",
-        "--per_device_train_batch_size", batch, "--per_device_eval_batch_size", batch, *spec.get("extra", []), *extra,
-    ]  # fmt: skip
+        spec["recipe"],
+        str(record_dir),
+        "--config",
+        spec["config"],
+        "--init_tiny",
+        "false",
+        "--model_name_or_path",
+        str(base_model),
+        "--output_dir",
+        str(output_dir),
+        "--use_cpu",
+        "true",
+        "--max_samples",
+        str(spec["max_samples"]),
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--per_device_train_batch_size",
+        batch,
+        "--per_device_eval_batch_size",
+        batch,
+        *spec.get("extra", []),
+        *extra,
+    ]
     launcher = [*accelerate_launch(), "--config_file", str(CPU_CONFIG)] if processes > 1 else [sys.executable]
     result = run([*launcher, str(work / "recorder.py"), *recipe_args])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -192,15 +228,34 @@ def test_metrics_json_holds_the_numbers_every_rank_computed(runs):
 def test_cpu_launch_without_use_cpu_stops_with_one_line_error(tiny_model_dir, tmp_path):
     """Without --use_cpu the processes never join one group; each would train alone into the same folder."""
     output_dir = tmp_path / "sft"
-    result = run([
-        *accelerate_launch(), "--config_file", str(CPU_CONFIG), "recipes/sft.py",
-        "--config", "recipes/configs/tiny/sft.yaml", "--init_tiny", "false",
-        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir), "--max_steps", "1",
-    ])  # fmt: skip
+    result = run(
+        [
+            *accelerate_launch(),
+            "--config_file",
+            str(CPU_CONFIG),
+            "recipes/sft.py",
+            "--config",
+            "recipes/configs/tiny/sft.yaml",
+            "--init_tiny",
+            "false",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            "1",
+        ]
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: launched 2 processes but they did not form one process group (no GPU found); "
-                      "pass --use_cpu true to train them together on CPU, or launch a single process"] * 2  # fmt: skip
+    assert (
+        errors
+        == [
+            "error: launched 2 processes but they did not form one process group (no GPU found); "
+            "pass --use_cpu true to train them together on CPU, or launch a single process"
+        ]
+        * 2
+    )
     assert not output_dir.exists()
 
 
@@ -208,10 +263,13 @@ def test_cpu_launch_without_use_cpu_stops_with_one_line_error(tiny_model_dir, tm
     ("environment", "flag", "sharding"),
     [
         ({"ACCELERATE_USE_FSDP": "true"}, "load_in_4bit", "FSDP"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "load_in_8bit",
-         "DeepSpeed ZeRO-3"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "load_in_8bit",
+            "DeepSpeed ZeRO-3",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, environment, flag, sharding):
     from trl import ModelConfig
 
@@ -220,10 +278,17 @@ def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, 
 
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    training_args = SimpleNamespace(output_dir=str(tmp_path / "out"), resume_from_checkpoint=None, fsdp=None,
-                                    world_size=1, seed=0, per_device_train_batch_size=1,
-                                    per_device_eval_batch_size=1, gradient_accumulation_steps=1,
-                                    learning_rate=1e-4)  # fmt: skip
+    training_args = SimpleNamespace(
+        output_dir=str(tmp_path / "out"),
+        resume_from_checkpoint=None,
+        fsdp=None,
+        world_size=1,
+        seed=0,
+        per_device_train_batch_size=1,
+        per_device_eval_batch_size=1,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+    )
     model_args = ModelConfig(model_name_or_path=str(tmp_path), **{flag: True})
     with pytest.raises(ConfigError, match=f"^{flag} does not combine with {sharding}; .*multi_gpu.yaml"):
         prepare_run(KochatArguments(template="kochatgpt_short"), training_args, model_args)
@@ -306,17 +371,36 @@ def train_ppo(tiny_stages: dict, work: Path, processes: int) -> SimpleNamespace:
     output_dir, record_dir = work / f"ppo-{processes}p", work / f"ppo-{processes}p-ranks"
     (work / "ppo_recorder.py").write_text(PPO_RECORDER, encoding="utf-8")
     launcher = [*accelerate_launch(), "--config_file", str(CPU_CONFIG)] if processes > 1 else [sys.executable]
-    result = run([
-        *launcher, str(work / "ppo_recorder.py"), "recipes/ppo.py",
-        str(record_dir), "--config", "recipes/configs/tiny/ppo.yaml", "--use_cpu", "true",
-        "--model_name_or_path", str(tiny_stages["sft"]), "--reward_model_path", str(tiny_stages["rm"]),
-        "--output_dir", str(output_dir), "--total_episodes", str(PPO_EPISODES), "--eval_prompts", "16",
-        "--eval_samples_per_prompt", "1",
-        "--per_device_train_batch_size", str(2 * PPO_PER_DEVICE_BATCH // processes),
-        # Answers are sampled 8 prompts at a time in both runs: one process's first 8 then draw from the
-        # generator exactly as rank 0's 8 do (sampling 16 rows at once would consume it differently).
-        "--local_rollout_forward_batch_size", str(PPO_PER_DEVICE_BATCH),
-    ])  # fmt: skip
+    result = run(
+        [
+            *launcher,
+            str(work / "ppo_recorder.py"),
+            "recipes/ppo.py",
+            str(record_dir),
+            "--config",
+            "recipes/configs/tiny/ppo.yaml",
+            "--use_cpu",
+            "true",
+            "--model_name_or_path",
+            str(tiny_stages["sft"]),
+            "--reward_model_path",
+            str(tiny_stages["rm"]),
+            "--output_dir",
+            str(output_dir),
+            "--total_episodes",
+            str(PPO_EPISODES),
+            "--eval_prompts",
+            "16",
+            "--eval_samples_per_prompt",
+            "1",
+            "--per_device_train_batch_size",
+            str(2 * PPO_PER_DEVICE_BATCH // processes),
+            # Answers are sampled 8 prompts at a time in both runs: one process's first 8 then draw from the
+            # generator exactly as rank 0's 8 do (sampling 16 rows at once would consume it differently).
+            "--local_rollout_forward_batch_size",
+            str(PPO_PER_DEVICE_BATCH),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank*.json"))]
     return SimpleNamespace(output_dir=output_dir, ranks=ranks)
@@ -364,8 +448,7 @@ def test_ppo_two_processes_write_one_run_folder_from_rank_zero(ppo_two_processes
     assert [entry["episode"] for entry in history if "objective/kl" in entry] == [16, 32, 48, 64]
 
 
-def test_ppo_two_processes_sample_the_one_process_batches_and_rank_zero_its_answers(ppo_two_processes,
-                                                                                    ppo_one_process):  # fmt: skip
+def test_ppo_two_processes_sample_the_one_process_batches_and_rank_zero_its_answers(ppo_two_processes, ppo_one_process):
     """Unlike SFT, RM and DPO, PPO with 2 processes x 8 does not reproduce 1 process x 16, and no tolerance would
     make it: TRL 1.12's PPOTrainer (trl/experimental/ppo/ppo_trainer.py)
     1. samples rank r's answers from `seed + 100003 * r` (its `local_seed`): rank 0 draws what the single process
@@ -396,9 +479,14 @@ def test_ppo_two_processes_sample_the_one_process_batches_and_rank_zero_its_answ
     # then check whether the logs agree and the README may say so.
     assert resampled >= 1, resampled
 
-    two_log, one_log = (json.loads((run.output_dir / "log_history.json").read_text(encoding="utf-8"))
-                        for run in (ppo_two_processes, ppo_one_process))  # fmt: skip
-    assert [(entry["step"], entry["episode"]) for entry in two_log] == [
-        (entry["step"], entry["episode"]) for entry in one_log] == [(1, 16), (2, 32), (3, 48), (4, 64)]  # fmt: skip
+    two_log, one_log = (
+        json.loads((run.output_dir / "log_history.json").read_text(encoding="utf-8"))
+        for run in (ppo_two_processes, ppo_one_process)
+    )
+    assert (
+        [(entry["step"], entry["episode"]) for entry in two_log]
+        == [(entry["step"], entry["episode"]) for entry in one_log]
+        == [(1, 16), (2, 32), (3, 48), (4, 64)]
+    )
     assert [set(entry) for entry in two_log] == [set(entry) for entry in one_log]
     assert all(set(PPO_KEYS) <= set(entry) for entry in one_log)

@@ -51,11 +51,21 @@ def test_the_console_is_short_and_clean(pipeline_run):
     noise = re.compile(r"FutureWarning|UserWarning|TRLExperimentalWarning|pip install kernels|Loading weights|it/s")
     assert [line for line in lines if noise.search(line)] == []
     assert "\r" not in output and len(lines) < 40, output
-    for expected in ("sft: eval loss 7.", "rm: held-out accuracy 0.9", "ppo: held-out reward 2.", "merge: ",
-                     "decoding: 5 strategies on 4 prompts", "kochat-trl pipeline:", "│ judge │", "report: "):
+    for expected in (
+        "sft: eval loss 7.",
+        "rm: held-out accuracy 0.9",
+        "ppo: held-out reward 2.",
+        "merge: ",
+        "decoding: 5 strategies on 4 prompts",
+        "kochat-trl pipeline:",
+        "│ judge │",
+        "report: ",
+    ):
         assert sum(expected in line for line in lines) == 1, expected
     assert [line.split(": ")[0] for line in lines if line.startswith("[kochat-trl] sft: step ")] == [
-        "[kochat-trl] sft", "[kochat-trl] sft"]  # a line at each third, then the result line  # fmt: skip
+        "[kochat-trl] sft",
+        "[kochat-trl] sft",
+    ]  # a line at each third, then the result line
     for stage, key, count in (("sft", "loss", 16), ("rm", "loss", 30), ("ppo", "objective/scores", 60)):
         entries = [json.loads(line) for line in (pipeline_run.dir / stage / "train.log").read_text().splitlines()]
         assert len([entry for entry in entries if key in entry]) == count, stage
@@ -82,8 +92,10 @@ def test_report_numbers_match_stage_metrics(run):
     decoding = (run / "decoding.md").read_text()
     assert all(f"| {name} |" in decoding for name in ("greedy", "beam", "sampling", "top_k", "top_p"))
     # The judge's rates of the SFT and PPO policies' held-out answers, next to the RM reward.
-    assert report["judge"] == {"sft": {key: ppo["judge_before"][key] for key in JUDGE_KEYS},
-                               "ppo": {key: ppo["judge_after"][key] for key in JUDGE_KEYS}}  # fmt: skip
+    assert report["judge"] == {
+        "sft": {key: ppo["judge_before"][key] for key in JUDGE_KEYS},
+        "ppo": {key: ppo["judge_after"][key] for key in JUDGE_KEYS},
+    }
     assert "| SFT | " in markdown and f"| PPO | {ppo['reward_after']:.3f} |" in markdown
 
 
@@ -115,8 +127,16 @@ def test_sft_answers_held_out_questions_with_the_bundled_sentences(run):
 def test_every_saved_folder_formats_prompts_with_its_training_template(run):
     """The template travels with every tokenizer the run saved, so each folder generates with the template it was
     trained with (before, merged folders fell back to kochatgpt and its preamble)."""
-    folders = ["base", "sft", "rm", "ppo", "ppo/value", "merged/policy", "merged/reward",
-               *(str(path.relative_to(run)) for path in run.glob("*/checkpoint-*"))]  # fmt: skip
+    folders = [
+        "base",
+        "sft",
+        "rm",
+        "ppo",
+        "ppo/value",
+        "merged/policy",
+        "merged/reward",
+        *(str(path.relative_to(run)) for path in run.glob("*/checkpoint-*")),
+    ]
     assert any("checkpoint-" in folder for folder in folders)
     for folder in folders:
         assert saved_template_name(AutoTokenizer.from_pretrained(run / folder)) == "kochatgpt_short", folder
@@ -129,8 +149,22 @@ def test_every_saved_folder_formats_prompts_with_its_training_template(run):
 
 def test_template_flag_overrides_the_saved_one_and_says_so(run, capsys):
     policy = str(run / "merged" / "policy")
-    assert main(["generate", "--model", policy, "--prompt", "김치는 무엇인가요?", "--template", "kochatgpt",
-                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                policy,
+                "--prompt",
+                "김치는 무엇인가요?",
+                "--template",
+                "kochatgpt",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"template kochatgpt replaces the chat template saved in {policy} (kochatgpt_short)" in err
     assert Generator.load(policy, template="kochatgpt").format("김치").startswith("Below is an instruction")
@@ -159,21 +193,26 @@ def test_plain_transformers_clients_get_the_projects_answers_and_scores(run, cap
         answers.append(ours.strip())
     generation_config = json.loads((policy / "generation_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    assert (generation_config["eos_token_id"], generation_config["pad_token_id"]) == (
-        tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 0)  # fmt: skip
+    assert (
+        (generation_config["eos_token_id"], generation_config["pad_token_id"])
+        == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+        == (2, 0)
+    )
 
     model = AutoModelForSequenceClassification.from_pretrained(reward).eval()
     reward_tokenizer = AutoTokenizer.from_pretrained(reward)
-    plain = [plain_reward(model, reward_tokenizer, prompt, answer)
-             for prompt, answer in zip(prompts, answers, strict=True)]  # fmt: skip
+    plain = [
+        plain_reward(model, reward_tokenizer, prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)
+    ]
     project_model, project_tokenizer = _load_reward(str(reward))
     ours = score_answers(project_model, project_tokenizer, prompts, answers)  # compare-decoding's scoring
     assert max(abs(a - b) for a, b in zip(plain, ours, strict=True)) < 1e-5
     # PPO's own scoring of generated ids (prompt ids + answer ids up to eos) reads the same number.
     eos = reward_tokenizer.eos_token_id
     answer_ids = [reward_tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [eos] for answer in answers]
-    ppo_scores = score_responses(project_model, project_tokenizer, [prompt_ids(project_tokenizer, p) for p in prompts],
-                                 answer_ids)  # fmt: skip
+    ppo_scores = score_responses(
+        project_model, project_tokenizer, [prompt_ids(project_tokenizer, p) for p in prompts], answer_ids
+    )
     assert max(abs(a - b) for a, b in zip(plain, ppo_scores, strict=True)) < 1e-5
     assert len(set(round(score, 3) for score in plain)) > 1  # real, different scores
 

@@ -74,14 +74,25 @@ def test_policy_equals_reference_at_step_zero(tiny_stages):
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
     data = prompt_dataset("bundled:ppo", tokenizer, 0.0, 0, max_samples=8)
     rm_args = ModelConfig(model_name_or_path=str(tiny_stages["rm"]))
-    args = rl.PPOConfig(output_dir=str(tiny_stages["root"] / "ppo-step0"), per_device_train_batch_size=4,
-                        total_episodes=8, report_to="none", bf16=False, response_length=8)  # fmt: skip
+    args = rl.PPOConfig(
+        output_dir=str(tiny_stages["root"] / "ppo-step0"),
+        per_device_train_batch_size=4,
+        total_episodes=8,
+        report_to="none",
+        bf16=False,
+        response_length=8,
+    )
     policy = modeling.load_causal_lm(model_args, tokenizer)
     trainer = rl.build_ppo_trainer(
-        args, tokenizer, policy, modeling.load_reward_model(rm_args, tokenizer),
-        modeling.load_reward_model(rm_args, tokenizer), data["train"].select_columns(["input_ids"]),
-        data["train"].select_columns(["input_ids"]), modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
-    )  # fmt: skip
+        args,
+        tokenizer,
+        policy,
+        modeling.load_reward_model(rm_args, tokenizer),
+        modeling.load_reward_model(rm_args, tokenizer),
+        data["train"].select_columns(["input_ids"]),
+        data["train"].select_columns(["input_ids"]),
+        modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+    )
     assert trainer.ref_model is None  # no second copy: the reference is the adapter-disabled policy
     model = trainer.accelerator.unwrap_model(trainer.model).policy
     ids = torch.tensor([data["train"][0]["input_ids"]])

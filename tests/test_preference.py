@@ -50,8 +50,16 @@ def test_dpo_learns_the_rankings_and_raises_the_reward(methods_run):
 
 def test_dpo_writes_what_every_stage_writes(methods_run):
     out = methods_run.dir / "dpo"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.json", "log_history.json",
-                 "curves.png", "train.log", "checkpoint-300/trainer_state.json"):  # fmt: skip
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "config.yaml",
+        "metrics.json",
+        "log_history.json",
+        "curves.png",
+        "train.log",
+        "checkpoint-300/trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     assert saved_template_name(AutoTokenizer.from_pretrained(out)) == "kochatgpt_short"
     assert yaml.safe_load((out / "config.yaml").read_text())["beta"] == 1.0
@@ -62,8 +70,17 @@ def test_dpo_writes_what_every_stage_writes(methods_run):
 def test_every_method_is_a_row_judged_on_the_same_answers(methods_run):
     rows = methods_run.rows
     assert [row["method"] for row in rows] == METHODS
-    assert {key for row in rows for key in row} >= {"method", "reward_before", "reward_after", "kl", "win_rate",
-                                                    "judge", "wall_time_s", "peak_rss_mb", "trainable_params"}
+    assert {key for row in rows for key in row} >= {
+        "method",
+        "reward_before",
+        "reward_after",
+        "kl",
+        "win_rate",
+        "judge",
+        "wall_time_s",
+        "peak_rss_mb",
+        "trainable_params",
+    }
     # The same SFT answers before training for every method: the same prompts, sampling, seed and reward model.
     assert len({row["reward_before"] for row in rows}) == 1 and {row["eval_answers"] for row in rows} == {240}
     for row in rows:
@@ -109,18 +126,35 @@ def test_with_lora_the_reference_is_the_sft_model_at_step_zero(tiny_stages, tmp_
     from kochat_trl.runs import parse_recipe_args
 
     recipe = load_recipe("dpo")
-    script_args, training_args, model_args = parse_recipe_args(recipe.make_parser(), [
-        "--config", str(TINY_CONFIGS / "dpo.yaml"), "--model_name_or_path", str(tiny_stages["sft"]),
-        "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(tmp_path / "dpo")])  # fmt: skip
+    script_args, training_args, model_args = parse_recipe_args(
+        recipe.make_parser(),
+        [
+            "--config",
+            str(TINY_CONFIGS / "dpo.yaml"),
+            "--model_name_or_path",
+            str(tiny_stages["sft"]),
+            "--reward_model_path",
+            str(tiny_stages["rm"]),
+            "--output_dir",
+            str(tmp_path / "dpo"),
+        ],
+    )
     tokenizer = modeling.load_tokenizer(model_args)
     data = preference.preference_dataset("dpo", "bundled:rm", 0.1, 42, max_samples=32)
     policy = modeling.load_causal_lm(model_args, tokenizer)
-    trainer = preference.build_trainer("dpo", training_args, tokenizer, policy, data["train"],
-                                       peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"))
+    trainer = preference.build_trainer(
+        "dpo",
+        training_args,
+        tokenizer,
+        policy,
+        data["train"],
+        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+    )
     assert trainer.ref_model is None  # no second copy
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    ids = torch.tensor([tokenizer.apply_chat_template(data["train"][0]["prompt"] + data["train"][0]["chosen"])[
-        "input_ids"]])  # fmt: skip
+    ids = torch.tensor(
+        [tokenizer.apply_chat_template(data["train"][0]["prompt"] + data["train"][0]["chosen"])["input_ids"]]
+    )
     sft = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
     with torch.no_grad():
         with model.disable_adapter():
@@ -144,14 +178,24 @@ def test_with_lora_the_reference_is_the_sft_model_at_step_zero(tiny_stages, tmp_
 def test_bad_input_exits_2_with_one_line_and_nothing_written(tiny_stages, tmp_path, capsys, extra, message):
     from kochat_trl.runs import run_recipe as recipe_entry
 
-    ties = [{"prompt": prompt, "completion_0": "네.", "completion_1": "아니요.", "ranking": [0, 0]}
-            for prompt in ("김치는?", "서울은?")]  # every record ties its answers: no preference left
+    ties = [
+        {"prompt": prompt, "completion_0": "네.", "completion_1": "아니요.", "ranking": [0, 0]}
+        for prompt in ("김치는?", "서울은?")
+    ]  # every record ties its answers: no preference left
     write_json(tmp_path / "ties.json", ties)
     recipe = load_recipe("dpo")
     output = tmp_path / "out"
-    argv = ["--config", str(TINY_CONFIGS / "dpo.yaml"), "--model_name_or_path", str(tiny_stages["sft"]),
-            "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output),
-            *(value.replace("{tmp}", str(tmp_path)) for value in extra)]  # fmt: skip
+    argv = [
+        "--config",
+        str(TINY_CONFIGS / "dpo.yaml"),
+        "--model_name_or_path",
+        str(tiny_stages["sft"]),
+        "--reward_model_path",
+        str(tiny_stages["rm"]),
+        "--output_dir",
+        str(output),
+        *(value.replace("{tmp}", str(tmp_path)) for value in extra),
+    ]
     with pytest.raises(SystemExit) as stopped:
         recipe_entry(recipe.make_parser, recipe.main, argv)
     error = capsys.readouterr().err

@@ -31,10 +31,21 @@ def test_sft_masks_prompt_tokens_and_ends_completion_with_eos(tiny_model_dir, tm
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     dataset = sft_dataset("bundled:sft", 0.0, 0, max_samples=4)["train"]
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", loss_type="nll",
-                     bf16=False, completion_only_loss=True, max_length=256)  # fmt: skip
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to="none",
+        loss_type="nll",
+        bf16=False,
+        completion_only_loss=True,
+        max_length=256,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     batch = trainer.data_collator([trainer.train_dataset[index] for index in range(len(dataset))])
     for row, input_ids, labels in zip(dataset, batch["input_ids"], batch["labels"], strict=True):
         # The rows are conversations; the saved chat template renders them.
@@ -54,8 +65,12 @@ def test_reward_model_held_out_accuracy_and_unseen_pair(tiny_stages):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_stages["rm"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_stages["rm"])
     prompt = "김치는 어떤 음식인지 궁금해요."  # a question form not in the data
-    good = plain_reward(model, tokenizer, prompt, "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다. "
-                                                  "유산균이 많아 장 건강에 좋습니다.")  # fmt: skip
+    good = plain_reward(
+        model,
+        tokenizer,
+        prompt,
+        "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다. 유산균이 많아 장 건강에 좋습니다.",
+    )
     assert good > plain_reward(model, tokenizer, prompt, "몰라. 그건 왜 물어?") + 1.0
 
 
@@ -73,15 +88,33 @@ def test_reward_model_reads_the_question(tiny_stages):
         question, chosen, rejected = (row[key][0]["content"] for key in ("prompt", "chosen", "rejected"))
         judged = judge_answer(question, rejected)
         if judged.polite and judged.on_topic is False and judge_answer(question, chosen).on_topic:
-            wins.append(plain_reward(model, tokenizer, question, chosen) > plain_reward(model, tokenizer, question,
-                                                                                       rejected))  # fmt: skip
+            wins.append(
+                plain_reward(model, tokenizer, question, chosen) > plain_reward(model, tokenizer, question, rejected)
+            )
     assert len(wins) >= 50 and sum(wins) / len(wins) >= 0.9, (sum(wins), len(wins))
 
 
 def test_lora_sft_trains_only_the_adapter(tiny_model_dir, tmp_path):
-    metrics = run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
-                         "--output_dir", str(tmp_path / "lora"), "--use_peft", "true", "--lora_r", "8",
-                         "--lora_modules_to_save", "lm_head", "--max_steps", "30", "--eval_steps", "30")  # fmt: skip
+    metrics = run_recipe(
+        "sft",
+        "sft.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--output_dir",
+        str(tmp_path / "lora"),
+        "--use_peft",
+        "true",
+        "--lora_r",
+        "8",
+        "--lora_modules_to_save",
+        "lm_head",
+        "--max_steps",
+        "30",
+        "--eval_steps",
+        "30",
+    )
     assert metrics["adapter"] is True
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["eval_loss_end"] < metrics["eval_loss_start"] - 1.0
@@ -108,9 +141,21 @@ def test_recipe_bad_config_exits_2_with_one_line(tmp_path, tiny_model_dir, overr
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "out"
     with pytest.raises(SystemExit) as stopped:
-        recipe_entry(recipe.make_parser, recipe.main, [
-            "--config", str(TINY_CONFIGS / "sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
-            "--init_tiny", "false", "--output_dir", str(output), *overrides])  # fmt: skip
+        recipe_entry(
+            recipe.make_parser,
+            recipe.main,
+            [
+                "--config",
+                str(TINY_CONFIGS / "sft.yaml"),
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--init_tiny",
+                "false",
+                "--output_dir",
+                str(output),
+                *overrides,
+            ],
+        )
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and message in error and error.count("\n") == 1, error
     assert not (output / "metrics.json").exists()
@@ -119,11 +164,25 @@ def test_recipe_bad_config_exits_2_with_one_line(tmp_path, tiny_model_dir, overr
 def test_recipe_script_exits_2_with_one_line(tmp_path, tiny_model_dir):
     output = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(TINY_CONFIGS / "sft.yaml"),
-         "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false", "--output_dir", str(output),
-         "--learning_rat", "1e-3"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "recipes" / "sft.py"),
+            "--config",
+            str(TINY_CONFIGS / "sft.yaml"),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--init_tiny",
+            "false",
+            "--output_dir",
+            str(output),
+            "--learning_rat",
+            "1e-3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "unknown option(s) 'learning_rat' (did you mean 'learning_rate'?)" in result.stderr
     assert result.stderr.count("\n") == 1 and not output.exists()
@@ -135,6 +194,14 @@ def test_recipe_refuses_non_empty_output_dir(tmp_path, tiny_model_dir):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty"):
-        run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
-                   "--output_dir", str(tmp_path / "out"))  # fmt: skip
+        run_recipe(
+            "sft",
+            "sft.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--init_tiny",
+            "false",
+            "--output_dir",
+            str(tmp_path / "out"),
+        )
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"

@@ -39,164 +39,465 @@ def _sft_yaml(**changes) -> str:
 
 
 # The recipe module and shipped config a BAD_INPUTS case runs (RLOO and GRPO share recipes/rl.py).
-RECIPES = {"sft": ("sft", "sft.yaml"), "reward": ("reward", "reward.yaml"), "ppo": ("ppo", "ppo.yaml"),
-           "rl": ("rl", "rloo.yaml"), "grpo": ("rl", "grpo.yaml"), "dpo": ("dpo", "dpo.yaml"),
-           "kto": ("dpo", "kto.yaml")}  # fmt: skip
+RECIPES = {
+    "sft": ("sft", "sft.yaml"),
+    "reward": ("reward", "reward.yaml"),
+    "ppo": ("ppo", "ppo.yaml"),
+    "rl": ("rl", "rloo.yaml"),
+    "grpo": ("rl", "grpo.yaml"),
+    "dpo": ("dpo", "dpo.yaml"),
+    "kto": ("dpo", "kto.yaml"),
+}
 
 
 # (id, recipe, overrides, files written under IN (name -> JSON rows, or text), fragments the message must contain).
 # {in}: the inputs folder, {base}: the tiny model, {out}: the output_dir (must not exist afterwards unless pre-made).
-# fmt: off
 SFT = ["--model_name_or_path", "{base}", "--init_tiny", "false", "--output_dir", "{out}"]
 PPO = ["--model_name_or_path", "{base}", "--reward_model_path", "{base}", "--output_dir", "{out}"]
 BAD_INPUTS = [
     # data, every stage's layout
     ("data_missing_file", "sft", [*SFT, "--dataset_name", "{in}/none.json"], {}, ["none.json", "file not found"]),
-    ("data_bad_jsonl_line", "sft", [*SFT, "--dataset_name", "{in}/d.jsonl"],
-     {"d.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n'}, ["d.jsonl", "line 2", "invalid JSON"]),
-    ("data_missing_key", "sft", [*SFT, "--dataset_name", "{in}/d.json"],
-     {"d.json": [SFT_ROWS[0], {"prompt": "x"}]}, ["d.json", "record 1", "missing key 'completion'"]),
-    ("data_wrong_layout_for_sft", "sft", [*SFT, "--dataset_name", "{in}/p.jsonl"],
-     {"p.jsonl": [{"prompt": "a"}]}, ["p.jsonl", "layout ppo cannot feed the sft stage"]),
-    ("data_not_utf8", "sft", [*SFT, "--dataset_name", "{in}/d.jsonl"], {"d.jsonl": b'{"prompt": "\xb1"}\n'},
-     ["d.jsonl", "not UTF-8"]),
-    ("data_bad_role", "sft", [*SFT, "--dataset_name", "{in}/m.jsonl"],
-     {"m.jsonl": [{"messages": [{"role": "bot", "content": "a"}]}]}, ["m.jsonl", "line 1", "role 'bot'"]),
-    ("data_one_row_no_split", "sft", [*SFT, "--dataset_name", "{in}/d.json"], {"d.json": SFT_ROWS[:1]},
-     ["d.json", "cannot be split", "eval_fraction"]),
-    ("data_rm_bad_ranking", "reward", [*SFT, "--dataset_name", "{in}/r.json"],
-     {"r.json": [{**RM_ROW, "ranking": [0, 7]}]}, ["r.json", "record 0", "bad ranking"]),
-    ("data_rm_from_sft_rows", "reward", [*SFT, "--dataset_name", "{in}/d.json"], {"d.json": SFT_ROWS},
-     ["d.json", "cannot feed the rm stage"]),
+    (
+        "data_bad_jsonl_line",
+        "sft",
+        [*SFT, "--dataset_name", "{in}/d.jsonl"],
+        {"d.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n'},
+        ["d.jsonl", "line 2", "invalid JSON"],
+    ),
+    (
+        "data_missing_key",
+        "sft",
+        [*SFT, "--dataset_name", "{in}/d.json"],
+        {"d.json": [SFT_ROWS[0], {"prompt": "x"}]},
+        ["d.json", "record 1", "missing key 'completion'"],
+    ),
+    (
+        "data_wrong_layout_for_sft",
+        "sft",
+        [*SFT, "--dataset_name", "{in}/p.jsonl"],
+        {"p.jsonl": [{"prompt": "a"}]},
+        ["p.jsonl", "layout ppo cannot feed the sft stage"],
+    ),
+    (
+        "data_not_utf8",
+        "sft",
+        [*SFT, "--dataset_name", "{in}/d.jsonl"],
+        {"d.jsonl": b'{"prompt": "\xb1"}\n'},
+        ["d.jsonl", "not UTF-8"],
+    ),
+    (
+        "data_bad_role",
+        "sft",
+        [*SFT, "--dataset_name", "{in}/m.jsonl"],
+        {"m.jsonl": [{"messages": [{"role": "bot", "content": "a"}]}]},
+        ["m.jsonl", "line 1", "role 'bot'"],
+    ),
+    (
+        "data_one_row_no_split",
+        "sft",
+        [*SFT, "--dataset_name", "{in}/d.json"],
+        {"d.json": SFT_ROWS[:1]},
+        ["d.json", "cannot be split", "eval_fraction"],
+    ),
+    (
+        "data_rm_bad_ranking",
+        "reward",
+        [*SFT, "--dataset_name", "{in}/r.json"],
+        {"r.json": [{**RM_ROW, "ranking": [0, 7]}]},
+        ["r.json", "record 0", "bad ranking"],
+    ),
+    (
+        "data_rm_from_sft_rows",
+        "reward",
+        [*SFT, "--dataset_name", "{in}/d.json"],
+        {"d.json": SFT_ROWS},
+        ["d.json", "cannot feed the rm stage"],
+    ),
     ("data_ppo_empty_file", "ppo", [*PPO, "--dataset_name", "{in}/p.txt"], {"p.txt": ""}, ["p.txt", "file is empty"]),
-    ("data_ppo_fewer_prompts_than_a_batch", "ppo", [*PPO, "--max_samples", "10"], {},
-     ["bundled:ppo", "8 training prompts", "rollout batch (16)"]),
+    (
+        "data_ppo_fewer_prompts_than_a_batch",
+        "ppo",
+        [*PPO, "--max_samples", "10"],
+        {},
+        ["bundled:ppo", "8 training prompts", "rollout batch (16)"],
+    ),
     # config values: file and key named
-    ("yaml_type_string", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(learning_rate="abc")},
-     ["c.yaml: learning_rate", "invalid float value: 'abc'"]),
-    ("yaml_type_list", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(learning_rate=[1])},
-     ["c.yaml: learning_rate", "expected a number, got [1]"]),
-    ("yaml_type_float_for_int", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(max_steps=1.5)},
-     ["c.yaml: max_steps", "expected an integer, got 1.5"]),
-    ("yaml_type_int_for_bool", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(use_peft=3)},
-     ["c.yaml: use_peft", "expected true or false, got 3"]),
-    ("yaml_choice", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(dtype="float8")},
-     ["c.yaml: dtype", "'float8' is not one of", "bfloat16"]),
-    ("yaml_unknown_key", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(learnin_rate=0.1)},
-     ["c.yaml", "unknown key(s) 'learnin_rate' (did you mean 'learning_rate'?)"]),
-    ("yaml_syntax", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": "learning_rate: [1, 2\nmax_steps: 3\n"},
-     ["c.yaml", "line 2", "invalid YAML"]),
+    (
+        "yaml_type_string",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(learning_rate="abc")},
+        ["c.yaml: learning_rate", "invalid float value: 'abc'"],
+    ),
+    (
+        "yaml_type_list",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(learning_rate=[1])},
+        ["c.yaml: learning_rate", "expected a number, got [1]"],
+    ),
+    (
+        "yaml_type_float_for_int",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(max_steps=1.5)},
+        ["c.yaml: max_steps", "expected an integer, got 1.5"],
+    ),
+    (
+        "yaml_type_int_for_bool",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(use_peft=3)},
+        ["c.yaml: use_peft", "expected true or false, got 3"],
+    ),
+    (
+        "yaml_choice",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(dtype="float8")},
+        ["c.yaml: dtype", "'float8' is not one of", "bfloat16"],
+    ),
+    (
+        "yaml_unknown_key",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(learnin_rate=0.1)},
+        ["c.yaml", "unknown key(s) 'learnin_rate' (did you mean 'learning_rate'?)"],
+    ),
+    (
+        "yaml_syntax",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": "learning_rate: [1, 2\nmax_steps: 3\n"},
+        ["c.yaml", "line 2", "invalid YAML"],
+    ),
     ("config_file_missing", "sft", [*SFT, "--config", "{in}/none.yaml"], {}, ["none.yaml", "config file not found"]),
     ("cli_type", "sft", [*SFT, "--max_steps", "ten"], {}, ["--max_steps", "invalid int value: 'ten'"]),
-    ("cli_unknown_option", "sft", [*SFT, "--learnin_rate", "1e-3"], {},
-     ["unknown option(s) 'learnin_rate' (did you mean 'learning_rate'?)"]),
+    (
+        "cli_unknown_option",
+        "sft",
+        [*SFT, "--learnin_rate", "1e-3"],
+        {},
+        ["unknown option(s) 'learnin_rate' (did you mean 'learning_rate'?)"],
+    ),
     ("cli_abbreviated_option", "sft", [*SFT, "--learning_rat", "1e-3"], {}, ["unknown option(s) 'learning_rat'"]),
-    ("eight_and_four_bit", "sft", [*SFT, "--load_in_8bit", "true", "--load_in_4bit", "true"], {},
-     ["load_in_8bit and load_in_4bit are both set"]),
+    (
+        "eight_and_four_bit",
+        "sft",
+        [*SFT, "--load_in_8bit", "true", "--load_in_4bit", "true"],
+        {},
+        ["load_in_8bit and load_in_4bit are both set"],
+    ),
     ("eval_fraction_range", "sft", [*SFT, "--eval_fraction", "1.5"], {}, ["eval_fraction must be in [0, 1), got 1.5"]),
     ("unknown_template", "sft", [*SFT, "--template", "nope"], {}, ["template: unknown prompt template 'nope'"]),
-    ("max_length_over_context", "sft", [*SFT, "--max_length", "1024"], {},
-     ["max_length 1024 exceeds the context", "512 positions"]),
+    (
+        "max_length_over_context",
+        "sft",
+        [*SFT, "--max_length", "1024"],
+        {},
+        ["max_length 1024 exceeds the context", "512 positions"],
+    ),
     # numeric ranges (kochat_trl.ranges): key, where it was set, range and fix; refused even where another setting
     # makes the library ignore the value (epochs under max_steps, lora_r without use_peft)
-    ("batch_size_zero", "sft", [*SFT, "--per_device_train_batch_size", "0"], {},
-     ["--per_device_train_batch_size must be at least 1, got 0; leave it out for the default (8)"]),
-    ("lora_rank_zero", "sft", [*SFT, "--use_peft", "true", "--lora_r", "0"], {},
-     ["--lora_r must be at least 1, got 0"]),
-    ("lora_rank_zero_without_peft", "sft", [*SFT, "--lora_r", "0"], {},
-     ["--lora_r must be at least 1, got 0; set e.g. 16, or leave it out without use_peft"]),
+    (
+        "batch_size_zero",
+        "sft",
+        [*SFT, "--per_device_train_batch_size", "0"],
+        {},
+        ["--per_device_train_batch_size must be at least 1, got 0; leave it out for the default (8)"],
+    ),
+    (
+        "lora_rank_zero",
+        "sft",
+        [*SFT, "--use_peft", "true", "--lora_r", "0"],
+        {},
+        ["--lora_r must be at least 1, got 0"],
+    ),
+    (
+        "lora_rank_zero_without_peft",
+        "sft",
+        [*SFT, "--lora_r", "0"],
+        {},
+        ["--lora_r must be at least 1, got 0; set e.g. 16, or leave it out without use_peft"],
+    ),
     ("lora_dropout_one", "sft", [*SFT, "--lora_dropout", "1"], {}, ["--lora_dropout must be in [0, 1), got 1"]),
-    ("max_samples_zero", "sft", [*SFT, "--max_samples", "0"], {},
-     ["--max_samples must be at least 1, got 0; leave it out to use all rows"]),
-    ("epochs_zero_under_max_steps", "sft", [*SFT, "--num_train_epochs", "0", "--max_steps", "20"], {},
-     ["--num_train_epochs must be > 0, got 0; set e.g. 3, or leave it out when max_steps sets the run's length"]),
-    ("yaml_epochs_negative_under_max_steps", "sft", [*SFT, "--config", "{in}/c.yaml"],
-     {"c.yaml": _sft_yaml(num_train_epochs=-1)}, ["c.yaml: num_train_epochs must be > 0, got -1; "]),
-    ("max_steps_zero", "sft", [*SFT, "--max_steps", "0"], {},
-     ["--max_steps must be at least 1 (or -1), got 0; set -1 (the default) to train for num_train_epochs instead"]),
+    (
+        "max_samples_zero",
+        "sft",
+        [*SFT, "--max_samples", "0"],
+        {},
+        ["--max_samples must be at least 1, got 0; leave it out to use all rows"],
+    ),
+    (
+        "epochs_zero_under_max_steps",
+        "sft",
+        [*SFT, "--num_train_epochs", "0", "--max_steps", "20"],
+        {},
+        ["--num_train_epochs must be > 0, got 0; set e.g. 3, or leave it out when max_steps sets the run's length"],
+    ),
+    (
+        "yaml_epochs_negative_under_max_steps",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(num_train_epochs=-1)},
+        ["c.yaml: num_train_epochs must be > 0, got -1; "],
+    ),
+    (
+        "max_steps_zero",
+        "sft",
+        [*SFT, "--max_steps", "0"],
+        {},
+        ["--max_steps must be at least 1 (or -1), got 0; set -1 (the default) to train for num_train_epochs instead"],
+    ),
     ("max_length_zero", "sft", [*SFT, "--max_length", "0"], {}, ["--max_length must be at least 1, got 0; "]),
-    ("yaml_gradient_accumulation_zero", "sft", [*SFT, "--config", "{in}/c.yaml"],
-     {"c.yaml": _sft_yaml(gradient_accumulation_steps=0)},
-     ["c.yaml: gradient_accumulation_steps must be at least 1, got 0; leave it out for the default (1)"]),
-    ("yaml_logging_steps_zero", "sft", [*SFT, "--config", "{in}/c.yaml"], {"c.yaml": _sft_yaml(logging_steps=0)},
-     ["c.yaml: logging_steps must be > 0, got 0; "]),  # Hugging Face's own message named the YAML file for a flag too
+    (
+        "yaml_gradient_accumulation_zero",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(gradient_accumulation_steps=0)},
+        ["c.yaml: gradient_accumulation_steps must be at least 1, got 0; leave it out for the default (1)"],
+    ),
+    (
+        "yaml_logging_steps_zero",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _sft_yaml(logging_steps=0)},
+        ["c.yaml: logging_steps must be > 0, got 0; "],
+    ),  # Hugging Face's own message named the YAML file for a flag too
     ("seed_negative", "sft", [*SFT, "--seed", "-1"], {}, ["--seed must be at least 0, got -1"]),
-    ("command_line_beats_a_bad_yaml_value", "sft", [*SFT, "--config", "{in}/c.yaml", "--max_length", "0"],
-     {"c.yaml": _sft_yaml(max_length=-3)}, ["--max_length must be at least 1, got 0"]),
-    ("learning_rate_negative", "reward", [*SFT, "--learning_rate", "-1"], {},
-     ["--learning_rate must be > 0, got -1; set e.g. 1e-4 for LoRA, 1e-5 for full fine-tuning"]),
-    ("rm_yaml_epochs_zero_under_max_steps", "reward", [*SFT, "--config", "{in}/c.yaml"],
-     {"c.yaml": _yaml("reward.yaml", num_train_epochs=0)}, ["c.yaml: num_train_epochs must be > 0, got 0; "]),
-    ("rm_eval_batch_size_zero", "reward", [*SFT, "--per_device_eval_batch_size", "0"], {},
-     ["--per_device_eval_batch_size must be at least 1, got 0"]),
+    (
+        "command_line_beats_a_bad_yaml_value",
+        "sft",
+        [*SFT, "--config", "{in}/c.yaml", "--max_length", "0"],
+        {"c.yaml": _sft_yaml(max_length=-3)},
+        ["--max_length must be at least 1, got 0"],
+    ),
+    (
+        "learning_rate_negative",
+        "reward",
+        [*SFT, "--learning_rate", "-1"],
+        {},
+        ["--learning_rate must be > 0, got -1; set e.g. 1e-4 for LoRA, 1e-5 for full fine-tuning"],
+    ),
+    (
+        "rm_yaml_epochs_zero_under_max_steps",
+        "reward",
+        [*SFT, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("reward.yaml", num_train_epochs=0)},
+        ["c.yaml: num_train_epochs must be > 0, got 0; "],
+    ),
+    (
+        "rm_eval_batch_size_zero",
+        "reward",
+        [*SFT, "--per_device_eval_batch_size", "0"],
+        {},
+        ["--per_device_eval_batch_size must be at least 1, got 0"],
+    ),
     ("ppo_epochs_zero", "ppo", [*PPO, "--num_ppo_epochs", "0"], {}, ["--num_ppo_epochs must be at least 1, got 0"]),
-    ("ppo_minibatches_zero", "ppo", [*PPO, "--num_mini_batches", "0"], {},
-     ["--num_mini_batches must be at least 1, got 0"]),
-    ("ppo_response_length_zero", "ppo", [*PPO, "--response_length", "0"], {},
-     ["--response_length must be at least 1, got 0"]),
-    ("ppo_total_episodes_negative", "ppo", [*PPO, "--total_episodes", "-16"], {},
-     ["--total_episodes must be at least 1, got -16"]),
-    ("ppo_yaml_total_episodes_zero", "ppo", [*PPO, "--config", "{in}/c.yaml"],
-     {"c.yaml": _yaml("ppo.yaml", total_episodes=0)}, ["c.yaml: total_episodes must be at least 1, got 0"]),
-    ("ppo_rollout_forward_batch_zero", "ppo", [*PPO, "--local_rollout_forward_batch_size", "0"], {},
-     ["--local_rollout_forward_batch_size must be at least 1, got 0"]),
-    ("ppo_eval_prompts_negative", "ppo", [*PPO, "--eval_prompts", "-1"], {},
-     ["--eval_prompts must be at least 1, got -1"]),
-    ("ppo_kl_target_zero", "ppo", [*PPO, "--kl_target", "0"], {},
-     ["--kl_target must be > 0, got 0; leave it out for a fixed kl_coef"]),  # `if kl_target:` read 0 as unset
-    ("ppo_yaml_temperature_zero", "ppo", [*PPO, "--config", "{in}/c.yaml"],
-     {"c.yaml": _yaml("ppo.yaml", temperature=0)}, ["c.yaml: temperature must be > 0, got 0"]),
-    ("rloo_one_generation", "rl", [*PPO, "--num_generations", "1"], {},
-     ["--num_generations must be at least 2, got 1; "]),
-    ("rloo_yaml_no_generations", "rl", [*PPO, "--config", "{in}/c.yaml"],
-     {"c.yaml": _yaml("rloo.yaml", num_generations=0)},
-     ["c.yaml: num_generations must be at least 2, got 0"]),  # RLOOConfig itself: ZeroDivisionError
+    (
+        "ppo_minibatches_zero",
+        "ppo",
+        [*PPO, "--num_mini_batches", "0"],
+        {},
+        ["--num_mini_batches must be at least 1, got 0"],
+    ),
+    (
+        "ppo_response_length_zero",
+        "ppo",
+        [*PPO, "--response_length", "0"],
+        {},
+        ["--response_length must be at least 1, got 0"],
+    ),
+    (
+        "ppo_total_episodes_negative",
+        "ppo",
+        [*PPO, "--total_episodes", "-16"],
+        {},
+        ["--total_episodes must be at least 1, got -16"],
+    ),
+    (
+        "ppo_yaml_total_episodes_zero",
+        "ppo",
+        [*PPO, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("ppo.yaml", total_episodes=0)},
+        ["c.yaml: total_episodes must be at least 1, got 0"],
+    ),
+    (
+        "ppo_rollout_forward_batch_zero",
+        "ppo",
+        [*PPO, "--local_rollout_forward_batch_size", "0"],
+        {},
+        ["--local_rollout_forward_batch_size must be at least 1, got 0"],
+    ),
+    (
+        "ppo_eval_prompts_negative",
+        "ppo",
+        [*PPO, "--eval_prompts", "-1"],
+        {},
+        ["--eval_prompts must be at least 1, got -1"],
+    ),
+    (
+        "ppo_kl_target_zero",
+        "ppo",
+        [*PPO, "--kl_target", "0"],
+        {},
+        ["--kl_target must be > 0, got 0; leave it out for a fixed kl_coef"],
+    ),  # `if kl_target:` read 0 as unset
+    (
+        "ppo_yaml_temperature_zero",
+        "ppo",
+        [*PPO, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("ppo.yaml", temperature=0)},
+        ["c.yaml: temperature must be > 0, got 0"],
+    ),
+    (
+        "rloo_one_generation",
+        "rl",
+        [*PPO, "--num_generations", "1"],
+        {},
+        ["--num_generations must be at least 2, got 1; "],
+    ),
+    (
+        "rloo_yaml_no_generations",
+        "rl",
+        [*PPO, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("rloo.yaml", num_generations=0)},
+        ["c.yaml: num_generations must be at least 2, got 0"],
+    ),  # RLOOConfig itself: ZeroDivisionError
     ("rloo_learning_rate_zero", "rl", [*PPO, "--learning_rate", "0"], {}, ["--learning_rate must be > 0, got 0"]),
-    ("grpo_one_generation", "grpo", [*PPO, "--num_generations", "1"], {},
-     ["--num_generations must be at least 2, got 1; "]),
-    ("grpo_completion_length_zero", "grpo", [*PPO, "--max_completion_length", "0"], {},
-     ["--max_completion_length must be at least 1, got 0"]),
-    ("grpo_beta_negative", "grpo", [*PPO, "--beta", "-0.1"], {},
-     ["--beta must be at least 0, got -0.1; set 0 to turn the KL penalty off"]),
-    ("grpo_yaml_epochs_zero_under_max_steps", "grpo", [*PPO, "--config", "{in}/c.yaml"],
-     {"c.yaml": _yaml("grpo.yaml", num_train_epochs=0)}, ["c.yaml: num_train_epochs must be > 0, got 0"]),
+    (
+        "grpo_one_generation",
+        "grpo",
+        [*PPO, "--num_generations", "1"],
+        {},
+        ["--num_generations must be at least 2, got 1; "],
+    ),
+    (
+        "grpo_completion_length_zero",
+        "grpo",
+        [*PPO, "--max_completion_length", "0"],
+        {},
+        ["--max_completion_length must be at least 1, got 0"],
+    ),
+    (
+        "grpo_beta_negative",
+        "grpo",
+        [*PPO, "--beta", "-0.1"],
+        {},
+        ["--beta must be at least 0, got -0.1; set 0 to turn the KL penalty off"],
+    ),
+    (
+        "grpo_yaml_epochs_zero_under_max_steps",
+        "grpo",
+        [*PPO, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("grpo.yaml", num_train_epochs=0)},
+        ["c.yaml: num_train_epochs must be > 0, got 0"],
+    ),
     ("dpo_beta_zero", "dpo", [*PPO, "--beta", "0"], {}, ["--beta must be > 0, got 0; set e.g. 0.1"]),
-    ("dpo_yaml_beta_negative", "dpo", [*PPO, "--config", "{in}/c.yaml"], {"c.yaml": _yaml("dpo.yaml", beta=-1)},
-     ["c.yaml: beta must be > 0, got -1"]),
+    (
+        "dpo_yaml_beta_negative",
+        "dpo",
+        [*PPO, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("dpo.yaml", beta=-1)},
+        ["c.yaml: beta must be > 0, got -1"],
+    ),
     ("dpo_max_length_zero", "dpo", [*PPO, "--max_length", "0"], {}, ["--max_length must be at least 1, got 0"]),
-    ("dpo_eval_max_new_tokens_zero", "dpo", [*PPO, "--eval_max_new_tokens", "0"], {},
-     ["--eval_max_new_tokens must be at least 1, got 0"]),
-    ("dpo_batch_size_zero", "dpo", [*PPO, "--per_device_train_batch_size", "0"], {},
-     ["--per_device_train_batch_size must be at least 1, got 0"]),
-    ("kto_yaml_beta_zero", "kto", [*PPO, "--config", "{in}/c.yaml"], {"c.yaml": _yaml("kto.yaml", beta=0)},
-     ["c.yaml: beta must be > 0, got 0"]),
-    ("ppo_minibatches_do_not_divide", "ppo", [*PPO, "--num_mini_batches", "3"], {},
-     ["= 16 is not divisible by num_mini_batches 3"]),
-    ("ppo_response_over_context", "ppo", [*PPO, "--response_length", "500"], {},
-     ["response_length 500 exceeds the context", "512 positions", "lower response_length to"]),
+    (
+        "dpo_eval_max_new_tokens_zero",
+        "dpo",
+        [*PPO, "--eval_max_new_tokens", "0"],
+        {},
+        ["--eval_max_new_tokens must be at least 1, got 0"],
+    ),
+    (
+        "dpo_batch_size_zero",
+        "dpo",
+        [*PPO, "--per_device_train_batch_size", "0"],
+        {},
+        ["--per_device_train_batch_size must be at least 1, got 0"],
+    ),
+    (
+        "kto_yaml_beta_zero",
+        "kto",
+        [*PPO, "--config", "{in}/c.yaml"],
+        {"c.yaml": _yaml("kto.yaml", beta=0)},
+        ["c.yaml: beta must be > 0, got 0"],
+    ),
+    (
+        "ppo_minibatches_do_not_divide",
+        "ppo",
+        [*PPO, "--num_mini_batches", "3"],
+        {},
+        ["= 16 is not divisible by num_mini_batches 3"],
+    ),
+    (
+        "ppo_response_over_context",
+        "ppo",
+        [*PPO, "--response_length", "500"],
+        {},
+        ["response_length 500 exceeds the context", "512 positions", "lower response_length to"],
+    ),
     ("ppo_no_held_out_prompts", "ppo", [*PPO, "--eval_fraction", "0"], {}, ["held-out prompts", "eval_fraction > 0"]),
-    ("rl_prompts_bad_json", "rl", [*PPO, "--dataset_name", "{in}/p.jsonl"],
-     {"p.jsonl": '{"prompt": "a"}\n{"prompt": \n'}, ["p.jsonl", "line 2", "invalid JSON"]),
+    (
+        "rl_prompts_bad_json",
+        "rl",
+        [*PPO, "--dataset_name", "{in}/p.jsonl"],
+        {"p.jsonl": '{"prompt": "a"}\n{"prompt": \n'},
+        ["p.jsonl", "line 2", "invalid JSON"],
+    ),
     ("rl_no_held_out_prompts", "rl", [*PPO, "--eval_fraction", "0"], {}, ["held-out prompts", "eval_fraction > 0"]),
-    ("rl_no_samples_per_prompt", "rl", [*PPO, "--eval_samples_per_prompt", "0"], {},
-     ["eval_samples_per_prompt must be at least 1, got 0"]),
+    (
+        "rl_no_samples_per_prompt",
+        "rl",
+        [*PPO, "--eval_samples_per_prompt", "0"],
+        {},
+        ["eval_samples_per_prompt must be at least 1, got 0"],
+    ),
     ("rl_prompts_missing_file", "rl", [*PPO, "--dataset_name", "{in}/none.json"], {}, ["none.json", "file not found"]),
     # paths and output folders
-    ("model_path_missing", "sft", ["--model_name_or_path", "{in}/no/model", "--init_tiny", "false",
-                                   "--output_dir", "{out}"], {},
-     ["no/model: model_name_or_path is neither an existing folder nor a hub id"]),
-    ("ppo_reward_model_missing", "ppo", [*PPO, "--reward_model_path", "{in}/no/rm"], {},
-     ["no/rm: reward_model_path is neither an existing folder nor a hub id"]),
-    ("output_dir_is_a_file", "sft", [*SFT[:4], "--output_dir", "{in}/f.txt"], {"f.txt": "x"},
-     ["f.txt: output_dir exists and is not a folder"]),
-    ("resume_without_checkpoint", "sft", [*SFT, "--resume_from_checkpoint", "last"], {},
-     ["no complete checkpoint-* folder to resume from"]),
-    ("resume_path_not_a_folder", "sft", [*SFT, "--resume_from_checkpoint", "{in}/none"], {},
-     ["none: resume_from_checkpoint is not a checkpoint folder"]),
-    ("overwrite_and_resume", "sft", [*SFT, "--overwrite", "true", "--resume_from_checkpoint", "last"], {},
-     ["overwrite and resume_from_checkpoint are both set"]),
+    (
+        "model_path_missing",
+        "sft",
+        ["--model_name_or_path", "{in}/no/model", "--init_tiny", "false", "--output_dir", "{out}"],
+        {},
+        ["no/model: model_name_or_path is neither an existing folder nor a hub id"],
+    ),
+    (
+        "ppo_reward_model_missing",
+        "ppo",
+        [*PPO, "--reward_model_path", "{in}/no/rm"],
+        {},
+        ["no/rm: reward_model_path is neither an existing folder nor a hub id"],
+    ),
+    (
+        "output_dir_is_a_file",
+        "sft",
+        [*SFT[:4], "--output_dir", "{in}/f.txt"],
+        {"f.txt": "x"},
+        ["f.txt: output_dir exists and is not a folder"],
+    ),
+    (
+        "resume_without_checkpoint",
+        "sft",
+        [*SFT, "--resume_from_checkpoint", "last"],
+        {},
+        ["no complete checkpoint-* folder to resume from"],
+    ),
+    (
+        "resume_path_not_a_folder",
+        "sft",
+        [*SFT, "--resume_from_checkpoint", "{in}/none"],
+        {},
+        ["none: resume_from_checkpoint is not a checkpoint folder"],
+    ),
+    (
+        "overwrite_and_resume",
+        "sft",
+        [*SFT, "--overwrite", "true", "--resume_from_checkpoint", "last"],
+        {},
+        ["overwrite and resume_from_checkpoint are both set"],
+    ),
 ]
-# fmt: on
 
 
 def _materialise(tmp_path: Path, files: dict, overrides: list[str], base: Path) -> list[str]:
@@ -227,8 +528,11 @@ def _recipe_error(recipe: str, config: str, arguments: list[str]) -> str:
     return message
 
 
-@pytest.mark.parametrize(("recipe", "overrides", "files", "fragments"), [case[1:] for case in BAD_INPUTS],
-                         ids=[case[0] for case in BAD_INPUTS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "files", "fragments"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
 def test_bad_input_is_refused_before_loading_with_one_line_and_no_output(
     tmp_path, tiny_model_dir, monkeypatch, recipe, overrides, files, fragments
 ):
@@ -258,9 +562,22 @@ def test_every_range_names_a_field_of_its_class_and_its_default_is_in_range():
     from kochat_trl.ranges import RANGES, violation
     from kochat_trl.runs import KochatArguments, RLArguments
 
-    classes = [TrainingArguments, SFTConfig, RewardConfig, DPOConfig, KTOConfig, rl.orpo_classes()[0], rl.PPOConfig,
-               RLOOConfig, GRPOConfig, ModelConfig, KochatArguments, RLArguments,
-               load_recipe("ppo").PPOScriptArguments, load_recipe("dpo").PreferenceScriptArguments]  # fmt: skip
+    classes = [
+        TrainingArguments,
+        SFTConfig,
+        RewardConfig,
+        DPOConfig,
+        KTOConfig,
+        rl.orpo_classes()[0],
+        rl.PPOConfig,
+        RLOOConfig,
+        GRPOConfig,
+        ModelConfig,
+        KochatArguments,
+        RLArguments,
+        load_recipe("ppo").PPOScriptArguments,
+        load_recipe("dpo").PreferenceScriptArguments,
+    ]
     by_name = {klass.__name__: klass for klass in classes}
     assert set(RANGES) == set(by_name)
     for name, rows in RANGES.items():
@@ -275,9 +592,22 @@ def test_overwrite_with_bad_data_keeps_the_old_output(tmp_path, tiny_model_dir):
     old = tmp_path / "out"
     old.mkdir()
     (old / "metrics.json").write_text("{}")
-    message = _recipe_error("sft", "sft.yaml", ["--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false",
-                                                "--output_dir", str(old), "--overwrite", "true",
-                                                "--dataset_name", str(tmp_path / "none.jsonl")])  # fmt: skip
+    message = _recipe_error(
+        "sft",
+        "sft.yaml",
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--init_tiny",
+            "false",
+            "--output_dir",
+            str(old),
+            "--overwrite",
+            "true",
+            "--dataset_name",
+            str(tmp_path / "none.jsonl"),
+        ],
+    )
     assert "none.jsonl: file not found" in message
     assert (old / "metrics.json").read_text() == "{}"  # validation runs before --overwrite deletes anything
 
@@ -290,8 +620,16 @@ def test_resume_refuses_a_finished_stage_and_skips_incomplete_checkpoints(tmp_pa
             (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(out) == out / "checkpoint-2"
     (out / "metrics.json").write_text("{}")
-    arguments = ["--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false", "--output_dir", str(out),
-                 "--resume_from_checkpoint", "last"]  # fmt: skip
+    arguments = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--output_dir",
+        str(out),
+        "--resume_from_checkpoint",
+        "last",
+    ]
     message = _recipe_error("sft", "sft.yaml", arguments)
     assert "the stage already finished (metrics.json exists)" in message and "--overwrite true" in message
 
@@ -301,9 +639,12 @@ def test_resume_refuses_a_finished_stage_and_skips_incomplete_checkpoints(tmp_pa
     [
         (_sft_yaml(learning_rate="abc"), [], "c.yaml: learning_rate: invalid float value: 'abc'"),
         (None, ["--dataset_name", "{in}/d.jsonl"], "d.jsonl: line 1: invalid JSON"),
-        (_sft_yaml(num_train_epochs=0), [],  # sft.yaml sets max_steps: Hugging Face would never read the epochs
-         "c.yaml: num_train_epochs must be > 0, got 0; set e.g. 3, or leave it out when max_steps sets the run's "
-         "length"),
+        (
+            _sft_yaml(num_train_epochs=0),
+            [],  # sft.yaml sets max_steps: Hugging Face would never read the epochs
+            "c.yaml: num_train_epochs must be > 0, got 0; set e.g. 3, or leave it out when max_steps sets the run's "
+            "length",
+        ),
     ],
     ids=["config", "data", "range"],
 )
@@ -311,11 +652,24 @@ def test_cli_exits_2_with_one_error_line_and_no_usage_dump(tmp_path, tiny_model_
     files = {"c.yaml": config_text or _sft_yaml(), "d.jsonl": "{oops\n"}
     arguments = _materialise(tmp_path, files, extra, tiny_model_dir)
     result = subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(tmp_path / "in" / "c.yaml"),
-         "--model_name_or_path", str(tiny_model_dir), "--init_tiny", "false", "--output_dir", str(tmp_path / "out"),
-         *arguments],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "recipes" / "sft.py"),
+            "--config",
+            str(tmp_path / "in" / "c.yaml"),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--init_tiny",
+            "false",
+            "--output_dir",
+            str(tmp_path / "out"),
+            *arguments,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
@@ -387,7 +741,8 @@ def assert_same_steps(tmp_path: Path, key: str, varying: set[str]) -> None:
     steps, reference_steps = ([entry for entry in log if key in entry] for log in (history, reference))
     for mine, theirs in zip(steps, reference_steps, strict=True):
         assert {k: v for k, v in mine.items() if k not in varying} == {
-            k: v for k, v in theirs.items() if k not in varying}  # fmt: skip
+            k: v for k, v in theirs.items() if k not in varying
+        }
 
 
 def assert_no_pickles_or_bins(output: Path) -> None:
@@ -398,30 +753,62 @@ def assert_no_pickles_or_bins(output: Path) -> None:
     assert not list(output.rglob("training_args.bin"))
 
 
-SFT_RUN = ["--init_tiny", "false", "--max_steps", "30", "--logging_steps", "1", "--eval_steps", "10",
-           "--save_steps", "3", "--max_samples", "160", "--seed", "42"]  # fmt: skip
+SFT_RUN = [
+    "--init_tiny",
+    "false",
+    "--max_steps",
+    "30",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "10",
+    "--save_steps",
+    "3",
+    "--max_samples",
+    "160",
+    "--seed",
+    "42",
+]
 
 
 @pytest.fixture(scope="module")
 def sft_uninterrupted(tiny_model_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("sft-full") / "out"
     with one_thread():
-        metrics = run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), *SFT_RUN,
-                             "--output_dir", str(output))  # fmt: skip
+        metrics = run_recipe(
+            "sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), *SFT_RUN, "--output_dir", str(output)
+        )
     return output, metrics
 
 
-def signalled_sft(tmp_path: Path, tiny_model_dir: Path, signals: list[signal.Signals], *extra: str,
-                  gap: float = 0.02) -> tuple[Path, int, str, float]:
+def signalled_sft(
+    tmp_path: Path, tiny_model_dir: Path, signals: list[signal.Signals], *extra: str, gap: float = 0.02
+) -> tuple[Path, int, str, float]:
     """`python recipes/sft.py` (SFT_RUN + `extra`) in a child process, sent `signals` `gap` seconds apart as soon
     as checkpoint-3 is complete, i.e. as step 4 begins: (output_dir, exit code, stderr, seconds from the last
     signal to the exit)."""
     output = tmp_path / "out"
-    command = [sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(TINY_CONFIGS / "sft.yaml"),
-               "--model_name_or_path", str(tiny_model_dir), *SFT_RUN, "--output_dir", str(output),
-               "--disable_tqdm", "true", *extra]  # fmt: skip
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / "sft.py"),
+        "--config",
+        str(TINY_CONFIGS / "sft.yaml"),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        *SFT_RUN,
+        "--output_dir",
+        str(output),
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 240
     while not (output / "checkpoint-3" / "trainer_state.json").is_file() and child.poll() is None:
         assert time.time() < deadline, "no checkpoint-3"
@@ -434,8 +821,9 @@ def signalled_sft(tmp_path: Path, tiny_model_dir: Path, signals: list[signal.Sig
     return output, child.returncode, stderr, time.monotonic() - sent
 
 
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_sft_killed_by_a_signal_resumes_and_matches_the_uninterrupted_run(
     tmp_path, tiny_model_dir, sft_uninterrupted, signum, exit_code
 ):
@@ -455,8 +843,17 @@ def test_sft_killed_by_a_signal_resumes_and_matches_the_uninterrupted_run(
     )
 
     with one_thread():
-        metrics = run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), *SFT_RUN,
-                             "--output_dir", str(output), "--resume_from_checkpoint", "last")  # fmt: skip
+        metrics = run_recipe(
+            "sft",
+            "sft.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            *SFT_RUN,
+            "--output_dir",
+            str(output),
+            "--resume_from_checkpoint",
+            "last",
+        )
     history = json.loads((output / "log_history.json").read_text())
     assert metrics["global_step"] == 30
     assert steps_logged(history, "loss") == list(range(1, 31))  # every step once: none repeated or skipped
@@ -477,13 +874,16 @@ def test_sft_ctrl_c_twice_stops_at_once_without_finishing_the_step(tmp_path, tin
     """The first Ctrl-C asks for a checkpoint at the end of the step; the second, 20 ms later, stops in the middle
     of that step. One batch of all 144 training rows makes a step last ~0.8 s (measured: a single SIGINT at the
     same moment stopped after step 4 at 0.9 s, its checkpoint saved), so the second signal lands inside step 4."""
-    output, returncode, stderr, seconds = signalled_sft(tmp_path, tiny_model_dir, [signal.SIGINT, signal.SIGINT],
-                                                        "--per_device_train_batch_size", "144")  # fmt: skip
+    output, returncode, stderr, seconds = signalled_sft(
+        tmp_path, tiny_model_dir, [signal.SIGINT, signal.SIGINT], "--per_device_train_batch_size", "144"
+    )
 
     assert returncode == 130, stderr[-2000:]
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped:")]
-    assert stopped == [f"stopped: interrupted by SIGINT twice: stopped at once, the step in progress is lost; "
-                       f"continue from {output / 'checkpoint-3'} with --resume_from_checkpoint last"], stderr[-2000:]
+    assert stopped == [
+        f"stopped: interrupted by SIGINT twice: stopped at once, the step in progress is lost; "
+        f"continue from {output / 'checkpoint-3'} with --resume_from_checkpoint last"
+    ], stderr[-2000:]
     assert "Traceback" not in stderr
     # Step 4 was neither finished (never logged) nor saved, and the stage does not look finished.
     assert last_complete_checkpoint(output) == output / "checkpoint-3" and not (output / "checkpoint-4").exists()
@@ -492,8 +892,9 @@ def test_sft_ctrl_c_twice_stops_at_once_without_finishing_the_step(tmp_path, tin
     assert seconds < 60  # measured 2-3 s, nearly all of it the interpreter's exit
 
 
-def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, tiny_model_dir, sft_uninterrupted,
-                                                                       capfd):  # fmt: skip
+def test_same_seed_same_split_and_first_loss_and_tokens_never_written(
+    tmp_path, tiny_model_dir, sft_uninterrupted, capfd
+):
 
     from kochat_trl.training_data import sft_dataset
 
@@ -506,8 +907,21 @@ def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, 
     with one_thread():
         for seed in (42, 7):
             output = tmp_path / f"seed{seed}"
-            run_recipe("sft", "sft.yaml", "--model_name_or_path", str(tiny_model_dir), *SFT_RUN, "--seed", str(seed),
-                       "--max_steps", "2", "--output_dir", str(output), "--hub_token", secret)  # fmt: skip
+            run_recipe(
+                "sft",
+                "sft.yaml",
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                *SFT_RUN,
+                "--seed",
+                str(seed),
+                "--max_steps",
+                "2",
+                "--output_dir",
+                str(output),
+                "--hub_token",
+                secret,
+            )
             runs[seed] = json.loads((output / "log_history.json").read_text())
     full = json.loads((sft_uninterrupted[0] / "log_history.json").read_text())
 
@@ -527,14 +941,34 @@ def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, 
     assert secret not in captured.out + captured.err
 
 
-RM_RUN = ["--max_steps", "12", "--logging_steps", "1", "--eval_steps", "6", "--save_steps", "2",
-          "--max_samples", "400", "--seed", "42"]  # fmt: skip
+RM_RUN = [
+    "--max_steps",
+    "12",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "6",
+    "--save_steps",
+    "2",
+    "--max_samples",
+    "400",
+    "--seed",
+    "42",
+]
 
 
 def test_reward_model_interrupted_in_process_resumes_exactly(tmp_path, tiny_model_dir):
     def run(output: Path, *extra: str) -> dict:
-        return run_recipe("reward", "reward.yaml", "--model_name_or_path", str(tiny_model_dir), *RM_RUN,
-                          "--output_dir", str(output), *extra)  # fmt: skip
+        return run_recipe(
+            "reward",
+            "reward.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            *RM_RUN,
+            "--output_dir",
+            str(output),
+            *extra,
+        )
 
     full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=12)
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
@@ -547,8 +981,24 @@ def test_reward_model_interrupted_in_process_resumes_exactly(tmp_path, tiny_mode
     assert_no_pickles_or_bins(tmp_path / "out")
 
 
-PPO_RUN = ["--total_episodes", "96", "--max_samples", "50", "--eval_prompts", "4", "--response_length", "16",
-           "--kl_target", "3", "--save_strategy", "steps", "--save_steps", "2", "--seed", "42"]  # fmt: skip
+PPO_RUN = [
+    "--total_episodes",
+    "96",
+    "--max_samples",
+    "50",
+    "--eval_prompts",
+    "4",
+    "--response_length",
+    "16",
+    "--kl_target",
+    "3",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--seed",
+    "42",
+]
 PPO_VARYING = {"eps"}  # episodes per second: wall-clock
 
 
@@ -559,9 +1009,18 @@ def test_ppo_interrupted_resumes_with_no_update_repeated_or_skipped(tmp_path, ti
     continuing exactly, not about what the models learned, and it spares the test an SFT and RM run."""
 
     def run(output: Path, *extra: str) -> dict:
-        return run_recipe("ppo", "ppo.yaml", "--model_name_or_path", str(tiny_model_dir),
-                          "--reward_model_path", str(tiny_model_dir), *PPO_RUN, "--output_dir", str(output),
-                          *extra)  # fmt: skip
+        return run_recipe(
+            "ppo",
+            "ppo.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--reward_model_path",
+            str(tiny_model_dir),
+            *PPO_RUN,
+            "--output_dir",
+            str(output),
+            *extra,
+        )
 
     full, stop_step, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
     checkpoint = tmp_path / "out" / f"checkpoint-{stop_step}"  # the one the stopped run saved (still there)
@@ -585,9 +1044,26 @@ def test_ppo_interrupted_resumes_with_no_update_repeated_or_skipped(tmp_path, ti
     assert_no_pickles_or_bins(tmp_path / "out")
 
 
-RLOO_RUN = ["--max_steps", "6", "--max_samples", "50", "--eval_prompts", "4", "--eval_samples_per_prompt", "1",
-            "--max_completion_length", "16", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
-            "--seed", "42"]  # fmt: skip
+RLOO_RUN = [
+    "--max_steps",
+    "6",
+    "--max_samples",
+    "50",
+    "--eval_prompts",
+    "4",
+    "--eval_samples_per_prompt",
+    "1",
+    "--max_completion_length",
+    "16",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--seed",
+    "42",
+]
 RLOO_VARYING = {"step_time"}  # wall-clock; the final summary entry (runtime, mean loss of this process) is skipped
 
 
@@ -597,9 +1073,18 @@ def test_critic_free_interrupted_resumes_exactly(tmp_path, tiny_model_dir, train
     the same stop-and-continue as SFT. Policy and reward start from the tiny base, as in the PPO test."""
 
     def run(output: Path, *extra: str) -> dict:
-        return run_recipe("rl", f"{trainer}.yaml", "--model_name_or_path", str(tiny_model_dir),
-                          "--reward_model_path", str(tiny_model_dir), *RLOO_RUN, "--output_dir", str(output),
-                          *extra)  # fmt: skip
+        return run_recipe(
+            "rl",
+            f"{trainer}.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--reward_model_path",
+            str(tiny_model_dir),
+            *RLOO_RUN,
+            "--output_dir",
+            str(output),
+            *extra,
+        )
 
     full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
 
@@ -647,14 +1132,29 @@ def test_trust_remote_code_set_in_a_config_reaches_the_loaders():
 
     for recipe, config in (("sft", "sft.yaml"), ("reward", "reward.yaml")):
         module = load_recipe(recipe)
-        _, training_args, model_args = parse_recipe_args(module.make_parser(), [
-            "--config", str(TINY_CONFIGS / config), "--trust_remote_code", "true"])  # fmt: skip
+        _, training_args, model_args = parse_recipe_args(
+            module.make_parser(), ["--config", str(TINY_CONFIGS / config), "--trust_remote_code", "true"]
+        )
         assert training_args.trust_remote_code is True
         assert model_init_kwargs(model_args)["trust_remote_code"] is True
 
 
-DPO_RUN = ["--max_steps", "6", "--logging_steps", "1", "--save_steps", "2", "--save_total_limit", "5",
-           "--max_samples", "96", "--eval_prompts", "4", "--eval_samples_per_prompt", "1"]  # fmt: skip
+DPO_RUN = [
+    "--max_steps",
+    "6",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--save_total_limit",
+    "5",
+    "--max_samples",
+    "96",
+    "--eval_prompts",
+    "4",
+    "--eval_samples_per_prompt",
+    "1",
+]
 
 
 def test_dpo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
@@ -662,9 +1162,18 @@ def test_dpo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
     the uninterrupted run's losses and implicit rewards and ends with its held-out numbers."""
 
     def run(output: Path, *extra: str) -> dict:
-        return run_recipe("dpo", "dpo.yaml", "--model_name_or_path", str(tiny_model_dir),
-                          "--reward_model_path", str(tiny_model_dir), *DPO_RUN, "--output_dir", str(output),
-                          *extra)  # fmt: skip
+        return run_recipe(
+            "dpo",
+            "dpo.yaml",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--reward_model_path",
+            str(tiny_model_dir),
+            *DPO_RUN,
+            "--output_dir",
+            str(output),
+            *extra,
+        )
 
     full, _, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
     assert resumed["global_step"] == 6
@@ -689,6 +1198,8 @@ def test_cli_stopped_at_once_by_a_second_ctrl_c_is_one_line_and_exit_130(monkeyp
     monkeypatch.setattr(tiny, "run", stopped_at_once)
     assert cli.main(["init-tiny", str(tmp_path / "tiny")]) == 130
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == ["kochat-trl: stopped: interrupted by SIGINT twice: stopped at once, the step "
-                                         "in progress is lost; no checkpoint was saved; rerun to train the stage "
-                                         "from the start"]  # fmt: skip
+    assert captured.err.splitlines() == [
+        "kochat-trl: stopped: interrupted by SIGINT twice: stopped at once, the step "
+        "in progress is lost; no checkpoint was saved; rerun to train the stage "
+        "from the start"
+    ]

@@ -27,8 +27,16 @@ def critic_free_run(request, tiny_stages):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        metrics = run_recipe("rl", f"{trainer}.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
-                             "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(output))  # fmt: skip
+        metrics = run_recipe(
+            "rl",
+            f"{trainer}.yaml",
+            "--model_name_or_path",
+            str(tiny_stages["sft"]),
+            "--reward_model_path",
+            str(tiny_stages["rm"]),
+            "--output_dir",
+            str(output),
+        )
     finally:
         torch.set_num_threads(threads)
     return trainer, output, metrics
@@ -126,20 +134,33 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
     class RecordingReward(rl.RewardModelReward):
         def __call__(self, prompts, completion_ids, **kwargs):
             scores = super().__call__(prompts, completion_ids, **kwargs)
-            calls.append({"prompts": list(prompts), "completion_ids": completion_ids, "scores": scores,
-                          "keys": set(kwargs)})  # fmt: skip
+            calls.append(
+                {"prompts": list(prompts), "completion_ids": completion_ids, "scores": scores, "keys": set(kwargs)}
+            )
             return scores
 
     model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
     data = prompt_dataset("bundled:ppo", tokenizer, 0.0, 0, max_samples=8)
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_steps=1,
-                      max_completion_length=16, beta=0.05, report_to="none", logging_steps=1, save_strategy="no",
-                      use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_steps=1,
+        max_completion_length=16,
+        beta=0.05,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     policy = modeling.load_causal_lm(model_args, tokenizer)
     reward = RecordingReward(reward_model, tokenizer, PENALTY)
     prompts = data["train"].select_columns(["prompt"])
-    trainer = rl.build_critic_free_trainer("grpo", args, tokenizer, policy, reward, prompts,
-                                           modeling.build_peft_config(model_args, policy, "CAUSAL_LM"))  # fmt: skip
+    trainer = rl.build_critic_free_trainer(
+        "grpo", args, tokenizer, policy, reward, prompts, modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
+    )
     assert type(trainer).__name__ == "GRPOTrainer"
     trainer.train()
 
@@ -151,8 +172,9 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
     eos = tokenizer.eos_token_id
     for ids in call["completion_ids"]:
         assert ids and (ids.index(eos) == len(ids) - 1 if eos in ids else len(ids) == 16)
-    prompt_ids = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"]
-                  for prompt in call["prompts"]]  # fmt: skip
+    prompt_ids = [
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"] for prompt in call["prompts"]
+    ]
     assert call["scores"] == score_responses(reward_model, tokenizer, prompt_ids, call["completion_ids"], PENALTY)
     logged = trainer.state.log_history[0]["rewards/reward_model/mean"]
     assert logged == pytest.approx(sum(call["scores"]) / 8, abs=1e-5)

@@ -18,8 +18,16 @@ import torch
 from conftest import plain_reward, run_recipe
 
 PPO_RUN = ["--total_episodes", "64", "--eval_prompts", "8", "--eval_samples_per_prompt", "1", "--seed", "42"]
-LOGGED = ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "loss/policy_avg",
-          "loss/value_avg", "policy/approxkl_avg", "val/clipfrac_avg")  # fmt: skip
+LOGGED = (
+    "objective/scores",
+    "objective/kl",
+    "objective/entropy",
+    "objective/rlhf_reward",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/approxkl_avg",
+    "val/clipfrac_avg",
+)
 PROMPT = "태권도에 대해 알려 주세요."
 
 
@@ -28,8 +36,9 @@ def lora_stages(tiny_stages, tmp_path_factory) -> dict:
     """The session's SFT model and stage 2 trained on it as a LoRA adapter (recipes/configs/tiny/reward_lora.yaml)."""
     root = tmp_path_factory.mktemp("shared")
     rm = root / "rm"
-    metrics = run_recipe("reward", "reward_lora.yaml", "--model_name_or_path", str(tiny_stages["sft"]),
-                         "--output_dir", str(rm))  # fmt: skip
+    metrics = run_recipe(
+        "reward", "reward_lora.yaml", "--model_name_or_path", str(tiny_stages["sft"]), "--output_dir", str(rm)
+    )
     return {"root": root, "sft": tiny_stages["sft"], "rm": rm, "rm_metrics": metrics}
 
 
@@ -40,9 +49,18 @@ def ppo(stages: dict, name: str, *extra: str, watch=None, monkeypatch=None) -> t
         original = rl.train_ppo
         monkeypatch.setattr(rl, "train_ppo", lambda trainer, **kwargs: watch(trainer, original, **kwargs))
     output = stages["root"] / name
-    metrics = run_recipe("ppo", "ppo_shared.yaml", "--model_name_or_path", str(stages["sft"]),
-                         "--reward_model_path", str(stages["rm"]), "--output_dir", str(output), *PPO_RUN,
-                         *extra)  # fmt: skip
+    metrics = run_recipe(
+        "ppo",
+        "ppo_shared.yaml",
+        "--model_name_or_path",
+        str(stages["sft"]),
+        "--reward_model_path",
+        str(stages["rm"]),
+        "--output_dir",
+        str(output),
+        *PPO_RUN,
+        *extra,
+    )
     return output, metrics
 
 
@@ -80,7 +98,7 @@ def greedy_answer(model, tokenizer) -> str:
     with torch.no_grad():
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
     model.train(was_training)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def score(model, tokenizer, answer: str = "태권도는 한국에서 시작된 전통 무술입니다.") -> float:
@@ -171,20 +189,31 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
 
-    model_args = ModelConfig(model_name_or_path=str(lora_stages["sft"]), use_peft=True, lora_r=16, lora_alpha=32,
-                             lora_dropout=0.0, lora_modules_to_save=["lm_head"])  # fmt: skip
+    model_args = ModelConfig(
+        model_name_or_path=str(lora_stages["sft"]),
+        use_peft=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        lora_modules_to_save=["lm_head"],
+    )
     tokenizer = load_tokenizer(model_args, padding_side="left", announce=False)
-    training_args = SimpleNamespace(gradient_checkpointing=False, reward_model_path=str(lora_stages["rm"]), seed=0,
-                                    bf16=False)  # fmt: skip
+    training_args = SimpleNamespace(
+        gradient_checkpointing=False, reward_model_path=str(lora_stages["rm"]), seed=0, bf16=False
+    )
     models = load_ppo_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
     # As from_pretrained leaves a separate model: scoring switches only the head to eval, so a base left in train
     # mode would score with dropout (GPT-2's 0.1: held-out rewards 0.024 apart in the kogpt2-random benchmark).
     assert models.policy.training is False
-    answers = ["태권도는 한국에서 시작된 전통 무술입니다. 올림픽 정식 종목입니다.", "Taekwondo is a martial art.",
-               "파리는 프랑스의 수도입니다."]  # fmt: skip
+    answers = [
+        "태권도는 한국에서 시작된 전통 무술입니다. 올림픽 정식 종목입니다.",
+        "Taekwondo is a martial art.",
+        "파리는 프랑스의 수도입니다.",
+    ]
     for answer in answers:
         assert score(models.reward, tokenizer, answer) == pytest.approx(
-            plain_reward(merged, merged_tokenizer, PROMPT, answer), abs=1e-5)  # fmt: skip
+            plain_reward(merged, merged_tokenizer, PROMPT, answer), abs=1e-5
+        )
     # The value model starts as the reward model; the reference is the SFT model itself.
     assert score(models.value, tokenizer) == pytest.approx(score(models.reward, tokenizer), abs=1e-6)
     with models.shared.reference():
@@ -201,10 +230,24 @@ def test_shared_base_resumes_exactly(lora_stages, tmp_path):
     from test_reliability import interrupted_then_resumed
 
     def run(output: Path, *extra: str) -> dict:
-        return run_recipe("ppo", "ppo_shared.yaml", "--model_name_or_path", str(lora_stages["sft"]),
-                          "--reward_model_path", str(lora_stages["rm"]), "--output_dir", str(output), *PPO_RUN,
-                          "--total_episodes", "96", "--save_strategy", "steps", "--save_steps", "2",
-                          *extra)  # fmt: skip
+        return run_recipe(
+            "ppo",
+            "ppo_shared.yaml",
+            "--model_name_or_path",
+            str(lora_stages["sft"]),
+            "--reward_model_path",
+            str(lora_stages["rm"]),
+            "--output_dir",
+            str(output),
+            *PPO_RUN,
+            "--total_episodes",
+            "96",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            *extra,
+        )
 
     full, stop_step, resumed = interrupted_then_resumed(run, tmp_path, max_step=6)
     assert (tmp_path / "out" / f"checkpoint-{stop_step}" / "value" / "adapter_model.safetensors").is_file()
@@ -219,11 +262,31 @@ def test_shared_base_trains_with_two_processes(lora_stages, tmp_path):
     from test_multiprocess import CPU_CONFIG, PPO_RECORDER, accelerate_launch, run
 
     (tmp_path / "ppo_recorder.py").write_text(PPO_RECORDER, encoding="utf-8")
-    result = run([*accelerate_launch(), "--config_file", str(CPU_CONFIG), str(tmp_path / "ppo_recorder.py"),
-                  "recipes/ppo.py", str(tmp_path / "ranks"), "--config", "recipes/configs/tiny/ppo_shared.yaml",
-                  "--use_cpu", "true", "--model_name_or_path", str(lora_stages["sft"]),
-                  "--reward_model_path", str(lora_stages["rm"]), "--output_dir", str(tmp_path / "ppo"), *PPO_RUN,
-                  "--per_device_train_batch_size", "8", "--local_rollout_forward_batch_size", "8"])  # fmt: skip
+    result = run(
+        [
+            *accelerate_launch(),
+            "--config_file",
+            str(CPU_CONFIG),
+            str(tmp_path / "ppo_recorder.py"),
+            "recipes/ppo.py",
+            str(tmp_path / "ranks"),
+            "--config",
+            "recipes/configs/tiny/ppo_shared.yaml",
+            "--use_cpu",
+            "true",
+            "--model_name_or_path",
+            str(lora_stages["sft"]),
+            "--reward_model_path",
+            str(lora_stages["rm"]),
+            "--output_dir",
+            str(tmp_path / "ppo"),
+            *PPO_RUN,
+            "--per_device_train_batch_size",
+            "8",
+            "--local_rollout_forward_batch_size",
+            "8",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted((tmp_path / "ranks").glob("rank*.json"))]
     assert [rank["group"] for rank in ranks] == [["gloo", 2, 0], ["gloo", 2, 1]]
@@ -233,19 +296,32 @@ def test_shared_base_trains_with_two_processes(lora_stages, tmp_path):
     assert ranks[0]["metrics"]["params"]["shared_base"] is True
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (["--use_peft", "false"], "set use_peft: true"),
-    (["--reward_model_path", "SFT"], "needs the reward model as a LoRA adapter folder"),
-    (["--model_name_or_path", "OTHER"], "the reward adapter was trained on"),
-    (["--value_model_path", "RM"], "drop value_model_path"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--use_peft", "false"], "set use_peft: true"),
+        (["--reward_model_path", "SFT"], "needs the reward model as a LoRA adapter folder"),
+        (["--model_name_or_path", "OTHER"], "the reward adapter was trained on"),
+        (["--value_model_path", "RM"], "drop value_model_path"),
+    ],
+)
 def test_impossible_shared_base_settings_are_one_line_errors(lora_stages, tmp_path, change, message):
     other = tmp_path / "other"
     shutil.copytree(lora_stages["sft"], other, ignore=shutil.ignore_patterns("checkpoint-*"))
     paths = {"SFT": str(lora_stages["sft"]), "OTHER": str(other), "RM": str(lora_stages["rm"])}
-    command = [sys.executable, "recipes/ppo.py", "--config", "recipes/configs/tiny/ppo_shared.yaml",
-               "--model_name_or_path", str(lora_stages["sft"]), "--reward_model_path", str(lora_stages["rm"]),
-               "--output_dir", str(tmp_path / "out"), *[paths.get(arg, arg) for arg in change]]  # fmt: skip
+    command = [
+        sys.executable,
+        "recipes/ppo.py",
+        "--config",
+        "recipes/configs/tiny/ppo_shared.yaml",
+        "--model_name_or_path",
+        str(lora_stages["sft"]),
+        "--reward_model_path",
+        str(lora_stages["rm"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *[paths.get(arg, arg) for arg in change],
+    ]
     from test_multiprocess import run
 
     result = run(command)
@@ -264,8 +340,20 @@ def test_shared_base_under_deepspeed_is_refused(monkeypatch):
         _verify_engine()
 
 
-CRITIC_FREE_RUN = ["--max_steps", "6", "--logging_steps", "1", "--eval_prompts", "8", "--eval_samples_per_prompt", "1",
-                   "--max_completion_length", "24", "--seed", "42"]  # fmt: skip
+CRITIC_FREE_RUN = [
+    "--max_steps",
+    "6",
+    "--logging_steps",
+    "1",
+    "--eval_prompts",
+    "8",
+    "--eval_samples_per_prompt",
+    "1",
+    "--max_completion_length",
+    "24",
+    "--seed",
+    "42",
+]
 CRITIC_FREE_LOGGED = ("loss", "grad_norm", "kl", "reward", "reward_std", "entropy", "completions/mean_length")
 
 
@@ -276,9 +364,19 @@ def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_
 
     def run(shared: str) -> tuple[list[dict], dict]:
         output = lora_stages["root"] / f"{trainer}-shared-{shared}"
-        metrics = run_recipe("rl", f"{trainer}.yaml", "--model_name_or_path", str(lora_stages["sft"]),
-                             "--reward_model_path", str(lora_stages["rm"]), "--output_dir", str(output),
-                             "--shared_base", shared, *CRITIC_FREE_RUN)  # fmt: skip
+        metrics = run_recipe(
+            "rl",
+            f"{trainer}.yaml",
+            "--model_name_or_path",
+            str(lora_stages["sft"]),
+            "--reward_model_path",
+            str(lora_stages["rm"]),
+            "--output_dir",
+            str(output),
+            "--shared_base",
+            shared,
+            *CRITIC_FREE_RUN,
+        )
         return [entry for entry in history(output) if "reward" in entry], metrics
 
     (separate, separate_metrics), (shared, shared_metrics) = run("false"), run("true")
@@ -290,16 +388,30 @@ def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_
     assert shared_metrics["params"]["shared_base"] is True
     assert shared_metrics["params"]["reward"] == 69632 + 128  # adapter + head (the separate model: 590,592)
     assert separate_metrics["params"]["reward"] == 590592
-    assert sorted(path.name for path in (lora_stages["root"] / f"{trainer}-shared-true").iterdir()
-                  if path.is_dir()) == []  # the policy adapter alone: no reward/ or ref/ subfolders  # fmt: skip
+    assert (
+        sorted(path.name for path in (lora_stages["root"] / f"{trainer}-shared-true").iterdir() if path.is_dir()) == []
+    )  # the policy adapter alone: no reward/ or ref/ subfolders
 
 
 def test_critic_free_shared_base_with_a_full_reward_model_is_a_one_line_error(lora_stages, tiny_stages, tmp_path):
     from test_multiprocess import run
 
-    result = run([sys.executable, "recipes/rl.py", "--config", "recipes/configs/tiny/grpo.yaml",
-                  "--shared_base", "true", "--model_name_or_path", str(lora_stages["sft"]),
-                  "--reward_model_path", str(tiny_stages["rm"]), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    result = run(
+        [
+            sys.executable,
+            "recipes/rl.py",
+            "--config",
+            "recipes/configs/tiny/grpo.yaml",
+            "--shared_base",
+            "true",
+            "--model_name_or_path",
+            str(lora_stages["sft"]),
+            "--reward_model_path",
+            str(tiny_stages["rm"]),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "needs the reward model as a LoRA adapter folder" in lines[0] and not (tmp_path / "out").exists()
@@ -310,8 +422,16 @@ def test_shared_base_trains_on_a_4bit_base_with_gradient_checkpointing(lora_stag
     model learning (its loss falls from the first update), the adapters saved."""
     import math
 
-    output, metrics = ppo(lora_stages, "shared-4bit", "--load_in_4bit", "true", "--gradient_checkpointing", "true",
-                          "--total_episodes", "96")  # fmt: skip
+    output, metrics = ppo(
+        lora_stages,
+        "shared-4bit",
+        "--load_in_4bit",
+        "true",
+        "--gradient_checkpointing",
+        "true",
+        "--total_episodes",
+        "96",
+    )
     logged = history(output)
     assert len(logged) == 6 and all(math.isfinite(entry["loss/value_avg"]) for entry in logged)
     assert logged[-1]["loss/value_avg"] < logged[0]["loss/value_avg"]

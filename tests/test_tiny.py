@@ -64,8 +64,11 @@ def test_tokenizer_spells_unseen_characters_in_bytes_and_never_splits_a_syllable
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     vocab = tokenizer.get_vocab()
     assert [vocab[f"<0x{value:02X}>"] for value in (0, 255)] == [4, 259]  # after pad, bos, eos, unk
-    texts = [json.dumps(record, ensure_ascii=False) for stage in ("sft", "rm", "ppo")
-             for record in json.loads(bundled_data_path(stage).read_text(encoding="utf-8"))]  # fmt: skip
+    texts = [
+        json.dumps(record, ensure_ascii=False)
+        for stage in ("sft", "rm", "ppo")
+        for record in json.loads(bundled_data_path(stage).read_text(encoding="utf-8"))
+    ]
     syllables = {char for text in texts for char in text if "가" <= char <= "힣"}
     assert len(syllables) > 500 and all(char in vocab or "▁" + char in vocab for char in syllables)
     for text in ("😀 é 漢字 ☃", "줄 바꿈\n 공백\n\n끝", "새로운 글자: 똠방각하"):
@@ -73,7 +76,10 @@ def test_tokenizer_spells_unseen_characters_in_bytes_and_never_splits_a_syllable
         assert tokenizer.decode(ids) == text
         assert tokenizer.decode(ids, skip_special_tokens=True) == text  # byte tokens are not special tokens
     assert tokenizer.convert_ids_to_tokens(tokenizer("☃", add_special_tokens=False)["input_ids"]) == [
-        "<0xE2>", "<0x98>", "<0x83>"]  # fmt: skip
+        "<0xE2>",
+        "<0x98>",
+        "<0x83>",
+    ]
     # Every token decodes to whole characters, except the 256 byte tokens, and only 128 of those can break one.
     broken = [token for token, index in vocab.items() if "\ufffd" in tokenizer.decode([index])]
     assert len(broken) == 128 and all(token.startswith("<0x") for token in broken)

@@ -59,8 +59,11 @@ def test_a_finished_run_lists_its_models_curves_and_times(run, pipeline_run):
     assert ppo.generate_arguments() == ["--model", str(folder / "sft"), "--adapter", str(folder / "ppo")]
     assert run.model("sft").generate_arguments() == ["--model", str(folder / "sft")]
     assert run.reward_model == folder / "rm"
-    assert [caption for _, caption in run.curves()] == ["sft training curves", "rm training curves",
-                                                        "ppo training curves"]  # fmt: skip
+    assert [caption for _, caption in run.curves()] == [
+        "sft training curves",
+        "rm training curves",
+        "ppo training curves",
+    ]
     assert list(run.wall_times()) == ["sft", "rm", "ppo", "merge", "decoding"]
     with pytest.raises(KochatError, match=r"no model 'dpo'; this run has base, sft, ppo"):
         run.model("dpo")
@@ -72,8 +75,10 @@ def test_the_run_tab_shows_the_report_numbers_judge_table_and_wall_times(run):
     assert f"| RM | held-out pairwise accuracy | {report['rm']['accuracy']:.3f} |" in text
     assert f"| PPO | KL to the SFT policy | {report['ppo']['kl']:.3f} |" in text
     judge = report["judge"]["ppo"]
-    assert (f"| PPO | {report['ppo']['reward_after']:.3f} | {judge['broken_rate']:.3f} | {judge['hangul_share']:.3f} | "
-            f"{judge['polite_rate']:.3f} | {judge['on_topic_rate']:.3f} | {judge['repeat_rate']:.3f} |") in text
+    assert (
+        f"| PPO | {report['ppo']['reward_after']:.3f} | {judge['broken_rate']:.3f} | {judge['hangul_share']:.3f} | "
+        f"{judge['polite_rate']:.3f} | {judge['on_topic_rate']:.3f} | {judge['repeat_rate']:.3f} |"
+    ) in text
     assert text.startswith("Models: **base, sft, ppo**.\n\n### Numbers (report.json)") and "not finished" not in text
     assert f"| sft | {report['wall_time_s']['sft']:.1f} |" in views.wall_time_markdown(run)
     assert views.curves_html(run).count("<figure") == 3
@@ -89,8 +94,10 @@ def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
     assert list(rm.rows[0]) == ["prompt", "chosen", "rejected"] and len(rm.rows) == 3
     assert (datasets["sft"].kept, datasets["ppo"].kept) == (340, 300)
     text = views.datasets_markdown(list(datasets.values()))
-    assert "layout rm: read 600 records, 1800 candidate pairs; kept 1443; dropped 357 (empty 0, duplicate 0, tie 357)" \
-        in text  # fmt: skip
+    assert (
+        "layout rm: read 600 records, 1800 candidate pairs; kept 1443; dropped 357 (empty 0, duplicate 0, tie 357)"
+        in text
+    )
     assert text.count("\n| 3 | ") == 3  # three rows per stage
 
 
@@ -105,8 +112,10 @@ def test_not_a_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     assert main(["ui", "--run", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert error == (f"kochat-trl: error: {tmp_path}: not a kochat-trl run folder (no pipeline_state.json, "
-                     f"report.json, base/ or sft/); make one with `kochat-trl pipeline --output_dir {tmp_path}`\n")
+    assert error == (
+        f"kochat-trl: error: {tmp_path}: not a kochat-trl run folder (no pipeline_state.json, "
+        f"report.json, base/ or sft/); make one with `kochat-trl pipeline --output_dir {tmp_path}`\n"
+    )
     assert main(["ui", "--run", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -132,9 +141,11 @@ def half_run(pipeline_run, tmp_path) -> Path:
 def test_a_half_finished_run_says_what_is_missing_and_still_answers(half_run):
     run = open_run(half_run)
     assert run.model_names() == ["base", "sft"]
-    assert run.problems == ["rm/: not finished (no metrics.json): answers get no reward-model score",
-                            "ppo/: not finished (no metrics.json)",
-                            "report.json: not written yet (the pipeline has not finished)"]  # fmt: skip
+    assert run.problems == [
+        "rm/: not finished (no metrics.json): answers get no reward-model score",
+        "ppo/: not finished (no metrics.json)",
+        "report.json: not written yet (the pipeline has not finished)",
+    ]
     text = views.report_markdown(run)
     assert "**This run is not finished**" in text and f"`kochat-trl pipeline --output_dir {half_run}`" in text
     assert "held-out pairwise accuracy" not in text
@@ -156,8 +167,12 @@ def test_a_moved_run_applies_its_adapters_to_its_own_sft(pipeline_run, tmp_path)
     run = open_run(folder)
     assert run.model_names() == ["sft", "ppo", "dpo"]
     assert (run.model("ppo").model_path, run.model("ppo").adapter) == (folder / "sft", folder / "ppo")
-    assert run.model("dpo").generate_arguments() == ["--model", "EleutherAI/polyglot-ko-1.3b", "--adapter",
-                                                     str(folder / "dpo")]  # fmt: skip
+    assert run.model("dpo").generate_arguments() == [
+        "--model",
+        "EleutherAI/polyglot-ko-1.3b",
+        "--adapter",
+        str(folder / "dpo"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +206,10 @@ def test_chat_is_multi_turn_formatted_by_the_chat_template(cache):
     generator = cache.generator("sft")
     turns, given = chat_reply(cache, "sft", [], PROMPT)
     assert given == generator.format(PROMPT) == f"### Instruction(명령어):\n{PROMPT}\n\n### Response(응답):"
-    assert turns == [{"role": "user", "content": PROMPT},
-                     {"role": "assistant", "content": compare(cache, PROMPT, models=["sft"])[0]["answer"]}]  # fmt: skip
+    assert turns == [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": compare(cache, PROMPT, models=["sft"])[0]["answer"]},
+    ]
     turns, given = chat_reply(cache, "sft", turns, "서울을 소개해 주세요.")
     assert len(turns) == 4 and turns[2] == {"role": "user", "content": "서울을 소개해 주세요."}
     assert given == generator.tokenizer.apply_chat_template(turns[:3], tokenize=False, add_generation_prompt=True)
@@ -203,13 +220,17 @@ def test_chat_is_multi_turn_formatted_by_the_chat_template(cache):
 
 def test_generate_options_parse_like_gen_flags():
     assert parse_options("repetition_penalty=1.2\ntop_k=20, do_sample=true") == {
-        "repetition_penalty": 1.2, "top_k": 20, "do_sample": True}  # fmt: skip
+        "repetition_penalty": 1.2,
+        "top_k": 20,
+        "do_sample": True,
+    }
     assert parse_options("") == {}
     with pytest.raises(KochatError, match="'speed' is not a transformers GenerationConfig option"):
         parse_options("speed=2")
     assert views.options_markdown("beam", {"top_k": 5}, 32) == (
         '`generate(**{"max_new_tokens": 32, "do_sample": false, "num_beams": 4, "no_repeat_ngram_size": 2, '
-        '"early_stopping": true, "top_k": 5})`')
+        '"early_stopping": true, "top_k": 5})`'
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +259,13 @@ def server(pipeline_run, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     log = tmp_path_factory.mktemp("ui") / "server.log"
     with open(log, "w", encoding="utf-8") as output:
-        process = subprocess.Popen([KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)], cwd=REPO,
-                                   env=OFFLINE, stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)],
+            cwd=REPO,
+            env=OFFLINE,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not _answers(url):
@@ -268,8 +294,14 @@ def test_the_compare_api_gives_each_model_s_kochat_trl_generate_answer(server, r
     results = client.predict(PROMPT, "greedy", api_name="/compare")
     assert [item["model"] for item in results] == MODELS
     for item in results:  # the `kochat-trl generate` command line (its main(), in this process: imports paid once)
-        arguments = ["generate", *run.model(item["model"]).generate_arguments(), "--prompt", PROMPT, "--strategy",
-                     "greedy"]  # fmt: skip
+        arguments = [
+            "generate",
+            *run.model(item["model"]).generate_arguments(),
+            "--prompt",
+            PROMPT,
+            "--strategy",
+            "greedy",
+        ]
         assert main(arguments) == 0
         assert capsys.readouterr().out == item["answer"] + "\n", item["model"]
         assert item["judge"] == flags(judge_answer(PROMPT, item["answer"]))
@@ -284,11 +316,17 @@ def test_the_compare_api_gives_each_model_s_kochat_trl_generate_answer(server, r
 
 def test_a_busy_port_is_one_line_and_exit_2(server, pipeline_run):
     port = urllib.parse.urlsplit(server).port
-    result = subprocess.run([KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)], env=OFFLINE,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)],
+        env=OFFLINE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr == (f"kochat-trl: error: cannot serve on 127.0.0.1:{port} (the port is in use); pass a "
-                             "free --port\n")  # fmt: skip
+    assert result.stderr == (
+        f"kochat-trl: error: cannot serve on 127.0.0.1:{port} (the port is in use); pass a free --port\n"
+    )
 
 
 def _browser():
@@ -313,10 +351,20 @@ def test_a_real_browser_shows_the_report_and_the_answers(server, run, cache, tmp
     binary, driver_path = _browser()
     options = Options()
     options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(argument)  # fmt: skip
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -338,7 +386,8 @@ def test_a_real_browser_shows_the_report_and_the_answers(server, run, cache, tmp
         shown = [card.find_element(By.CLASS_NAME, "kochat-text").get_attribute("textContent") for card in cards]
         assert shown[1:] == [item["answer"] for item in expected]
         assert [card.find_element(By.CLASS_NAME, "kochat-reward").text for card in cards[1:]] == [
-            f"RM score {item['reward']:.3f}" for item in expected]  # fmt: skip
+            f"RM score {item['reward']:.3f}" for item in expected
+        ]
         screenshot = tmp_path / "ui.png"
         assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 20_000
         if os.environ.get("KOCHAT_UI_SCREENSHOT"):
@@ -350,11 +399,15 @@ def test_a_real_browser_shows_the_report_and_the_answers(server, run, cache, tmp
         message = wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#kochat-answers .kochat-message"))
         assert message[0].text == EMPTY_PROMPT
         requests = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
-        urls = {event["params"]["request"]["url"] for event in requests
-                if event["method"] == "Network.requestWillBeSent"}  # fmt: skip
+        urls = {
+            event["params"]["request"]["url"] for event in requests if event["method"] == "Network.requestWillBeSent"
+        }
         app = urllib.parse.urlsplit(server).netloc
-        outside = [url for url in urls if url.split(":")[0] in ("http", "https", "ws", "wss")
-                   and urllib.parse.urlsplit(url).netloc != app]  # fmt: skip
+        outside = [
+            url
+            for url in urls
+            if url.split(":")[0] in ("http", "https", "ws", "wss") and urllib.parse.urlsplit(url).netloc != app
+        ]
         assert outside == []  # the page reaches nothing but the app: no fonts, analytics or CDN from outside
     finally:
         browser.quit()

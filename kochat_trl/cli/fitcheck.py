@@ -22,8 +22,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="NAME_OR_CONFIG",
         help="local model folder or config.json, or skt/kogpt2-base-v2, EleutherAI/polyglot-ko-{1.3b,5.8b,12.8b}",
     )
-    parser.add_argument("--stage", required=True, choices=["sft", "rm", "ppo", "dpo"],
-                        help="dpo covers the policy and its reference (KTO and ORPO need no more)")
+    parser.add_argument(
+        "--stage",
+        required=True,
+        choices=["sft", "rm", "ppo", "dpo"],
+        help="dpo covers the policy and its reference (KTO and ORPO need no more)",
+    )
     parser.add_argument("--gpu-memory", required=True, metavar="SIZE", help="e.g. 24GB (GB = GiB, as GPUs are sold)")
     parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights (needs LoRA)")
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights (needs LoRA)")
@@ -33,8 +37,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (PPO: the query)")
     parser.add_argument("--response-length", type=int, default=128, help="PPO generated tokens")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--shared-base", action="store_true",
-                        help="PPO: reward and value models as LoRA adapters on the policy's one frozen base")
+    parser.add_argument(
+        "--shared-base",
+        action="store_true",
+        help="PPO: reward and value models as LoRA adapters on the policy's one frozen base",
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights and compute dtype")
     parser.add_argument("--json", action="store_true", help="print the machine-readable breakdown")
     parser.set_defaults(handler=run)
@@ -46,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if args.load_in_8bit and args.load_in_4bit:
         raise KochatError("--load-in-8bit and --load-in-4bit are both set; choose one (4-bit uses the least memory)")
     if args.shared_base and args.stage != "ppo":
-        raise KochatError(f"--shared-base shares the base between PPO's four models; it does not apply to "
-                          f"--stage {args.stage}")  # fmt: skip
+        raise KochatError(
+            f"--shared-base shares the base between PPO's four models; it does not apply to --stage {args.stage}"
+        )
     gpu_bytes = parse_memory(args.gpu_memory)
     settings = FitSettings(
         dtype=args.dtype,

@@ -20,8 +20,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter", required=True, metavar="PATH", help="folder with adapter_config.json")
     parser.add_argument("--base", metavar="PATH", help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="dtype of the merged weights (default: float32)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the merged weights (default: float32)",
+    )
     parser.add_argument("--metrics", metavar="FILE.json", help="extra metrics (a JSON object) for the model card")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTDIR")
     parser.add_argument(
@@ -35,8 +39,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kochat_trl.export import merge_adapter
 
-    output = merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype, overwrite=args.overwrite,
-                           push_to_hub=args.push_to_hub, metrics=_read_metrics(args.metrics))  # fmt: skip
+    output = merge_adapter(
+        args.adapter,
+        args.output,
+        base=args.base,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        metrics=_read_metrics(args.metrics),
+    )
     print(f"merged {args.adapter} into its base ({args.dtype}); saved to {output}")
     if args.push_to_hub:
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")

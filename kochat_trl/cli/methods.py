@@ -15,8 +15,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "rule-based judge's rates, wall time, peak memory and trainable parameters.",
     )
     parser.add_argument("--run", required=True, metavar="DIR", help="a pipeline run folder (sft/, rm/, maybe ppo/)")
-    parser.add_argument("--methods", default="ppo,rloo,grpo,dpo,kto,orpo",
-                        help="comma-separated, from ppo, rloo, grpo, dpo, kto, orpo (default all)")
+    parser.add_argument(
+        "--methods",
+        default="ppo,rloo,grpo,dpo,kto,orpo",
+        help="comma-separated, from ppo, rloo, grpo, dpo, kto, orpo (default all)",
+    )
     parser.add_argument("--output", metavar="DIR", help="where the comparison goes (default RUN/methods)")
     parser.add_argument("--configs", metavar="DIR", help="the methods' recipe configs (default recipes/configs/tiny)")
     parser.add_argument("--verbose", action="store_true", help="keep the libraries' console output")
@@ -35,9 +38,15 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         judge = row["judge"]
-        table.add_row(row["method"], f"{row['reward_before']:.3f} -> {row['reward_after']:.3f}", f"{row['kl']:.2f}",
-                      f"{row['win_rate']:.2f}", f"{judge['on_topic_rate']:.2f}", f"{judge['polite_rate']:.2f}",
-                      "n/a" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}s")  # fmt: skip
+        table.add_row(
+            row["method"],
+            f"{row['reward_before']:.3f} -> {row['reward_after']:.3f}",
+            f"{row['kl']:.2f}",
+            f"{row['win_rate']:.2f}",
+            f"{judge['on_topic_rate']:.2f}",
+            f"{judge['polite_rate']:.2f}",
+            "n/a" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}s",
+        )
     Console().print(table)
     print(f"comparison: {args.output or args.run + '/methods'}/methods.md, methods.json, methods.png")
     return 0

@@ -17,8 +17,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="pipeline YAML (default: recipes/configs/tiny/pipeline.yaml)")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: from config)")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder and start over")
-    parser.add_argument("--verbose", action="store_true",
-                        help="keep the libraries' console output (per-step dicts, warnings, loading bars)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' console output (per-step dicts, warnings, loading bars)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -40,11 +43,18 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("result")
     table.add_row("SFT", f"eval loss {sft['eval_loss_start']:.3f} -> {sft['eval_loss_end']:.3f}")
     table.add_row("RM", f"held-out accuracy {rm['accuracy']:.3f}, margin {rm['mean_margin']:.2f}")
-    table.add_row("PPO", f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f}, KL {ppo['kl']:.2f}, "
-                  f"win-rate {ppo['win_rate']:.2f}")  # fmt: skip
-    table.add_row("judge", ", ".join(f"{label} {_rate(before[key])} -> {_rate(after[key])}" for key, label in
-                                     (("on_topic_rate", "on-topic"), ("polite_rate", "polite"),
-                                      ("broken_rate", "broken"))))  # fmt: skip
+    table.add_row(
+        "PPO",
+        f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f}, KL {ppo['kl']:.2f}, "
+        f"win-rate {ppo['win_rate']:.2f}",
+    )
+    table.add_row(
+        "judge",
+        ", ".join(
+            f"{label} {_rate(before[key])} -> {_rate(after[key])}"
+            for key, label in (("on_topic_rate", "on-topic"), ("polite_rate", "polite"), ("broken_rate", "broken"))
+        ),
+    )
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
     Console().print(table)
     for sample in ppo["samples"]:  # plain lines: a terminal of any width wraps them, a log file keeps them whole

@@ -19,11 +19,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         f"Needs the ui extra: {INSTALL_HINT}.",
     )
     parser.add_argument("--run", required=True, metavar="DIR", help="a pipeline run folder (e.g. runs/tiny)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
-    parser.add_argument("--share", action="store_true",
-                        help="also create a public gradio.live link (off by default; needs internet)")
+    parser.add_argument(
+        "--share", action="store_true", help="also create a public gradio.live link (off by default; needs internet)"
+    )
     parser.set_defaults(handler=run)
 
 

@@ -74,8 +74,12 @@ def _run_tab(page: RunPage) -> gr.Button:
         run = page.run
         return views.report_markdown(run), views.wall_time_markdown(run), views.curves_html(run), views.report_text(run)
 
-    reload.click(_guarded(refresh, lambda text: (views.message_html(text), "", "", "")), None,
-                 [overview, wall, curves, report], api_visibility="private")  # fmt: skip
+    reload.click(
+        _guarded(refresh, lambda text: (views.message_html(text), "", "", "")),
+        None,
+        [overview, wall, curves, report],
+        api_visibility="private",
+    )
     return reload
 
 
@@ -84,28 +88,41 @@ def _decoding_controls() -> tuple[gr.Dropdown, gr.Number, gr.Number, gr.Textbox,
         strategy = gr.Dropdown(list(DECODING_PRESETS), value="greedy", label="Decoding strategy", scale=1)
         max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, label="max new tokens", scale=1)
         seed = gr.Number(DEFAULT_SEED, precision=0, label="seed", scale=1)
-        options = gr.Textbox(label="generate options (KEY=VALUE, one per line, like --gen)", lines=1, scale=2,
-                             placeholder="repetition_penalty=1.2")  # fmt: skip
+        options = gr.Textbox(
+            label="generate options (KEY=VALUE, one per line, like --gen)",
+            lines=1,
+            scale=2,
+            placeholder="repetition_penalty=1.2",
+        )
     kwargs = gr.Markdown(views.options_markdown("greedy"))
 
     def show(strategy: str, options: str, max_new_tokens: float | None) -> str:
         return views.options_markdown(strategy, parse_options(options), int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS))
 
     for control in (strategy, options, max_new_tokens):
-        control.change(_guarded(show, lambda text: f"**{text}**"), [strategy, options, max_new_tokens], kwargs,
-                       api_visibility="private", queue=False)  # fmt: skip
+        control.change(
+            _guarded(show, lambda text: f"**{text}**"),
+            [strategy, options, max_new_tokens],
+            kwargs,
+            api_visibility="private",
+            queue=False,
+        )
     return strategy, max_new_tokens, seed, options, kwargs
 
 
 def _compare_tab(page: RunPage, prompts: list[str]) -> None:
-    gr.Markdown("Every model of the run answers the same prompt, with its reward-model score (the run's `rm/`) and "
-                "the rule-based judge's flags. Prompts are formatted by each model's own chat template.")  # fmt: skip
+    gr.Markdown(
+        "Every model of the run answers the same prompt, with its reward-model score (the run's `rm/`) and "
+        "the rule-based judge's flags. Prompts are formatted by each model's own chat template."
+    )
     with gr.Row():
-        prompt = gr.Textbox(value=prompts[0] if prompts else "", label="Prompt", lines=2, scale=3,
-                            elem_id="kochat-prompt")  # fmt: skip
+        prompt = gr.Textbox(
+            value=prompts[0] if prompts else "", label="Prompt", lines=2, scale=3, elem_id="kochat-prompt"
+        )
         held_out = gr.Dropdown(prompts, value=None, label=f"Held-out prompts ({len(prompts)})", scale=2)
-    held_out.change(lambda choice, current: choice or current, [held_out, prompt], prompt, api_visibility="private",
-                    queue=False)  # fmt: skip
+    held_out.change(
+        lambda choice, current: choice or current, [held_out, prompt], prompt, api_visibility="private", queue=False
+    )
     strategy, max_new_tokens, seed, options, _ = _decoding_controls()
     button = gr.Button("Answer with every model", variant="primary", elem_id="kochat-compare-button")
     answers = gr.HTML(elem_id="kochat-answers")
@@ -126,8 +143,9 @@ def _chat_tab(page: RunPage, tab: gr.Tab) -> gr.Dropdown:
         model = gr.Dropdown(names, value=default, label="Model", elem_id="kochat-chat-model", scale=1)
         template = gr.Markdown("The chat template is shown once the model is loaded.", elem_id="kochat-template")
     strategy, max_new_tokens, seed, options, _ = _decoding_controls()
-    chatbot = gr.Chatbot(label="Chat", height=320, buttons=["copy", "copy_all"], feedback_options=None,
-                         elem_id="kochat-chatbot")  # fmt: skip
+    chatbot = gr.Chatbot(
+        label="Chat", height=320, buttons=["copy", "copy_all"], feedback_options=None, elem_id="kochat-chatbot"
+    )
     status = gr.Markdown()
     with gr.Row():
         message = gr.Textbox(label="Message", placeholder="김치에 대해 알려 주세요.", scale=4, elem_id="kochat-message")
@@ -145,12 +163,12 @@ def _chat_tab(page: RunPage, tab: gr.Tab) -> gr.Dropdown:
         template_name, text = template_info(page.cache, name)
         return f"`{name}` formats every turn with its chat template **{template_name}**.", text
 
-    def turn(text: str, turns: list, name: str, strategy: str, options: str, max_new_tokens: float | None,
-             seed: float | None) -> tuple:  # fmt: skip
+    def turn(
+        text: str, turns: list, name: str, strategy: str, options: str, max_new_tokens: float | None, seed: float | None
+    ) -> tuple:
         if not name:
             raise KochatError("This run has no model to chat with yet.")
-        turns, given = chat_reply(page.cache, name, turns, text, strategy, parse_options(options), max_new_tokens,
-                                  seed)  # fmt: skip
+        turns, given = chat_reply(page.cache, name, turns, text, strategy, parse_options(options), max_new_tokens, seed)
         return "", turns, turns, given, ""
 
     def failed(text: str) -> tuple:
@@ -172,13 +190,25 @@ def _chat_tab(page: RunPage, tab: gr.Tab) -> gr.Dropdown:
 
 
 def _data_tab(page: RunPage) -> None:
-    gr.Markdown("The data each stage trained on, read as its recipe read it (`dataset_name` of its config.yaml), with "
-                "the counts of rows read, kept and dropped (empty, duplicate, tied ranking pairs).")  # fmt: skip
+    gr.Markdown(
+        "The data each stage trained on, read as its recipe read it (`dataset_name` of its config.yaml), with "
+        "the counts of rows read, kept and dropped (empty, duplicate, tied ranking pairs)."
+    )
     rows = gr.Slider(1, 50, value=DATA_ROWS, step=1, label="rows per stage")
-    text = gr.Markdown(views.datasets_markdown(stage_datasets(page.run, DATA_ROWS)), elem_id="kochat-data",
-                       elem_classes="kochat-compact")  # fmt: skip
-    rows.release(_guarded(lambda count: views.datasets_markdown(stage_datasets(page.run, int(count))),
-                          lambda message: f"**{message}**"), rows, text, api_visibility="private")  # fmt: skip
+    text = gr.Markdown(
+        views.datasets_markdown(stage_datasets(page.run, DATA_ROWS)),
+        elem_id="kochat-data",
+        elem_classes="kochat-compact",
+    )
+    rows.release(
+        _guarded(
+            lambda count: views.datasets_markdown(stage_datasets(page.run, int(count))),
+            lambda message: f"**{message}**",
+        ),
+        rows,
+        text,
+        api_visibility="private",
+    )
 
 
 def build_app(run_dir: str | os.PathLike) -> tuple[gr.Blocks, RunPage]:
@@ -211,14 +241,27 @@ def build_app(run_dir: str | os.PathLike) -> tuple[gr.Blocks, RunPage]:
     return demo, page
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          block: bool = True) -> gr.Blocks:  # fmt: skip
+def serve(
+    run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True
+) -> gr.Blocks:
     """Build and launch the page; with `block` until Ctrl-C, else it keeps serving until `demo.close()`."""
     demo, page = build_app(run_dir)
     try:
-        demo.launch(server_name=host, server_port=port, share=share, inbrowser=False, prevent_thread_lock=True,
-                    show_error=True, quiet=True, footer_links=["api", "settings"], mcp_server=False, ssr_mode=False,
-                    pwa=False, allowed_paths=[str(Path(page.run.path))], css=views.CSS)  # fmt: skip
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            inbrowser=False,
+            prevent_thread_lock=True,
+            show_error=True,
+            quiet=True,
+            footer_links=["api", "settings"],
+            mcp_server=False,
+            ssr_mode=False,
+            pwa=False,
+            allowed_paths=[str(Path(page.run.path))],
+            css=views.CSS,
+        )
     except OSError as error:  # gradio's text names its own knobs (server_port, GRADIO_SERVER_PORT): say it plainly
         reason = "the port is in use" if "empty port" in str(error) else str(error).replace("\n", " ")
         raise KochatError(f"cannot serve on {host}:{port} ({reason}); pass a free --port") from None

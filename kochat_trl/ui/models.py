@@ -29,8 +29,12 @@ GENERATION_LOCK = threading.Lock()
 class ModelCache:
     """Generators and the reward model of one run, each loaded on first use and kept; `loads` counts loads."""
 
-    def __init__(self, run: RunFolder, load_generator: Callable[..., Generator] | None = None,
-                 load_reward: Callable[[str], tuple[Any, Any]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run: RunFolder,
+        load_generator: Callable[..., Generator] | None = None,
+        load_reward: Callable[[str], tuple[Any, Any]] | None = None,
+    ) -> None:
         self.run = run
         self._load_generator = load_generator or Generator.load
         self._load_reward = load_reward
@@ -80,9 +84,15 @@ def _checked(strategy: str, max_new_tokens: int | float | None, seed: int | floa
     return max_new_tokens, DEFAULT_SEED if seed is None else int(seed)
 
 
-def compare(cache: ModelCache, prompt: str | None, strategy: str = "greedy", overrides: dict[str, Any] | None = None,
-            max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, seed: int | None = DEFAULT_SEED,
-            models: Sequence[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def compare(
+    cache: ModelCache,
+    prompt: str | None,
+    strategy: str = "greedy",
+    overrides: dict[str, Any] | None = None,
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS,
+    seed: int | None = DEFAULT_SEED,
+    models: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """Every model's answer to `prompt`: [{model, answer, reward, judge}] in the run's order (base, sft, ppo, ...).
 
     `reward` is the run's reward-model score of (prompt, answer), None without rm/; `judge` the rule-based flags.
@@ -95,22 +105,34 @@ def compare(cache: ModelCache, prompt: str | None, strategy: str = "greedy", ove
     if not names:
         raise KochatError(f"{cache.run.path}: no trained model to answer yet; run the pipeline first")
     with cache.generation_lock:
-        answers = [cache.generator(name).answer(prompt, strategy, overrides=overrides, max_new_tokens=max_new_tokens,
-                                                seed=seed) for name in names]  # fmt: skip
+        answers = [
+            cache.generator(name).answer(
+                prompt, strategy, overrides=overrides, max_new_tokens=max_new_tokens, seed=seed
+            )
+            for name in names
+        ]
         scorer = cache.reward()
         rewards: list[float | None] = [None] * len(answers)
         if scorer is not None:
             from kochat_trl.rewards import score_answers
 
             rewards = list(score_answers(scorer[0], scorer[1], [prompt] * len(answers), answers))
-    return [{"model": name, "answer": answer, "reward": reward, "judge": flags(judge_answer(prompt, answer))}
-            for name, answer, reward in zip(names, answers, rewards, strict=True)]  # fmt: skip
+    return [
+        {"model": name, "answer": answer, "reward": reward, "judge": flags(judge_answer(prompt, answer))}
+        for name, answer, reward in zip(names, answers, rewards, strict=True)
+    ]
 
 
-def chat_reply(cache: ModelCache, model: str, history: Sequence[Message], message: str | None,
-               strategy: str = "greedy", overrides: dict[str, Any] | None = None,
-               max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS,
-               seed: int | None = DEFAULT_SEED) -> tuple[list[Message], str]:  # fmt: skip
+def chat_reply(
+    cache: ModelCache,
+    model: str,
+    history: Sequence[Message],
+    message: str | None,
+    strategy: str = "greedy",
+    overrides: dict[str, Any] | None = None,
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS,
+    seed: int | None = DEFAULT_SEED,
+) -> tuple[list[Message], str]:
     """The conversation with `message` and the model's answer appended, and the exact text the model was given
     (the conversation rendered by its chat template, oldest turns dropped while it would overflow the context)."""
     from kochat_trl.generation import _fit_history

@@ -30,8 +30,11 @@ def problems_markdown(run: RunFolder) -> str:
         return ""
     lines = [f"**This run is not finished** (`{run.path}`): the page shows what is there.", ""]
     lines += [f"- {problem}" for problem in run.problems]
-    lines += ["", f"Finish it with `kochat-trl pipeline --output_dir {run.path}` (finished stages are kept), then "
-              "press **Reload the run folder**."]  # fmt: skip
+    lines += [
+        "",
+        f"Finish it with `kochat-trl pipeline --output_dir {run.path}` (finished stages are kept), then "
+        "press **Reload the run folder**.",
+    ]
     return "\n".join(lines)
 
 
@@ -45,21 +48,31 @@ def report_markdown(run: RunFolder) -> str:
         return "\n".join(lines) + "\n"
     sft, rm, ppo, judge = report["sft"], report["rm"], report["ppo"], report["judge"]
     lines += ["### Numbers (report.json)", ""]
-    lines += _table(["stage", "metric", "value"], [
-        ["SFT", "eval loss (start → end)", f"{_number(sft['eval_loss_start'])} → {_number(sft['eval_loss_end'])}"],
-        ["RM", "held-out pairwise accuracy", _number(rm["accuracy"])],
-        ["RM", "mean margin", _number(rm["mean_margin"])],
-        ["PPO", "RM reward (SFT → PPO)", f"{_number(ppo['reward_before'])} → {_number(ppo['reward_after'])}"],
-        ["PPO", "KL to the SFT policy", _number(ppo["kl"])],
-        ["PPO", "win-rate over SFT (judged by the RM)", _number(ppo["win_rate"])],
-    ])  # fmt: skip
+    lines += _table(
+        ["stage", "metric", "value"],
+        [
+            ["SFT", "eval loss (start → end)", f"{_number(sft['eval_loss_start'])} → {_number(sft['eval_loss_end'])}"],
+            ["RM", "held-out pairwise accuracy", _number(rm["accuracy"])],
+            ["RM", "mean margin", _number(rm["mean_margin"])],
+            ["PPO", "RM reward (SFT → PPO)", f"{_number(ppo['reward_before'])} → {_number(ppo['reward_after'])}"],
+            ["PPO", "KL to the SFT policy", _number(ppo["kl"])],
+            ["PPO", "win-rate over SFT (judged by the RM)", _number(ppo["win_rate"])],
+        ],
+    )
     lines += ["", "### Held-out answers: reward model and rule-based judge", ""]
-    rows = [[name, _number(reward), *(_number(judge[key][rate]) for rate in JUDGE_KEYS)]
-            for name, reward, key in (("SFT", ppo["reward_before"], "sft"), ("PPO", ppo["reward_after"], "ppo"))]
+    rows = [
+        [name, _number(reward), *(_number(judge[key][rate]) for rate in JUDGE_KEYS)]
+        for name, reward, key in (("SFT", ppo["reward_before"], "sft"), ("PPO", ppo["reward_after"], "ppo"))
+    ]
     for method in report.get("methods") or []:
         if method["method"] != "ppo":
-            rows.append([method["method"].upper(), _number(method["reward_after"]),
-                         *(_number(method["judge"][rate]) for rate in JUDGE_KEYS)])  # fmt: skip
+            rows.append(
+                [
+                    method["method"].upper(),
+                    _number(method["reward_after"]),
+                    *(_number(method["judge"][rate]) for rate in JUDGE_KEYS),
+                ]
+            )
     lines += _table(["policy", "RM reward", *JUDGE_COLUMNS], rows)
     lines += ["", "RM reward up while the judge's rates fall would be reward hacking."]
     return "\n".join(lines) + "\n"
@@ -84,9 +97,11 @@ def report_text(run: RunFolder) -> str:
 
 def curves_html(run: RunFolder) -> str:
     """Every stage's curves.png (served by the app from the run folder, see `allowed_paths`), two per row."""
-    figures = [f'<figure class="kochat-curve"><img src="gradio_api/file={html.escape(str(path), quote=True)}" '
-               f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-               for path, caption in run.curves()]  # fmt: skip
+    figures = [
+        f'<figure class="kochat-curve"><img src="gradio_api/file={html.escape(str(path), quote=True)}" '
+        f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for path, caption in run.curves()
+    ]
     return f'<div class="kochat-curves">{"".join(figures)}</div>' if figures else "<p>No curves.png yet.</p>"
 
 
@@ -137,10 +152,20 @@ def dataset_markdown(data: StageData) -> str:
     if data.error:
         return f"### {data.stage}\n\n`{data.source}` cannot be read: {data.error}\n"
     headers = list(dict.fromkeys(key for row in data.rows for key in row))
-    lines = [f"### {data.stage}: `{data.source}`", "", f"{data.summary}.", "", f"First {len(data.rows)} rows:", "",
-             "| # | " + " | ".join(headers) + " |", "|---:|" + "---|" * len(headers)]  # fmt: skip
-    lines += [f"| {index} | " + " | ".join(_md_cell(row.get(key, "")) for key in headers) + " |"
-              for index, row in enumerate(data.rows, 1)]  # fmt: skip
+    lines = [
+        f"### {data.stage}: `{data.source}`",
+        "",
+        f"{data.summary}.",
+        "",
+        f"First {len(data.rows)} rows:",
+        "",
+        "| # | " + " | ".join(headers) + " |",
+        "|---:|" + "---|" * len(headers),
+    ]
+    lines += [
+        f"| {index} | " + " | ".join(_md_cell(row.get(key, "")) for key in headers) + " |"
+        for index, row in enumerate(data.rows, 1)
+    ]
     return "\n".join(lines) + "\n"
 
 
