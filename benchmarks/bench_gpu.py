@@ -1,9 +1,9 @@
 """GPU table: the four Korean target architectures x (bf16, 8-bit, 4-bit) + LoRA x every stage, and fit-check.
 
-Each model is built from its real config (`kochat_trl.fitcheck.resolve_model_config`) with random bf16 weights
-on the GPU, saved once to the scratch folder, and trained by the real recipes (`recipes/sft.py`, `reward.py`,
+Each model is built from its real config (`kochat_trl.fitcheck.presets.resolve_model_config`) with random bf16 weights
+on the GPU, saved once to the scratch folder, and trained by the real recipes (`kochat_trl/recipes/sft.py`, `reward.py`,
 `ppo.py`) on rows of exactly `--seq-len` tokens, so the measured `torch.cuda.max_memory_allocated` (peak over the
-training loop) is comparable with `kochat_trl.fitcheck.estimate(...).tensor_bytes` for the same settings; the
+training loop) is comparable with `kochat_trl.fitcheck.estimate.estimate(...).tensor_bytes` for the same settings; the
 table prints the estimate's error. Generation runs `kochat_trl.generation.Generator` (greedy, bf16 weights).
 A run that does not fit is reported as OOM next to the estimate (the estimate should say it does not fit too).
 
@@ -109,7 +109,9 @@ def recipe_config(stage: str, precision: str, args: argparse.Namespace, model_di
 
 
 def fit_estimate(preset: str, stage: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
-    from kochat_trl.fitcheck import FitSettings, estimate, resolve_model_config
+    from kochat_trl.fitcheck.estimate import estimate
+    from kochat_trl.fitcheck.presets import resolve_model_config
+    from kochat_trl.fitcheck.settings import FitSettings
 
     settings = FitSettings(
         dtype="bf16",

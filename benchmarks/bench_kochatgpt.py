@@ -5,8 +5,8 @@ model, learning rate, batch size and number of steps, alternately in fresh proce
 
 - `kochatgpt`: a plain `transformers.Trainer`, full fine-tune, rows tokenized with `padding="max_length"` to
   512 and the prompt masked with -100, as the KoChatGPT tutorial's SFT stage does;
-- `ours-full`: `recipes/sft.py`, full fine-tune, dynamic padding (the tiny default's setting);
-- `ours-lora`: `recipes/sft.py` with LoRA (r 16, the architecture's attention projections), dynamic padding;
+- `ours-full`: `kochat_trl/recipes/sft.py`, full fine-tune, dynamic padding (the tiny default's setting);
+- `ours-lora`: `kochat_trl/recipes/sft.py` with LoRA (r 16, the architecture's attention projections), dynamic padding;
 - `ours-lora-padfree`: the same with TRL's `padding_free` (one flattened row per batch, no pad tokens).
 
 tokens/s counts real (non-pad) tokens, so padding shows up as lost throughput.

@@ -1,6 +1,6 @@
 """Wall time of the default one-command pipeline (`kochat-trl pipeline`), per stage.
 
-Runs `kochat_trl.pipeline.run_pipeline` (embedded tiny default, recipes/configs/tiny/pipeline.yaml) in a fresh
+Runs `kochat_trl.pipeline.run_pipeline` (embedded tiny default, the bundled tiny/pipeline.yaml) in a fresh
 process with `--threads` torch threads (OMP_NUM_THREADS) and prints its `report["wall_time_s"]` (SFT, RM, PPO,
 merge, decoding; the stages run in that process, so the imports are paid once, in the total) and the whole
 process's wall time, with the load average and the share of CPU time other processes took meanwhile.

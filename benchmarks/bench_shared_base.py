@@ -138,13 +138,13 @@ def worker(mode: str, setup_path: Path, result_path: Path) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from kochat_trl import rl
-    from kochat_trl.runs import parse_recipe_args
+    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.rl import ppo as rl_ppo
 
     torch.set_num_threads(setup["threads"])
     recipe = worker_module.load_recipe("ppo")
     figures: dict[str, Any] = {"mode": mode, "update_times": []}
-    original_train = rl.train_ppo
+    original_train = rl_ppo.train_ppo
 
     class Times(TrainerCallback):
         def on_step_end(self, args, state, control, **_):
@@ -159,7 +159,7 @@ def worker(mode: str, setup_path: Path, result_path: Path) -> None:
         figures["loop_start"] = time.perf_counter()
         original_train(trainer, **kwargs)
 
-    rl.train_ppo = measured_train
+    rl_ppo.train_ppo = measured_train
     config = {**setup["config"], "shared_base": mode == "shared", "output_dir": setup["output_dir"] + "-" + mode}
     config_path = Path(config["output_dir"] + ".yaml")
     import yaml

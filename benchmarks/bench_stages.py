@@ -144,7 +144,7 @@ def build_variants(stage: str, args: argparse.Namespace, model_dir: Path, scratc
     if stage == "generate":
         settings = PROFILES[args.profile]["generate"]
         template = harness.load_stage_config("ppo")["template"]
-        from kochat_trl.generation import load_prompts
+        from kochat_trl.decoding_report import load_prompts
 
         prompts = load_prompts("bundled:ppo")
         raw = [prompts[index % len(prompts)] for index in range(settings["prompts"])]

@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 WORKER = Path(__file__).with_name("worker.py")
-TINY_CONFIGS = REPO / "recipes" / "configs" / "tiny"
+TINY_CONFIGS = REPO / "kochat_trl" / "configs" / "tiny"
 STAGE_CONFIG = {"sft": "sft.yaml", "rm": "reward.yaml", "ppo": "ppo.yaml"}
 MB = 1024**2
 GIB = 1024**3

@@ -2,7 +2,7 @@
 
 - `tiny`: the embedded default (`kochat_trl.tiny.init_tiny`).
 - `kogpt2-random` and the fit-check presets (`skt/kogpt2-base-v2`, `EleutherAI/polyglot-ko-1.3b`, `-5.8b`,
-  `-12.8b`): the real architecture and sizes from `kochat_trl.fitcheck.resolve_model_config`, randomly
+  `-12.8b`): the real architecture and sizes from `kochat_trl.fitcheck.presets.resolve_model_config`, randomly
   initialised (memory and speed do not depend on weight values) and saved with the embedded tokenizer, so
   every recipe loads them by path like a hub model. The tokenizer only emits ids < 1024; the embeddings and
   logits keep the real vocabulary size, which is what costs memory and time. A random policy rarely emits
@@ -40,7 +40,7 @@ def random_model(preset: str, root: Path, device: str = "cpu", dtype: str = "flo
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from kochat_trl.fitcheck import resolve_model_config
+    from kochat_trl.fitcheck.presets import resolve_model_config
     from kochat_trl.outputs import atomic_output_dir
     from kochat_trl.templates import install_template
     from kochat_trl.tiny import TinyModelSpec, build_tokenizer
@@ -109,7 +109,7 @@ def generation_texts(count: int, model_dir: Path) -> list[str]:
     """`count` bundled prompts rendered by the model folder's chat template (the pipeline's decoding prompts)."""
     from transformers import AutoTokenizer
 
-    from kochat_trl.generation import load_prompts
+    from kochat_trl.decoding_report import load_prompts
     from kochat_trl.templates import prompt_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

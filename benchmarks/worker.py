@@ -1,6 +1,6 @@
 """One measured run in a fresh process: `python benchmarks/worker.py SPEC.json RESULT.json`.
 
-Roles: `ours` runs the real recipe (`recipes/<stage>.py` main, imported like tests/conftest.py does) or
+Roles: `ours` runs the real recipe (`kochat_trl/recipes/<stage>.py` main, imported like tests/conftest.py does) or
 `kochat_trl.generation.Generator`; `bare` is the minimal TRL script a user would write with the same model,
 rows and settings; `kochatgpt` is the KoChatGPT-style SFT (plain `transformers.Trainer`, full fine-tune,
 every row padded to 512). A `TrainerCallback` appended to transformers' DEFAULT_CALLBACKS times every
@@ -185,19 +185,15 @@ def install_step_timer() -> None:
 
 
 def load_recipe(name: str) -> Any:
-    """Import recipes/NAME.py (recipes are scripts, not a package), as tests/conftest.py does."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """The recipe module kochat_trl.recipes.NAME (sft, reward, ppo, rl, dpo), as tests/conftest.py loads it."""
+    return importlib.import_module(f"kochat_trl.recipes.{name}")
 
 
 def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     import kochat_trl.modeling  # noqa: F401  (what the recipe imports first; counted as import time)
-    from kochat_trl.runs import parse_recipe_args
+    from kochat_trl.parsing import parse_recipe_args
 
     recipe = load_recipe(RECIPE_OF_STAGE[spec["stage"]])
     parser = recipe.make_parser()  # imports the TRL trainer config (and kochat_trl.rl for PPO)

@@ -9,13 +9,14 @@ importing it imports no ML library, so the filters are in place before those lib
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
+
+from kochat_trl.log import get_logger
 
 # (category, message regex, why it is filtered). The message is matched from its start, as `warnings` does; a
 # category named "module:Class" is imported when the filters are installed.
@@ -83,25 +84,14 @@ def known_warnings() -> list[tuple[type[Warning], str, str]]:
     return resolved
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a launched run (or a plain process); read from the launcher's environment, so it works
-    before accelerate's state exists."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def note(message: str) -> None:
-    """One line to stderr, in one write, from the main process only."""
-    if is_main_process():
-        sys.stderr.write(f"[kochat-trl] {message}\n")
-        sys.stderr.flush()
+    """One line to stderr (a note about the run, e.g. the template installed), from the main process only."""
+    get_logger().warning(message)
 
 
 def say(message: str, stream: TextIO | None = None) -> None:
-    """One line to stdout (the stage's progress and result lines), from the main process only."""
-    if is_main_process():
-        stream = stream or sys.stdout
-        stream.write(f"[kochat-trl] {message}\n")
-        stream.flush()
+    """One line to stdout, or to `stream` (the stage's progress and result lines), from the main process only."""
+    get_logger().info(message, extra={"stream": stream})
 
 
 def number(value: float | None) -> str:

@@ -1,46 +1,24 @@
-"""Korean datasets: read every KoChatGPT-style layout and turn it into what TRL's trainers take.
-
-Layouts are detected by content, not by file extension (KoChatGPT's `.jsonl` files are JSON arrays
-and its conversation `.jsonl` is plain text). Every text is Unicode-NFC normalised and stripped;
-empty rows, exact duplicates and tied ranking pairs are dropped and counted.
-
-We read local files ourselves instead of through `datasets.load_dataset("json")` because users need
-errors that name the line (JSON Lines) or record (array) at fault; hub ids still go through
-`datasets.load_dataset`.
-"""
+"""Korean data layouts: detect each KoChatGPT-style record layout, validate it and turn it into TRL rows."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
-import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kochat_trl.data_readers import RawRecord, normalize_text, read_records
 from kochat_trl.errors import DataError
 from kochat_trl.outputs import write_text_atomic
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
+# Every text is Unicode-NFC normalised and stripped; empty rows, exact duplicates and tied ranking pairs
+# are dropped and counted (LoadedData.dropped). Reading the files is kochat_trl.data_readers.
 STAGES = ("sft", "rm", "ppo")
-# `bundled:sft` (rm, ppo) names the sample data shipped inside the package.
-BUNDLED_PREFIX = "bundled:"
-CONVERSATION_MARKER = "<<start conversation>>"
-_TURN_RE = re.compile(r"^<(사람|챗봇)>\s*:\s?(.*)$")
-_ROLE_OF_SPEAKER = {"사람": "user", "챗봇": "assistant"}
-
-
-@dataclass
-class RawRecord:
-    """One record as read, with where it came from (for error messages)."""
-
-    data: Any
-    where: str  # "line 12" (JSON Lines / text) or "record 5" (JSON array / hub)
 
 
 @dataclass
@@ -65,137 +43,6 @@ class LoadedData:
             f"layout {self.layout}: read {self.read} records, {self.candidates} candidate {unit}; "
             f"kept {self.kept}; dropped {sum(self.dropped.values())} ({drops})"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def normalize_text(text: str) -> str:
-    return unicodedata.normalize("NFC", text).strip()
-
-
-def _decode(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory; pass a data file (JSON, JSON Lines or text)") from None
-    try:
-        return raw.decode("utf-8-sig")  # KoChatGPT's seed file starts with a BOM
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: byte {error.start}: not UTF-8 text; re-save the file as UTF-8") from None
-
-
-def bundled_data_path(name: str) -> Path:
-    """Path of the Korean sample data shipped with the package: name is sft, rm or ppo."""
-    from importlib import resources
-
-    path = Path(str(resources.files("kochat_trl") / "resources" / f"{name}.json"))
-    if not path.is_file():
-        raise DataError(f"{BUNDLED_PREFIX}{name}: no such bundled data set; use {BUNDLED_PREFIX}sft, rm or ppo")
-    return path
-
-
-def resolve_source(source: str | os.PathLike) -> str | Path:
-    """`bundled:NAME` → the packaged file; anything else is returned as given."""
-    text = str(source)
-    return bundled_data_path(text[len(BUNDLED_PREFIX) :]) if text.startswith(BUNDLED_PREFIX) else source
-
-
-def read_records(source: str | os.PathLike) -> tuple[list[RawRecord], str]:
-    """Read a local file, `bundled:NAME` or a hub dataset id; returns the records and the container kind.
-
-    Container kinds: "json_array", "json_lines", "conversation_text", "text_lines", "hub".
-    """
-    source = resolve_source(source)
-    path = Path(source)
-    if not path.exists() and _looks_like_hub_id(str(source)):
-        return _read_hub(str(source)), "hub"
-    text = _decode(path)
-    body = text.lstrip()
-    if not body:
-        raise DataError(f"{path}: file is empty; it needs at least one record")
-    if body.startswith("["):
-        return _read_json_array(path, text), "json_array"
-    if body.startswith("{"):
-        return _read_json_lines(path, text), "json_lines"
-    if CONVERSATION_MARKER in text:
-        return _read_conversations(path, text), "conversation_text"
-    return [RawRecord(line, f"line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()], ("text_lines")
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.endswith((".json", ".jsonl", ".txt"))
-
-
-def _read_hub(dataset_id: str) -> list[RawRecord]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(dataset_id, split="train")
-    except Exception as error:  # the hub raises many types; all mean "cannot get it"
-        raise DataError(
-            f"{dataset_id}: not a local file and could not be loaded from the dataset hub ({error}); "
-            "check the path, or download the dataset and pass the file"
-        ) from None
-    return [RawRecord(record, f"record {index}") for index, record in enumerate(dataset)]
-
-
-def _read_json_array(path: Path, text: str) -> list[RawRecord]:
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: line {error.lineno} column {error.colno}: invalid JSON ({error.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON array of records")
-    return [RawRecord(record, f"record {index}") for index, record in enumerate(records)]
-
-
-def _read_json_lines(path: Path, text: str) -> list[RawRecord]:
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(RawRecord(json.loads(line), f"line {number}"))
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}: line {number}: invalid JSON ({error.msg} at column {error.colno}); "
-                "each line must be one JSON object"
-            ) from None
-    return records
-
-
-def _read_conversations(path: Path, text: str) -> list[RawRecord]:
-    """KoChatGPT conversation text: `<<start conversation>>` blocks of `<사람>:` / `<챗봇>:` turns."""
-    records: list[RawRecord] = []
-    messages: list[dict[str, str]] = []
-    start_line = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if stripped == CONVERSATION_MARKER:
-            if start_line:
-                records.append(RawRecord(messages, f"line {start_line}"))
-            messages, start_line = [], number
-        elif not stripped:
-            continue
-        elif not start_line:
-            raise DataError(f"{path}: line {number}: text before the first {CONVERSATION_MARKER}")
-        elif match := _TURN_RE.match(stripped):
-            messages.append({"role": _ROLE_OF_SPEAKER[match[1]], "content": normalize_text(match[2])})
-        elif messages:  # a turn that spans several lines
-            messages[-1]["content"] += "\n" + normalize_text(stripped)
-        else:
-            raise DataError(f"{path}: line {number}: expected a '<사람>:' or '<챗봇>:' turn")
-    if start_line:
-        records.append(RawRecord(messages, f"line {start_line}"))
-    return records
-
-
-# ---------------------------------------------------------------------------------------------
-# Layouts
 
 
 def detect_layout(records: list[RawRecord], container: str, source: str = "") -> str:

@@ -1,5 +1,6 @@
-"""Which distributed engine a run is under (DDP, DeepSpeed ZeRO-2/3, FSDP2), and the few things the
-online RL stages must do differently there: gather ZeRO-3 shards before a module generates or is saved.
+"""Which distributed engine a run is under (DDP, DeepSpeed ZeRO-2/3, FSDP2), and what the RL stages do there.
+
+The online RL stages must gather ZeRO-3 shards before a module generates or is saved.
 
 The Trainer-based stages (SFT, RM, DPO, RLOO, GRPO) need none of this: transformers' Trainer gathers
 for them. PPO (TRL 1.12's PPOTrainer) and our own held-out evaluation run models outside any engine.

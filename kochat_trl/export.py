@@ -1,23 +1,16 @@
-"""Merge a LoRA adapter into its base model and export a plain, self-contained checkpoint.
-
-The merged folder loads with `AutoModelForCausalLM` / `AutoModelForSequenceClassification` alone
-(no peft, no bitsandbytes): safetensors weights, tokenizer, generation config and a model card.
-An adapter trained on an 8-bit/4-bit base (QLoRA) is always merged into a full-precision reload of
-that base: adding the LoRA delta to quantized weights would re-quantize it away.
-"""
+"""Merge a LoRA adapter into its base model and export a plain, self-contained checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kochat_trl.errors import ConfigError, KochatError
-from kochat_trl.outputs import atomic_output_dir, check_output_dir
-from kochat_trl.runs import METRICS_FILE
-from kochat_trl.templates import EXAMPLE_ANSWER, EXAMPLE_QUESTION, answered, prompt_text, saved_template_name
+from kochat_trl.model_card import HUB_ID, example_input, model_card, stage_name
+from kochat_trl.outputs import METRICS_FILE, atomic_output_dir, check_output_dir
+from kochat_trl.templates import saved_template_name
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,9 +20,6 @@ MERGE_INFO = "kochat_merge.json"
 MERGE_DTYPES = ("float32", "float16", "bfloat16")
 _TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 _HEAD_NAMES = ("score", "classifier")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# Keys a PPO run's config has and an SFT run's has not (used only to name the stage on the card).
-_PPO_KEYS = ("kl_coef", "num_ppo_epochs", "cliprange")
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -43,6 +33,11 @@ def merge_adapter(
     metrics: dict[str, Any] | None = None,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into its base and save the result to `output_dir`.
+
+    The merged folder loads with `AutoModelForCausalLM` / `AutoModelForSequenceClassification` alone
+    (no peft, no bitsandbytes): safetensors weights, tokenizer, generation config and a model card.
+    An adapter trained on an 8-bit/4-bit base (QLoRA) is always merged into a full-precision reload of
+    that base: adding the LoRA delta to quantized weights would re-quantize it away.
 
     `base` defaults to the adapter's `base_model_name_or_path`; `metrics` are shown on the model card
     next to the adapter's own `metrics.json`; `push_to_hub` is a repo id to upload the folder to.
@@ -78,7 +73,7 @@ def merge_adapter(
         "adapter": str(adapter_dir),
         "task_type": task_type,
         "dtype": dtype,
-        "stage": _stage_name(task_type, run_metrics, training_config),
+        "stage": stage_name(task_type, run_metrics, training_config),
         "dataset": training_config.get("dataset_name") or run_metrics.get("dataset_name"),
         "template": saved_template_name(tokenizer),
         "lora": {key: adapter_config.get(key) for key in ("r", "lora_alpha", "target_modules", "modules_to_save")},
@@ -87,7 +82,7 @@ def merge_adapter(
         "extra_metrics": dict(metrics or {}),
         "push_to_hub": push_to_hub,  # requested; a failed upload is reported, the folder stays
     }
-    info["example_input"] = _example_input(tokenizer, task_type)
+    info["example_input"] = example_input(tokenizer, task_type)
     with atomic_output_dir(output, overwrite) as staging:
         # transformers 5 writes safetensors only (the `safe_serialization` switch is gone).
         merged.save_pretrained(staging)
@@ -149,7 +144,7 @@ def _resolve_base(base: str | None, adapter_config: dict[str, Any], adapter_dir:
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise KochatError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path; pass --base PATH")
-    if Path(base).exists() or _HUB_ID.fullmatch(base):
+    if Path(base).exists() or HUB_ID.fullmatch(base):
         return base
     where = f"{adapter_dir / ADAPTER_CONFIG} names base model" if from_config else "base model"
     raise KochatError(f"{where} {base!r}, which is not a folder here; pass --base PATH to the base model")
@@ -277,25 +272,6 @@ def _read_json(path: Path) -> Any:
         raise KochatError(f"{path}: not valid JSON ({error})") from error
 
 
-def _stage_name(task_type: str, metrics: dict[str, Any], config: dict[str, Any]) -> str:
-    if metrics.get("stage"):
-        return str(metrics["stage"])
-    if task_type == "SEQ_CLS":
-        return "reward model (RM)"
-    if any(key in config for key in _PPO_KEYS):
-        return "PPO"
-    return "SFT"
-
-
-def _example_input(tokenizer: PreTrainedTokenizerBase, task_type: str) -> str | None:
-    """The card's example conversation as the chat template renders it (with the answer for a reward model)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    if task_type == "SEQ_CLS":
-        return tokenizer.apply_chat_template(answered(EXAMPLE_QUESTION, EXAMPLE_ANSWER), tokenize=False)
-    return prompt_text(tokenizer, EXAMPLE_QUESTION)
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -307,121 +283,3 @@ def _redact(text: str) -> str:
         if token:
             text = text.replace(token, "***")
     return text
-
-
-def _format_metric(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "" if value is None else str(value)
-
-
-def _metrics_table(metrics: dict[str, Any]) -> list[str]:
-    rows = ["| metric | value |", "|---|---|"]
-    rows += [
-        f"| {key} | {_format_metric(value)} |" for key, value in metrics.items() if not isinstance(value, dict | list)
-    ]
-    return rows
-
-
-def model_card(info: dict[str, Any], output: str | os.PathLike) -> str:
-    """README.md for the merged model (Korean + English): provenance, metrics, dtype and how to load it."""
-    from kochat_trl import __version__
-
-    base = info["base_model"]
-    is_classifier = info["task_type"] == "SEQ_CLS"
-    auto_class = "AutoModelForSequenceClassification" if is_classifier else "AutoModelForCausalLM"
-    front = ["---", "library_name: transformers", "tags:", "- kochat-trl", "- korean", "- rlhf", "- merged-lora"]
-    if _HUB_ID.fullmatch(base) and not Path(base).exists():
-        front.append(f"base_model: {base}")  # the hub rejects a local path here
-    front += [
-        "language:",
-        "- ko",
-        f"pipeline_tag: {'text-classification' if is_classifier else 'text-generation'}",
-        "---",
-    ]
-    quantized = info["trained_quantized"]
-    lora = info["lora"]
-    lines = [
-        *front,
-        "",
-        f"# {Path(output).name}",
-        "",
-        f"LoRA 어댑터를 기반 모델에 병합한 모델입니다 (kochat-trl {__version__}). "
-        "peft 없이 transformers만으로 불러올 수 있습니다.",
-        "",
-        f"A LoRA adapter merged into its base model with kochat-trl {__version__}; "
-        "it loads with plain transformers, no peft needed.",
-        "",
-        "| 항목 / item | 값 / value |",
-        "|---|---|",
-        f"| 기반 모델 / base model | `{base}` |",
-        f"| 어댑터 / adapter | `{info['adapter']}` |",
-        f"| 단계 / stage | {info['stage']} |",
-        f"| 데이터 / data set | {info['dataset'] or 'unknown'} |",
-        f"| 프롬프트 템플릿 / template | {info['template'] or 'unknown'} |",
-        f"| 작업 / task | {info['task_type']} |",
-        f"| 저장 dtype / saved dtype | {info['dtype']} |",
-        f"| LoRA | r={lora['r']}, alpha={lora['lora_alpha']}, targets={_join(lora['target_modules'])}, "
-        f"modules_to_save={_join(lora['modules_to_save'])} |",
-    ]
-    if quantized:
-        lines.append(f"| 학습 시 양자화 / trained on | {quantized} base (QLoRA); merged into the full-precision base |")
-    for title, metrics in (
-        ("학습 지표 / training metrics", info["metrics"]),
-        ("추가 지표 / extra metrics", info["extra_metrics"]),
-    ):
-        if metrics:
-            lines += ["", f"## {title}", "", *_metrics_table(metrics)]
-    lines += [
-        "",
-        "## 사용법 / How to load",
-        "",
-        "토크나이저에 학습 때의 프롬프트 템플릿이 chat template으로 들어 있습니다: `apply_chat_template`으로 "
-        "형식을 맞추세요. / The tokenizer carries the training prompt template as its chat template: format "
-        "conversations with `apply_chat_template`.",
-        "",
-        "```python",
-        "import torch",
-        f"from transformers import AutoTokenizer, {auto_class}" + ("" if is_classifier else ", pipeline"),
-        "",
-        f'path = "{Path(output).name}"  # this folder or its hub repo id',
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        f"model = {auto_class}.from_pretrained(path, dtype=torch.{info['dtype']})",
-    ]
-    question, answer = json.dumps(EXAMPLE_QUESTION, ensure_ascii=False), json.dumps(EXAMPLE_ANSWER, ensure_ascii=False)
-    if is_classifier:
-        lines += [
-            f'messages = [{{"role": "user", "content": {question}}}, {{"role": "assistant", "content": {answer}}}]',
-            'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)',
-            "reward = model(**inputs).logits[0, 0].item()",
-        ]
-    else:
-        lines += [
-            f'messages = [{{"role": "user", "content": {question}}}]',
-            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
-            "return_dict=True)",
-            "output = model.generate(**inputs, max_new_tokens=64)",
-            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-            "",
-            "# the same through the transformers chat pipeline (it samples unless do_sample=False)",
-            'chat = pipeline("text-generation", model=path)',
-            'print(chat(messages, do_sample=False, max_new_tokens=64)[0]["generated_text"][-1]["content"])',
-        ]
-    lines += ["```", ""]
-    if info.get("example_input"):
-        what = "the conversation with its answer" if is_classifier else "the prompt"
-        lines += [
-            f"The chat template renders {what} as (template `{info['template']}`):",
-            "",
-            "```text",
-            info["example_input"],
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def _join(value: Any) -> str:
-    if not value:
-        return "-"
-    return ", ".join(sorted(set(value))) if isinstance(value, list | set | tuple) else str(value)

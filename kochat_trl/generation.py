@@ -1,12 +1,8 @@
-"""Generation: named decoding presets, batched answers, decoding metrics, a comparison report, chat.
+"""Generation: named decoding presets, `--gen` overrides and the `Generator` that loads a model and answers prompts.
 
 Every prompt is rendered by the tokenizer's chat template (the one the model was trained with, saved in its
 folder), like training did. Prompts are left-padded so a batch generates the same answers as one prompt at a
 time; only the new text is returned.
-
-Metrics tokenisation (documented because the numbers depend on it): distinct-n and the repeated
-n-gram rate count whitespace-separated words (`str.split()`, Korean eojeol); mean length counts
-the model tokenizer's generated tokens (before eos) and characters.
 """
 
 from __future__ import annotations
@@ -15,12 +11,11 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kochat_trl.errors import KochatError
-from kochat_trl.judge import JUDGE_KEYS
 from kochat_trl.templates import Message, prompt_text, saved_template_name
 
 # Presets fix the knobs that define the strategy (do_sample, num_beams, temperature, top_k, top_p),
@@ -35,9 +30,6 @@ DECODING_PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_STRATEGY = "greedy"
 DEFAULT_MAX_NEW_TOKENS = 64
-REPEAT_N = 2  # repeated n-gram rate counts word bigrams
-# Default comparison prompts: the held-out split of bundled:ppo made like recipes/configs/tiny/ppo.yaml.
-DEFAULT_PROMPTS_SOURCE, HELD_OUT_FRACTION, HELD_OUT_SEED, DEFAULT_PROMPT_COUNT = "bundled:ppo", 0.2, 42, 4
 
 
 def _unknown_strategy(name: str) -> KochatError:
@@ -103,7 +95,8 @@ class Generation:
         return [len(ids) for ids in self.token_ids]
 
 
-def _model_source_error(path: str, what: str) -> KochatError | None:
+def model_source_error(path: str, what: str) -> KochatError | None:
+    """A KochatError when `path` is neither an existing folder nor a hub id, else None."""
     if Path(path).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # a folder, or a hub id
         return None
     return KochatError(
@@ -131,7 +124,7 @@ class Generator:
 
         from kochat_trl.modeling import load_causal_lm, load_tokenizer
 
-        error = _model_source_error(str(model_path), "model")
+        error = model_source_error(str(model_path), "model")
         if error:
             raise error
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -214,342 +207,3 @@ class Generator:
         ids = set(configured if isinstance(configured, list) else [configured])
         ids.add(self.tokenizer.eos_token_id)
         return {token for token in ids if token is not None}
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[index : index + n]) for index in range(len(words) - n + 1)]
-
-
-def distinct_n(answers: Sequence[str], n: int) -> float:
-    """Unique word n-grams / all word n-grams, pooled over every answer (0.0 when there are none)."""
-    grams = [gram for answer in answers for gram in _ngrams(answer.split(), n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def repeated_ngram_rate(answers: Sequence[str], n: int = REPEAT_N) -> float:
-    """Per answer, the share of its word n-grams already seen earlier in it; averaged over answers with any.
-
-    Welleck et al. (2019)'s seq-rep-n: 1 - unique/total within one answer. 0.0 when no answer has an n-gram.
-    """
-    rates = []
-    for answer in answers:
-        grams = _ngrams(answer.split(), n)
-        if grams:
-            rates.append(1 - len(set(grams)) / len(grams))
-    return sum(rates) / len(rates) if rates else 0.0
-
-
-@dataclass
-class DecodingMetrics:
-    distinct_1: float
-    distinct_2: float
-    repeated_ngram_rate: float
-    mean_tokens: float
-    mean_chars: float
-    tokens_per_second: float
-    mean_reward: float | None = None
-    judge: dict[str, Any] | None = None  # kochat_trl.judge rates, when the prompts are known
-
-
-def decoding_metrics(
-    generation: Generation, rewards: Sequence[float] | None = None, prompts: Sequence[str] | None = None
-) -> DecodingMetrics:
-    """Diversity, repetition, length and speed of one strategy's answers (+ mean reward if scored, + the rule-based
-    judge's rates when the `prompts` they answer are given)."""
-    from kochat_trl.judge import judge_answers
-
-    answers, count = generation.answers, max(len(generation.answers), 1)
-    return DecodingMetrics(
-        distinct_1=distinct_n(answers, 1),
-        distinct_2=distinct_n(answers, 2),
-        repeated_ngram_rate=repeated_ngram_rate(answers, REPEAT_N),
-        mean_tokens=sum(generation.token_counts) / count,
-        mean_chars=sum(len(answer) for answer in answers) / count,
-        tokens_per_second=generation.generated_tokens / generation.seconds if generation.seconds > 0 else 0.0,
-        mean_reward=sum(rewards) / len(rewards) if rewards else None,
-        judge=judge_answers(prompts, answers) if prompts is not None else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparison
-
-
-@dataclass
-class StrategyResult:
-    strategy: str
-    kwargs: dict[str, Any]
-    answers: list[str]
-    metrics: DecodingMetrics
-    rewards: list[float] | None = None
-
-
-@dataclass
-class DecodingComparison:
-    """Every strategy's answers to the same prompts; `render_markdown` turns it into decoding.md."""
-
-    model: str
-    template: str
-    prompts: list[str]
-    results: list[StrategyResult]
-    max_new_tokens: int
-    seed: int
-    adapter: str | None = None
-    reward_model: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-def default_prompts(count: int = DEFAULT_PROMPT_COUNT) -> list[str]:
-    """The first `count` held-out bundled PPO prompts (the tiny PPO config's eval split)."""
-    from kochat_trl.data import load_stage_data, to_dataset_dict
-
-    rows = load_stage_data(DEFAULT_PROMPTS_SOURCE, "ppo").rows
-    held_out = to_dataset_dict(rows, HELD_OUT_FRACTION, HELD_OUT_SEED)["eval"]
-    return list(held_out["prompt"][:count])
-
-
-def load_prompts(source: str, limit: int | None = None) -> list[str]:
-    """Raw prompts from any layout the data module reads (prompt of each record)."""
-    from kochat_trl.data import load_stage_data
-
-    prompts = [row["prompt"] for row in load_stage_data(source, "ppo").rows]
-    return prompts[:limit] if limit else prompts
-
-
-def _load_reward(reward_model: str | tuple[Any, Any]) -> tuple[Any, Any]:
-    if isinstance(reward_model, tuple):
-        return reward_model
-    from trl import ModelConfig
-
-    from kochat_trl.modeling import load_reward_model, load_tokenizer
-
-    args = ModelConfig(model_name_or_path=str(reward_model))
-    try:
-        tokenizer = load_tokenizer(args)
-        return load_reward_model(args, tokenizer).eval(), tokenizer
-    except OSError as error:
-        raise KochatError(f"{reward_model}: cannot load the reward model ({error})".replace("\n", " ")) from None
-
-
-def compare_decoding(
-    model: str | Generator,
-    prompts: Sequence[str] | None = None,
-    strategies: Sequence[str] = tuple(DECODING_PRESETS),
-    *,
-    adapter: str | None = None,
-    template: str | None = None,
-    reward_model: str | tuple[Any, Any] | None = None,
-    overrides: dict[str, Any] | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int = 0,
-    batch_size: int = 8,
-) -> DecodingComparison:
-    """Answer the same prompts with each strategy (each seeded with `seed`) and measure the answers.
-
-    `model` is a model folder or a loaded `Generator`; `reward_model` a folder or a (model, tokenizer) pair that
-    scores each (prompt, answer) conversation in its own chat template; the judge rates every answer.
-    """
-    strategies = check_strategies(strategies)
-    if isinstance(reward_model, str) and (error := _model_source_error(reward_model, "reward model")):
-        raise error  # before the policy loads: a typo should fail fast
-    generator = model if isinstance(model, Generator) else Generator.load(model, adapter, template)
-    prompts = list(prompts) if prompts is not None else default_prompts()
-    if not prompts:
-        raise KochatError("no prompts to compare decoding on")
-    scorer = _load_reward(reward_model) if reward_model is not None else None
-    texts = [generator.format(prompt) for prompt in prompts]
-    results = []
-    for strategy in strategies:
-        generation = generator.generate(texts, strategy, overrides, max_new_tokens, seed, batch_size)
-        rewards = None
-        if scorer is not None:
-            from kochat_trl.rewards import score_answers
-
-            rewards = score_answers(scorer[0], scorer[1], prompts, generation.answers)
-        results.append(
-            StrategyResult(
-                strategy,
-                decoding_kwargs(strategy, overrides, max_new_tokens),
-                generation.answers,
-                decoding_metrics(generation, rewards, prompts),
-                rewards,
-            )
-        )
-    return DecodingComparison(
-        model=model if isinstance(model, str) else str(getattr(generator.model, "name_or_path", "model")),
-        template=generator.template_name or "none",
-        prompts=prompts,
-        results=results,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        adapter=adapter,
-        overrides=dict(overrides or {}),
-        reward_model=reward_model if isinstance(reward_model, str) else ("given" if reward_model else None),
-    )
-
-
-SUMMARY_COLUMNS = (
-    "strategy",
-    "mean reward",
-    "distinct-1",
-    "distinct-2",
-    f"repeated {REPEAT_N}-gram rate",
-    "mean tokens",
-    "mean chars",
-    "tokens/s",
-    *(f"judge: {name}" for name in ("broken", "hangul", "polite", "on-topic", "repeats")),
-)
-# The same columns, short enough for a terminal.
-SHORT_SUMMARY_COLUMNS = (
-    "strategy",
-    "reward",
-    "dist-1",
-    "dist-2",
-    f"rep-{REPEAT_N}",
-    "tokens",
-    "chars",
-    "tok/s",
-    "broken",
-    "hangul",
-    "polite",
-    "topic",
-    "repeat",
-)
-
-
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def summary_row(result: StrategyResult) -> list[str]:
-    """One summary table row as text; the terminal table and the Markdown both use it."""
-    metrics = result.metrics
-    reward = "n/a" if metrics.mean_reward is None else f"{metrics.mean_reward:.4f}"
-    return [
-        result.strategy,
-        reward,
-        f"{metrics.distinct_1:.4f}",
-        f"{metrics.distinct_2:.4f}",
-        f"{metrics.repeated_ngram_rate:.4f}",
-        f"{metrics.mean_tokens:.1f}",
-        f"{metrics.mean_chars:.1f}",
-        f"{metrics.tokens_per_second:.1f}",
-        *(_rate((metrics.judge or {}).get(key)) for key in JUDGE_KEYS),
-    ]
-
-
-def _cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "---") -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[align] * (len(header) - 1)]) + "|"]
-    return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
-
-
-def render_markdown(result: DecodingComparison) -> str:
-    """The comparison as Markdown: settings, a summary row per strategy, then each prompt's answers."""
-    setup = f"Model `{result.model}`" + (f" + adapter `{result.adapter}`" if result.adapter else "")
-    setup += f", template `{result.template}`, max_new_tokens {result.max_new_tokens}, seed {result.seed}"
-    setup += f", reward model `{result.reward_model}`." if result.reward_model else ", no reward model."
-    lines = ["# Decoding comparison", "", setup, "", "## Summary", ""]
-    lines += _table(SUMMARY_COLUMNS, [summary_row(item) for item in result.results], "---:")
-    lines += [
-        "",
-        f"distinct-n and repeated {REPEAT_N}-gram rate count whitespace-separated words; mean tokens "
-        "counts the model tokenizer's tokens before eos; tokens/s = generated tokens / wall time. judge (rule-based, "
-        "`kochat_trl.judge`): share of answers with a broken character (U+FFFD), mean Hangul share of letters, "
-        "share ending in 합니다체, share naming the asked topic (prompts about a bundled topic), share repeating a "
-        "word bigram.",
-        "",
-    ]
-    lines += _table(
-        ["strategy", "generate kwargs"], [[item.strategy, f"`{json.dumps(item.kwargs)}`"] for item in result.results]
-    )
-    lines += ["", "## Answers"]
-    for index, prompt in enumerate(result.prompts):
-        lines += ["", f"### {index + 1}. {prompt}", ""]
-        lines += _table(["strategy", "answer"], [[item.strategy, item.answers[index]] for item in result.results])
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Terminal chat
-
-CHAT_HELP = "commands: /reset (clear history), /strategy NAME (switch decoding), /exit"
-
-
-def _fit_history(generator: Generator, history: list[Message], max_new_tokens: int) -> str:
-    """The formatted conversation, dropping the oldest turns while it would overflow the context."""
-    limit = generator.context_limit()
-    while True:
-        text = generator.format(history)
-        too_long = limit is not None and len(generator.tokenizer(text)["input_ids"]) + max_new_tokens > limit
-        if not too_long or len(history) <= 1:
-            return text
-        del history[:2]  # the oldest user turn and its answer
-
-
-def chat_loop(
-    generator: Generator,
-    input_stream: IO[str],
-    output_stream: IO[str],
-    strategy: str = DEFAULT_STRATEGY,
-    overrides: dict[str, Any] | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    seed: int | None = 0,
-    prompt_marker: str = "> ",
-) -> int:
-    """Multi-turn chat over text streams until /exit, EOF or Ctrl-C; returns how many answers were given."""
-    check_strategies([strategy])
-    if seed is not None:
-        from transformers import set_seed
-
-        set_seed(seed)  # once: a session is reproducible, yet each turn samples afresh
-
-    def say(text: str) -> None:
-        output_stream.write(text + "\n")
-        output_stream.flush()
-
-    history: list[Message] = []
-    answers = 0
-    say(f"chat with template {generator.template_name}, strategy {strategy}; {CHAT_HELP}")
-    try:
-        while True:
-            output_stream.write(prompt_marker)
-            output_stream.flush()
-            line = input_stream.readline()
-            if not line:  # EOF
-                say("")
-                break
-            text = line.strip()
-            if not text:
-                continue
-            if text == "/exit":
-                break
-            if text == "/reset":
-                history.clear()
-                say("(history cleared)")
-            elif text.startswith("/strategy"):
-                name = text.removeprefix("/strategy").strip()
-                if name in DECODING_PRESETS:
-                    strategy = name
-                    say(f"(strategy: {strategy})")
-                else:
-                    say(f"unknown strategy {name!r}; presets: {', '.join(DECODING_PRESETS)}")
-            elif text.startswith("/"):
-                say(f"unknown command {text.split()[0]!r}; {CHAT_HELP}")
-            else:
-                history.append({"role": "user", "content": text})
-                prompt = _fit_history(generator, history, max_new_tokens)
-                answer = generator.generate([prompt], strategy, overrides, max_new_tokens).answers[0]
-                history.append({"role": "assistant", "content": answer})
-                answers += 1
-                say(answer)
-    except KeyboardInterrupt:
-        say("")
-    return answers

@@ -13,7 +13,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from kochat_trl import engines, rl
+from kochat_trl import engines
+from kochat_trl.rl.evaluation import (
+    adapter_disabled_reference,
+    policy_comparison,
+    repeat_each,
+    sample_and_score,
+    sequence_kl,
+)
 
 
 @dataclass
@@ -34,12 +41,12 @@ class HeldOutEvaluation:
 
     @property
     def prompts(self) -> list[list[int]]:
-        return rl.repeat_each(self.prompt_ids, self.samples_per_prompt)
+        return repeat_each(self.prompt_ids, self.samples_per_prompt)
 
     def _sample(self, policy: Any) -> tuple[list[list[int]], list[float]]:
         # Under ZeRO-3 every rank samples the same answers from the gathered weights (same seed).
         with engines.gathered(policy), engines.gathered(self.reward_model):
-            return rl.sample_and_score(
+            return sample_and_score(
                 policy,
                 self.reward_model,
                 self.tokenizer,
@@ -55,15 +62,15 @@ class HeldOutEvaluation:
         self._before = self._sample(policy)
 
     def compare(self, policy: Any, reference: Any, reference_ctx: Callable[[], Any]) -> dict[str, Any]:
-        """The trained policy against the SFT policy: rl.policy_comparison's metrics, with the KL to `reference`
+        """The trained policy against the SFT policy: policy_comparison's metrics, with the KL to `reference`
         (computed inside `reference_ctx()`: the adapter disabled, or nothing for a separate model)."""
         if self._before is None:
             raise RuntimeError("score_before() must run before training")
         before, scores_before = self._before
         after, scores_after = self._sample(policy)
         with engines.gathered(policy), engines.gathered(reference) if reference is not policy else nullcontext():
-            kl = rl.sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
-        return rl.policy_comparison(
+            kl = sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
+        return policy_comparison(
             self.tokenizer,
             self.queries,
             before,
@@ -80,5 +87,5 @@ def trained_and_reference(trainer: Any, load_sft: Callable[[], Any]) -> tuple[An
     """After a Trainer-based stage: the trained policy, the SFT policy the KL is measured against, and the context
     to compute that one in: the policy with its LoRA adapter disabled, else the SFT model loaded again (`load_sft`)."""
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    reference = rl.adapter_disabled_reference(trainer)
+    reference = adapter_disabled_reference(trainer)
     return (trained, *reference) if reference else (trained, load_sft(), nullcontext)

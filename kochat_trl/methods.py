@@ -18,22 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kochat_trl.config_files import bundled_configs
 from kochat_trl.console import say
 from kochat_trl.errors import ConfigError, KochatError
 from kochat_trl.judge import JUDGE_KEYS
-from kochat_trl.outputs import write_json_atomic, write_text_atomic
-from kochat_trl.runs import METRICS_FILE, read_json, stage_finished
+from kochat_trl.outputs import METRICS_FILE, read_json, stage_finished, write_json_atomic, write_text_atomic
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIGS = REPO_ROOT / "recipes" / "configs" / "tiny"
 METHODS = ("ppo", "rloo", "grpo", "dpo", "kto", "orpo")
+# The recipe module that trains each method (given --trainer METHOD, except PPO's).
 RECIPE_OF_METHOD = {
-    "ppo": "ppo.py",
-    "rloo": "rl.py",
-    "grpo": "rl.py",
-    "dpo": "dpo.py",
-    "kto": "dpo.py",
-    "orpo": "dpo.py",
+    "ppo": "kochat_trl.recipes.ppo",
+    "rloo": "kochat_trl.recipes.rl",
+    "grpo": "kochat_trl.recipes.rl",
+    "dpo": "kochat_trl.recipes.dpo",
+    "kto": "kochat_trl.recipes.dpo",
+    "orpo": "kochat_trl.recipes.dpo",
 }
 ROW_KEYS = (
     "method",
@@ -73,7 +72,8 @@ def _train(method: str, run_dir: Path, configs: Path, verbose: bool) -> dict[str
         raise ConfigError(f"{config}: no {method} config in {configs}")
     command = [
         sys.executable,
-        str(REPO_ROOT / "recipes" / RECIPE_OF_METHOD[method]),
+        "-m",
+        RECIPE_OF_METHOD[method],
         "--config",
         str(config),
         "--model_name_or_path",
@@ -84,11 +84,11 @@ def _train(method: str, run_dir: Path, configs: Path, verbose: bool) -> dict[str
         str(run_dir / method),
         "--overwrite",
         "true",
-        *(["--trainer", method] if RECIPE_OF_METHOD[method] != "ppo.py" else []),
+        *(["--trainer", method] if method != "ppo" else []),
         *(["--verbose", "true"] if verbose else []),
     ]
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT)
+    process = subprocess.Popen(command)
     _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory, not the largest of all children
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
@@ -133,7 +133,7 @@ def compare_methods(
 ) -> list[dict[str, Any]]:
     """Train what is missing, then write the comparison to `output` (default RUN_DIR/methods); returns the rows."""
     run_dir = Path(run_dir)
-    configs = Path(configs) if configs else TINY_CONFIGS
+    configs = Path(configs) if configs else bundled_configs("tiny")
     _check_run(run_dir)
     for method in methods:
         if stage_finished(run_dir / method):

@@ -1,4 +1,4 @@
-"""Output folders: refuse to clobber, write atomically (temp folder + rename)."""
+"""Output folders: refuse to clobber, write atomically (temp folder + rename), tell a finished stage folder."""
 
 from __future__ import annotations
 
@@ -60,3 +60,18 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
     """JSON with Korean kept readable (ensure_ascii=False), written atomically."""
     return write_text_atomic(json.dumps(data, ensure_ascii=False, indent=2) + "\n", path)
+
+
+# A stage folder is finished when its metrics file exists: the recipes write it last (kochat_trl.runs.finish_run).
+METRICS_FILE = "metrics.json"
+
+
+def stage_finished(output_dir: str | os.PathLike) -> bool:
+    """Whether the stage that writes to `output_dir` finished (its metrics file is there)."""
+    return (Path(output_dir) / METRICS_FILE).is_file()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`, or None when the file is not there."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -1,8 +1,8 @@
 """The whole of RLHF in one command: SFT → reward model → PPO → merge → decoding comparison → report.
 
-Each training stage runs its recipe (`recipes/<stage>.py`) with the stage's YAML plus the paths that chain
+Each training stage runs its recipe (`kochat_trl.recipes.<stage>`) with the stage's YAML plus the paths that chain
 the stages: the recipe's own `main()` in this process (imports paid once), or, when a `launcher` is
-configured (`accelerate launch …`), the recipe script in a child process exactly as a user runs it. A stage
+configured (`accelerate launch …`), the recipe module in a child process exactly as a user runs it. A stage
 whose folder holds `metrics.json` (written last) is finished and skipped on rerun, so a crashed run
 continues; an unfinished stage with a complete `checkpoint-N` resumes from the newest one instead of
 starting over.
@@ -14,27 +14,34 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from kochat_trl.config_files import bundled_config, resolve_config
 from kochat_trl.console import say
 from kochat_trl.errors import ConfigError, KochatError
-from kochat_trl.outputs import check_output_dir, write_json_atomic, write_text_atomic
-from kochat_trl.runs import METRICS_FILE, read_json, stage_finished
+from kochat_trl.outputs import (
+    METRICS_FILE,
+    check_output_dir,
+    read_json,
+    stage_finished,
+    write_json_atomic,
+    write_text_atomic,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "tiny" / "pipeline.yaml"
-TRAINING_STAGES = ("sft", "rm", "ppo")
-RECIPE_OF_STAGE = {"sft": "sft.py", "rm": "reward.py", "ppo": "ppo.py"}
+DEFAULT_CONFIG = bundled_config("tiny/pipeline.yaml")
+TRAINING_STAGES = ("sft", "rm", "ppo")  # also the `kochat-trl` commands that train them
 STATE_FILE = "pipeline_state.json"
 
 
 @dataclass
 class PipelineConfig:
-    """What `recipes/configs/<model>/pipeline.yaml` holds (paths relative to the repository root)."""
+    """What a pipeline YAML (e.g. the bundled `tiny/pipeline.yaml`) holds. A stage's recipe config is found next to
+    the pipeline file, else from the current folder, else among the bundled configs; other paths are relative to
+    the current folder."""
 
     output_dir: str = "runs/tiny"
     base_model: str | None = None  # None: build the embedded tiny default into OUTPUT_DIR/base
@@ -50,9 +57,7 @@ class PipelineConfig:
     def load(cls, path: str | os.PathLike) -> PipelineConfig:
         import yaml
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: pipeline config not found")
+        path = resolve_config(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
@@ -76,14 +81,11 @@ class PipelineConfig:
         for stage, recipe_config in config.stages.items():
             if stage not in TRAINING_STAGES:
                 raise ConfigError(f"{path}: unknown stage {stage!r}; stages are {', '.join(TRAINING_STAGES)}")
-            if not _in_repo(recipe_config).is_file():
-                raise ConfigError(f"{path}: stages.{stage}: {recipe_config} not found")
+            try:
+                config.stages[stage] = str(resolve_config(recipe_config, relative_to=path.parent))
+            except ConfigError as error:
+                raise ConfigError(f"{path}: stages.{stage}: {error}") from None
         return config
-
-
-def _in_repo(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def _stage_arguments(stage: str, run_dir: Path, base: Path, resume: bool = False) -> list[str]:
@@ -117,12 +119,12 @@ def run_stage(
 ) -> None:
     """Run one recipe: in this process, or with the configured launcher in a child process (its output streams to
     the console as it trains). `resume`: continue from the newest complete checkpoint in the stage folder."""
-    recipe = REPO_ROOT / "recipes" / RECIPE_OF_STAGE[stage]
-    if not recipe.is_file():
-        raise KochatError(f"{recipe}: recipe not found; run the pipeline from a source checkout (pip install -e .)")
+    from kochat_trl.recipes import recipe_module
+
+    recipe = recipe_module(stage)
     arguments = [
         "--config",
-        str(_in_repo(config.stages[stage])),
+        config.stages[stage],
         *_stage_arguments(stage, run_dir, base, resume),
         *_override_arguments(config.overrides.get(stage, {})),
         *(["--verbose", "true"] if verbose else []),
@@ -130,10 +132,10 @@ def run_stage(
     if not config.launcher:
         _run_in_process(stage, recipe, arguments, run_dir)
         return
-    command = [*config.launcher, str(recipe), *arguments]
+    command = [*config.launcher, "-m", recipe.__name__, *arguments]
     if verbose:
-        print(f"[kochat-trl] {stage}: {' '.join(command)}", flush=True)
-    result = subprocess.run(command, cwd=REPO_ROOT)
+        say(f"{stage}: {' '.join(command)}")
+    result = subprocess.run(command)
     if result.returncode != 0:
         raise KochatError(
             f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
@@ -141,18 +143,12 @@ def run_stage(
         )
 
 
-def _run_in_process(stage: str, recipe: Path, arguments: list[str], run_dir: Path) -> None:
-    """The recipe's `main()` with its parsed arguments, as `python recipes/<stage>.py ...` would call it."""
-    import importlib.util
+def _run_in_process(stage: str, recipe: ModuleType, arguments: list[str], run_dir: Path) -> None:
+    """The recipe's `main()` with its parsed arguments, as `kochat-trl <stage> ...` would call it."""
+    from kochat_trl.parsing import parse_recipe_args
 
-    from kochat_trl.runs import parse_recipe_args
-
-    spec = importlib.util.spec_from_file_location(f"kochat_recipe_{stage}", recipe)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
     try:
-        module.main(*parse_recipe_args(module.make_parser(), arguments))
+        recipe.main(*parse_recipe_args(recipe.make_parser(), arguments))
     except KochatError as error:
         raise KochatError(f"stage {stage}: {error}; finished stages in {run_dir} are kept") from None
 
@@ -177,7 +173,7 @@ def _export(run_dir: Path) -> str:
 
 
 def _decoding(run_dir: Path, config: PipelineConfig) -> str:
-    from kochat_trl.generation import compare_decoding, default_prompts, render_markdown
+    from kochat_trl.decoding_report import compare_decoding, default_prompts, render_markdown
 
     result = compare_decoding(
         str(run_dir / "merged" / "policy"),
@@ -299,7 +295,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or continue) the pipeline; returns report.json's content."""
     config = PipelineConfig.load(config_path or DEFAULT_CONFIG)
-    run_dir = Path(output_dir or _in_repo(config.output_dir))
+    run_dir = Path(output_dir or config.output_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / STATE_FILE).is_file() and not overwrite:
         check_output_dir(run_dir, overwrite=False)  # not a pipeline folder: refuse to write into it
     if overwrite and run_dir.exists():
@@ -339,9 +335,7 @@ def run_pipeline(
         from kochat_trl.methods import compare_methods
 
         started = time.perf_counter()
-        compare_methods(
-            run_dir, ["ppo", *config.methods], configs=_in_repo(config.stages["ppo"]).parent, verbose=verbose
-        )
+        compare_methods(run_dir, ["ppo", *config.methods], configs=Path(config.stages["ppo"]).parent, verbose=verbose)
         wall_time["methods"] = round(time.perf_counter() - started, 2)
     for step, action in (("merge", lambda: _export(run_dir)), ("decoding", lambda: _decoding(run_dir, config))):
         started = time.perf_counter()

@@ -1,5 +1,4 @@
-"""Direct preference optimisation from ranked answers: TRL's DPO and KTO trainers, and ORPO (trl.experimental,
-through kochat_trl.rl).
+"""Direct preference optimisation from ranked answers: TRL's DPO and KTO trainers, and ORPO (via kochat_trl.rl).
 
 The same ranking data as the reward model (kochat_trl.data's rm layout: every ordered pair of a ranking, ties
 skipped) feeds DPO and ORPO as conversational preference pairs; KTO takes it unpaired: an answer that is
@@ -49,7 +48,7 @@ def preference_classes(name: str) -> tuple[type, type]:
 
         return KTOConfig, KTOTrainer
     if name == "orpo":
-        from kochat_trl.rl import orpo_classes
+        from kochat_trl.rl.orpo import orpo_classes
 
         return orpo_classes()
     raise ConfigError(f"trainer must be one of {', '.join(PREFERENCE_TRAINERS)}, got {name!r}")

@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from kochat_trl.errors import Stopped
+from kochat_trl.errors import ConfigError, Stopped
 
 TRAINER_STATE_FILE = "trainer_state.json"  # HF writes it last into a checkpoint: present = checkpoint complete
 VALUE_SUBDIR = "value"  # PPO checkpoints keep the value model (adapter or full) here
@@ -62,6 +62,35 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and child.is_dir():
             steps.append((int(step), child))
     return next((path for _, path in sorted(steps, reverse=True) if is_complete_checkpoint(path)), None)
+
+
+def resume_requested(training_args: Any) -> bool:
+    """Whether resume_from_checkpoint is set (to a path, true or last)."""
+    value = training_args.resume_from_checkpoint
+    return value not in (None, False) and str(value).lower() not in ("", "false", "none")
+
+
+def resume_checkpoint(training_args: Any) -> str | None:
+    """`resume_from_checkpoint`: a path, or true/last for the newest complete checkpoint in output_dir."""
+    if not resume_requested(training_args):
+        return None
+    value = training_args.resume_from_checkpoint
+    if str(value).lower() in ("true", "last"):
+        last = last_complete_checkpoint(training_args.output_dir)
+        if last is None:
+            raise ConfigError(
+                f"{training_args.output_dir}: no complete checkpoint-* folder to resume from; "
+                "drop --resume_from_checkpoint to start from the beginning"
+            )
+        return str(last)
+    if not Path(value).is_dir():
+        raise ConfigError(f"{value}: resume_from_checkpoint is not a checkpoint folder")
+    if not is_complete_checkpoint(value):
+        raise ConfigError(
+            f"{value}: checkpoint is incomplete (its save was cut short: no trainer_state.json); "
+            "resume from an earlier checkpoint"
+        )
+    return str(value)
 
 
 class StoppedAtOnce(KeyboardInterrupt):

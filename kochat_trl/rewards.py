@@ -1,5 +1,7 @@
-"""Scoring answers with a reward model, the way it was trained: the conversation rendered by its chat template
-(prompt, answer, eos), the score read at the last token."""
+"""Scoring answers with a reward model the way it was trained, through its chat template.
+
+The conversation is rendered by the tokenizer's chat template (prompt, answer, eos) and the score read at the last
+token."""
 
 from __future__ import annotations
 

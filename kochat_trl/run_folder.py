@@ -17,7 +17,7 @@ from typing import Any
 
 from kochat_trl.errors import KochatError
 from kochat_trl.methods import METHODS
-from kochat_trl.runs import METRICS_FILE, read_json, stage_finished
+from kochat_trl.outputs import METRICS_FILE, read_json, stage_finished
 
 PIPELINE_STAGES = ("sft", "rm", "ppo")
 STATE_FILE = "pipeline_state.json"  # = kochat_trl.pipeline.STATE_FILE (not imported: pipeline pulls in more)
@@ -199,7 +199,7 @@ def stage_datasets(run: RunFolder, limit: int = 5) -> list[StageData]:
 def held_out_prompts(run: RunFolder, count: int | None = None) -> list[str]:
     """The prompts PPO held out (its config's data source, eval split and seed), else the bundled default split."""
     from kochat_trl.data import load_stage_data, to_dataset_dict
-    from kochat_trl.generation import HELD_OUT_FRACTION, HELD_OUT_SEED, default_prompts
+    from kochat_trl.decoding_report import HELD_OUT_FRACTION, HELD_OUT_SEED, default_prompts
 
     config = run.stage_config("ppo")
     if not config.get("dataset_name"):

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kochat_trl.data import bundled_data_path
+from kochat_trl.data_readers import bundled_data_path
 from kochat_trl.outputs import atomic_output_dir
 from kochat_trl.templates import answered, get_template, install_template, user_turn
 

@@ -21,12 +21,11 @@ if TYPE_CHECKING:
 def _split(
     loaded: LoadedData, rows: list[dict[str, Any]], eval_fraction: float, seed: int, max_samples: int | None
 ) -> DatasetDict:
-    from kochat_trl.runs import is_main_process
+    from kochat_trl.console import say
 
     if max_samples is not None:
         rows = rows[:max_samples]
-    if is_main_process():
-        print(f"[kochat-trl] {loaded.summary()}")
+    say(loaded.summary())
     return to_dataset_dict(rows, eval_fraction, seed)
 
 

@@ -38,23 +38,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIGS = REPO / "recipes" / "configs" / "tiny"
+TINY_CONFIGS = REPO / "kochat_trl" / "configs" / "tiny"
 
 
 def load_recipe(name: str):
-    """Import recipes/NAME.py (recipes are scripts, not a package)."""
-    import importlib.util
+    """The recipe module kochat_trl.recipes.NAME (sft, reward, ppo, rl, dpo)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"kochat_trl.recipes.{name}")
 
 
 def run_recipe(name: str, config: str, *overrides: str) -> dict:
-    """Run a recipe in-process exactly as `python recipes/NAME.py --config CONFIG ...` would."""
-    from kochat_trl.runs import parse_recipe_args
+    """Run a recipe in-process exactly as `python -m kochat_trl.recipes.NAME --config CONFIG ...` would."""
+    from kochat_trl.parsing import parse_recipe_args
 
     module = load_recipe(name)
     argv = ["--config", str(TINY_CONFIGS / config), "--disable_tqdm", "true", *overrides]

@@ -10,19 +10,21 @@ state), the wrapper type, the world size, the trainable parameter count, and the
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import runpy
 import sys
 from pathlib import Path
 
 recipe, record_dir = sys.argv[1], Path(sys.argv[2])
 sys.argv = [recipe, *sys.argv[3:]]
-recipe_globals = runpy.run_path(recipe)  # defines main/make_parser; its __main__ block does not run
+# recipes/NAME.py names the packaged recipe kochat_trl.recipes.NAME (its __main__ block does not run on import).
+recipe_module = importlib.import_module(f"kochat_trl.recipes.{Path(recipe).stem}")
 
 from transformers import Trainer, set_seed  # noqa: E402
 
-from kochat_trl import engines, rl  # noqa: E402
+from kochat_trl import engines  # noqa: E402
+from kochat_trl.rl import ppo as rl_ppo  # noqa: E402
 from kochat_trl.runs import run_recipe  # noqa: E402
 
 seen: dict = {}
@@ -44,17 +46,17 @@ def recording(train):
 
 
 Trainer.train = recording(Trainer.train)
-rl._LoggingPPOTrainer.train = recording(rl._LoggingPPOTrainer.train)
+rl_ppo._LoggingPPOTrainer.train = recording(rl_ppo._LoggingPPOTrainer.train)
 
 
 def main(script_args, training_args, model_args):
     # The reward model's new score head is drawn from the global RNG before the Trainer seeds it.
     set_seed(training_args.seed)
-    metrics = recipe_globals["main"](script_args, training_args, model_args)
+    metrics = recipe_module.main(script_args, training_args, model_args)
     record_dir.mkdir(parents=True, exist_ok=True)
     rank = os.environ.get("RANK", "0")
     (record_dir / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, **seen}, default=str))
     return metrics
 
 
-run_recipe(recipe_globals["make_parser"], main)
+run_recipe(recipe_module.make_parser, main)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_recipe
 
+from kochat_trl.parsing import parse_recipe_args
 from kochat_trl.pipeline import PipelineConfig
-from kochat_trl.runs import parse_recipe_args
 from kochat_trl.templates import check_template_name
 
-CONFIGS = sorted((REPO / "recipes" / "configs").glob("*/*.yaml"))
+CONFIGS = sorted((REPO / "kochat_trl" / "configs").glob("*/*.yaml"))
 RECIPE_OF = {
     "sft": "sft",
     "reward": "reward",
@@ -29,7 +29,7 @@ MODELS = ("tiny", "kogpt2", "polyglot-ko-1.3b", "polyglot-ko-5.8b", "exaone-4.0-
 
 def test_every_model_has_the_three_stage_configs():
     for model in MODELS:
-        stems = {path.stem for path in (REPO / "recipes" / "configs" / model).glob("*.yaml")}
+        stems = {path.stem for path in (REPO / "kochat_trl" / "configs" / model).glob("*.yaml")}
         assert stems >= {"sft", "reward", "ppo", "dpo", "kto", "orpo"}, model
 
 
@@ -50,19 +50,19 @@ def test_recipe_config_parses(path: Path):
 
 
 def test_pipeline_config_loads():
-    config = PipelineConfig.load(REPO / "recipes" / "configs" / "tiny" / "pipeline.yaml")
+    config = PipelineConfig.load(REPO / "kochat_trl" / "configs" / "tiny" / "pipeline.yaml")
     assert config.base_model is None and set(config.stages) == {"sft", "rm", "ppo"}
 
 
 def test_shared_base_pipeline_config_chains_the_lora_reward_model_into_shared_ppo():
     import yaml
 
-    config = PipelineConfig.load(REPO / "recipes" / "configs" / "tiny" / "pipeline_shared.yaml")
+    config = PipelineConfig.load(REPO / "kochat_trl" / "configs" / "tiny" / "pipeline_shared.yaml")
     assert config.stages["rm"].endswith("reward_lora.yaml") and config.stages["ppo"].endswith("ppo_shared.yaml")
     rm, ppo = (yaml.safe_load((REPO / path).read_text()) for path in (config.stages["rm"], config.stages["ppo"]))
     assert rm["use_peft"] is True and ppo["shared_base"] is True
     for model in ("polyglot-ko-1.3b", "polyglot-ko-5.8b", "exaone-4.0-1.2b"):  # LoRA everywhere: shared by default
-        folder = REPO / "recipes" / "configs" / model
+        folder = REPO / "kochat_trl" / "configs" / model
         rm, ppo = (yaml.safe_load((folder / name).read_text()) for name in ("reward.yaml", "ppo.yaml"))
         assert ppo["shared_base"] is True and rm["use_peft"] is True
         assert rm["model_name_or_path"] == ppo["model_name_or_path"] == f"runs/{model}/sft-merged"

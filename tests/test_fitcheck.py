@@ -10,19 +10,12 @@ import pytest
 import torch
 
 from kochat_trl.errors import KochatError
-from kochat_trl.fitcheck import (
-    GIB,
-    FitSettings,
-    activation_bytes,
-    estimate,
-    lora_param_count,
-    model_shape,
-    parse_memory,
-    resolve_model_config,
-    suggest,
-    trainable_params,
-    weight_bytes,
-)
+from kochat_trl.fitcheck.estimate import estimate
+from kochat_trl.fitcheck.memory import activation_bytes, lora_param_count, trainable_params, weight_bytes
+from kochat_trl.fitcheck.presets import resolve_model_config
+from kochat_trl.fitcheck.settings import GIB, FitSettings, parse_memory
+from kochat_trl.fitcheck.shape import model_shape
+from kochat_trl.fitcheck.suggest import suggest
 
 KOGPT2 = "skt/kogpt2-base-v2"
 POLYGLOT_1_3B = "EleutherAI/polyglot-ko-1.3b"

@@ -13,20 +13,11 @@ import pytest
 import torch
 from conftest import plain_reward
 
-from kochat_trl import generation
+from kochat_trl import decoding_report
+from kochat_trl.chat import chat_loop
 from kochat_trl.cli import main
-from kochat_trl.generation import (
-    DECODING_PRESETS,
-    Generation,
-    Generator,
-    chat_loop,
-    decoding_kwargs,
-    decoding_metrics,
-    distinct_n,
-    parse_generate_overrides,
-    render_markdown,
-    repeated_ngram_rate,
-)
+from kochat_trl.decoding_report import decoding_metrics, distinct_n, render_markdown, repeated_ngram_rate
+from kochat_trl.generation import DECODING_PRESETS, Generation, Generator, decoding_kwargs, parse_generate_overrides
 from kochat_trl.judge import JUDGE_KEYS
 
 PROMPTS = ["안녕하세요", "화성은 무엇인가요? 태양계에서 몇 번째 행성인지 자세히 설명해 주세요."]
@@ -180,8 +171,10 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     captured = []
-    real = generation.compare_decoding
-    monkeypatch.setattr(generation, "compare_decoding", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    real = decoding_report.compare_decoding
+    monkeypatch.setattr(
+        decoding_report, "compare_decoding", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
+    )
     output = tmp_path / "decoding.md"
     args = [
         "compare-decoding",
@@ -202,7 +195,7 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     markdown = output.read_text(encoding="utf-8")
     assert markdown == render_markdown(result)
 
-    assert result.prompts == generation.default_prompts() and len(result.prompts) == 4
+    assert result.prompts == decoding_report.default_prompts() and len(result.prompts) == 4
     assert [item.strategy for item in result.results] == ["greedy", "beam", "top_p"]
     rows = summary_rows(markdown)
     assert list(rows) == ["greedy", "beam", "top_p"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kochat_trl.data import bundled_data_path
+from kochat_trl.data_readers import bundled_data_path
 from kochat_trl.judge import JUDGE_KEYS, asked_topic, judge_answer, judge_answers, topic_names
 
 GOOD = "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다."

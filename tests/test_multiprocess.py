@@ -273,8 +273,9 @@ def test_cpu_launch_without_use_cpu_stops_with_one_line_error(tiny_model_dir, tm
 def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, environment, flag, sharding):
     from trl import ModelConfig
 
+    from kochat_trl.arguments import KochatArguments
     from kochat_trl.errors import ConfigError
-    from kochat_trl.runs import KochatArguments, prepare_run
+    from kochat_trl.runs import prepare_run
 
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -306,7 +307,7 @@ def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, 
     ],
 )
 def test_parameter_sharding_reads_the_launcher(monkeypatch, environment, fsdp_argument, expected):
-    from kochat_trl.runs import parameter_sharding
+    from kochat_trl.checks import parameter_sharding
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(name, raising=False)
@@ -330,11 +331,11 @@ recipe_globals = runpy.run_path(recipe)
 
 import torch.distributed as dist
 import trl.experimental.ppo.ppo_trainer as ppo_module
-from kochat_trl import rl
+from kochat_trl.rl import ppo as rl_ppo
 from kochat_trl.runs import run_recipe
 
 seen = {"rollouts": []}
-original_train_ppo, original_generation = rl.train_ppo, ppo_module.batch_generation
+original_train_ppo, original_generation = rl_ppo.train_ppo, ppo_module.batch_generation
 
 def train_ppo(trainer, *args, **kwargs):
     original_train_ppo(trainer, *args, **kwargs)
@@ -351,7 +352,7 @@ def batch_generation(model, queries, chunk, pad_token_id, *args, **kwargs):
                              "responses": unpadded(query_responses[:, queries.shape[1]:])})
     return query_responses, logits
 
-rl.train_ppo = train_ppo  # the recipe imports kochat_trl.rl inside main(), so it calls this
+rl_ppo.train_ppo = train_ppo  # the recipe imports kochat_trl.rl.ppo inside main(), so it calls this
 ppo_module.batch_generation = batch_generation
 
 def main(script_args, training_args, model_args):

@@ -14,7 +14,8 @@ from conftest import REPO, plain_reward
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from kochat_trl.cli import main
-from kochat_trl.generation import Generator, default_prompts
+from kochat_trl.decoding_report import default_prompts
+from kochat_trl.generation import Generator
 from kochat_trl.judge import JUDGE_KEYS
 from kochat_trl.templates import saved_template_name
 
@@ -36,7 +37,7 @@ def run_copy(pipeline_run, tmp_path):
 @pytest.fixture()
 def quick_ppo_config(tmp_path) -> str:
     """The tiny pipeline config with a short PPO (a redone PPO stage only has to run, not to learn here)."""
-    config = yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / "pipeline.yaml").read_text())
+    config = yaml.safe_load((REPO / "kochat_trl" / "configs" / "tiny" / "pipeline.yaml").read_text())
     config["overrides"] = {"ppo": {"total_episodes": 64, "eval_prompts": 8, "eval_samples_per_prompt": 1}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -111,7 +112,7 @@ def test_what_a_person_reads_has_no_broken_character(run):
 def test_sft_answers_held_out_questions_with_the_bundled_sentences(run):
     """Readable, not just unbroken: for held-out questions about a topic SFT saw (including question forms it never
     saw), the greedy answer opens with that topic's bundled first sentence."""
-    from kochat_trl.data import bundled_data_path
+    from kochat_trl.data_readers import bundled_data_path
     from kochat_trl.judge import asked_topic
 
     first = {}
@@ -176,7 +177,7 @@ def test_plain_transformers_clients_get_the_projects_answers_and_scores(run, cap
     config carries eos and pad for serving clients (vLLM, TGI)."""
     from transformers import pipeline
 
-    from kochat_trl.generation import _load_reward
+    from kochat_trl.decoding_report import _load_reward
     from kochat_trl.rewards import score_answers, score_responses
     from kochat_trl.templates import prompt_ids
 

@@ -67,14 +67,15 @@ def test_reference_is_the_sft_policy_with_the_adapter_disabled(ppo_run, tiny_sta
 def test_policy_equals_reference_at_step_zero(tiny_stages):
     from trl import ModelConfig
 
-    from kochat_trl import modeling, rl
+    from kochat_trl import modeling
+    from kochat_trl.rl.ppo import PPOConfig, build_ppo_trainer, reference_context
     from kochat_trl.training_data import prompt_dataset
 
     model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
     data = prompt_dataset("bundled:ppo", tokenizer, 0.0, 0, max_samples=8)
     rm_args = ModelConfig(model_name_or_path=str(tiny_stages["rm"]))
-    args = rl.PPOConfig(
+    args = PPOConfig(
         output_dir=str(tiny_stages["root"] / "ppo-step0"),
         per_device_train_batch_size=4,
         total_episodes=8,
@@ -83,7 +84,7 @@ def test_policy_equals_reference_at_step_zero(tiny_stages):
         response_length=8,
     )
     policy = modeling.load_causal_lm(model_args, tokenizer)
-    trainer = rl.build_ppo_trainer(
+    trainer = build_ppo_trainer(
         args,
         tokenizer,
         policy,
@@ -98,7 +99,7 @@ def test_policy_equals_reference_at_step_zero(tiny_stages):
     ids = torch.tensor([data["train"][0]["input_ids"]])
     with torch.no_grad():
         policy_logits = model(input_ids=ids).logits
-        with rl.reference_context(trainer):
+        with reference_context(trainer):
             reference_logits = model(input_ids=ids).logits
     fresh = AutoModelForCausalLM.from_pretrained(tiny_stages["sft"]).eval()
     with torch.no_grad():

@@ -123,7 +123,7 @@ def test_pipeline_with_methods_shows_the_table(methods_run, tmp_path):
 
 def test_with_lora_the_reference_is_the_sft_model_at_step_zero(tiny_stages, tmp_path):
     from kochat_trl import modeling, preference
-    from kochat_trl.runs import parse_recipe_args
+    from kochat_trl.parsing import parse_recipe_args
 
     recipe = load_recipe("dpo")
     script_args, training_args, model_args = parse_recipe_args(

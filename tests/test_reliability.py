@@ -558,9 +558,10 @@ def test_every_range_names_a_field_of_its_class_and_its_default_is_in_range():
     from transformers import TrainingArguments
     from trl import DPOConfig, GRPOConfig, KTOConfig, ModelConfig, RewardConfig, RLOOConfig, SFTConfig
 
-    from kochat_trl import rl
+    from kochat_trl.arguments import KochatArguments, RLArguments
     from kochat_trl.ranges import RANGES, violation
-    from kochat_trl.runs import KochatArguments, RLArguments
+    from kochat_trl.rl.orpo import orpo_classes
+    from kochat_trl.rl.ppo import PPOConfig
 
     classes = [
         TrainingArguments,
@@ -568,8 +569,8 @@ def test_every_range_names_a_field_of_its_class_and_its_default_is_in_range():
         RewardConfig,
         DPOConfig,
         KTOConfig,
-        rl.orpo_classes()[0],
-        rl.PPOConfig,
+        orpo_classes()[0],
+        PPOConfig,
         RLOOConfig,
         GRPOConfig,
         ModelConfig,
@@ -810,7 +811,13 @@ def signalled_sft(
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.time() + 240
-    while not (output / "checkpoint-3" / "trainer_state.json").is_file() and child.poll() is None:
+    # Complete means the step's on_save callbacks ran too: trainer_state.json is written before them, and a signal
+    # in between is handled at step 3 (NoPickleCheckpoints, which deletes training_args.bin, runs just before the
+    # interrupt callback).
+    checkpoint = output / "checkpoint-3"
+    while child.poll() is None and not (
+        (checkpoint / "trainer_state.json").is_file() and not (checkpoint / "training_args.bin").exists()
+    ):
         assert time.time() < deadline, "no checkpoint-3"
         time.sleep(0.005)
     for index, signum in enumerate(signals):
@@ -1115,7 +1122,7 @@ def test_loaders_never_trust_remote_code_by_default():
     from trl import ModelConfig
 
     from kochat_trl.modeling import model_init_kwargs
-    from kochat_trl.runs import parse_recipe_args
+    from kochat_trl.parsing import parse_recipe_args
 
     assert model_init_kwargs(ModelConfig(model_name_or_path="x"))["trust_remote_code"] is False
     for recipe, config in (("sft", "sft.yaml"), ("reward", "reward.yaml"), ("ppo", "ppo.yaml")):
@@ -1128,7 +1135,7 @@ def test_loaders_never_trust_remote_code_by_default():
 def test_trust_remote_code_set_in_a_config_reaches_the_loaders():
     # trl keeps the flag on SFTConfig/RewardConfig, not on ModelConfig, which is what the loaders read.
     from kochat_trl.modeling import model_init_kwargs
-    from kochat_trl.runs import parse_recipe_args
+    from kochat_trl.parsing import parse_recipe_args
 
     for recipe, config in (("sft", "sft.yaml"), ("reward", "reward.yaml")):
         module = load_recipe(recipe)

@@ -87,7 +87,7 @@ def test_critic_free_answers_still_end_in_eos(critic_free_run):
 def test_reward_function_scores_ids_up_to_eos_and_penalises_missing_eos(rm):
     from kochat_trl.errors import DataError
     from kochat_trl.rewards import score_token_sequences
-    from kochat_trl.rl import RewardModelReward
+    from kochat_trl.rl.critic_free import RewardModelReward
 
     model, tokenizer = rm
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -124,14 +124,15 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
     eos (or at max_completion_length); the trainer logs what the function returned."""
     from trl import GRPOConfig, ModelConfig
 
-    from kochat_trl import modeling, rl
+    from kochat_trl import modeling
     from kochat_trl.rewards import score_responses
+    from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer
     from kochat_trl.training_data import prompt_dataset
 
     reward_model, tokenizer = rm
     calls = []
 
-    class RecordingReward(rl.RewardModelReward):
+    class RecordingReward(RewardModelReward):
         def __call__(self, prompts, completion_ids, **kwargs):
             scores = super().__call__(prompts, completion_ids, **kwargs)
             calls.append(
@@ -158,7 +159,7 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
     policy = modeling.load_causal_lm(model_args, tokenizer)
     reward = RecordingReward(reward_model, tokenizer, PENALTY)
     prompts = data["train"].select_columns(["prompt"])
-    trainer = rl.build_critic_free_trainer(
+    trainer = build_critic_free_trainer(
         "grpo", args, tokenizer, policy, reward, prompts, modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
     )
     assert type(trainer).__name__ == "GRPOTrainer"
@@ -184,7 +185,7 @@ def test_recipe_parses_with_the_requested_trainers_config(tmp_path):
     from trl import GRPOConfig, RLOOConfig
 
     from kochat_trl.errors import ConfigError
-    from kochat_trl.runs import parse_recipe_args
+    from kochat_trl.parsing import parse_recipe_args
 
     recipe = load_recipe("rl")
     base = ["--output_dir", str(tmp_path / "out"), "--reward_model_path", str(tmp_path)]

@@ -43,11 +43,11 @@ def lora_stages(tiny_stages, tmp_path_factory) -> dict:
 
 
 def ppo(stages: dict, name: str, *extra: str, watch=None, monkeypatch=None) -> tuple[Path, dict]:
-    from kochat_trl import rl
+    from kochat_trl.rl import ppo as rl_ppo
 
     if watch is not None:
-        original = rl.train_ppo
-        monkeypatch.setattr(rl, "train_ppo", lambda trainer, **kwargs: watch(trainer, original, **kwargs))
+        original = rl_ppo.train_ppo
+        monkeypatch.setattr(rl_ppo, "train_ppo", lambda trainer, **kwargs: watch(trainer, original, **kwargs))
     output = stages["root"] / name
     metrics = run_recipe(
         "ppo",
@@ -65,7 +65,7 @@ def ppo(stages: dict, name: str, *extra: str, watch=None, monkeypatch=None) -> t
 
 
 class Watch:
-    """Around `rl.train_ppo`: at every update, which parameters require grad; before and after, every tensor."""
+    """Around `ppo.train_ppo`: at every update, which parameters require grad; before and after, every tensor."""
 
     def __init__(self) -> None:
         self.trainable_each_step: list[set[str]] = []
@@ -183,7 +183,7 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
 
     from kochat_trl.export import merge_adapter
     from kochat_trl.modeling import load_tokenizer
-    from kochat_trl.rl_models import load_ppo_models
+    from kochat_trl.rl.models import load_ppo_models
 
     merge_adapter(lora_stages["rm"], tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -333,7 +333,7 @@ def test_impossible_shared_base_settings_are_one_line_errors(lora_stages, tmp_pa
 
 def test_shared_base_under_deepspeed_is_refused(monkeypatch):
     from kochat_trl.errors import ConfigError
-    from kochat_trl.shared_base import _verify_engine
+    from kochat_trl.shared_base_checks import _verify_engine
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="runs under DDP or one process, not DEEPSPEED"):

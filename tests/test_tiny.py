@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.cli import main
-from kochat_trl.data import bundled_data_path, load_stage_data
+from kochat_trl.data import load_stage_data
+from kochat_trl.data_readers import bundled_data_path
 from kochat_trl.tiny import init_tiny
 
 

@@ -102,7 +102,7 @@ def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
 
 
 def test_held_out_prompts_are_ppo_s_eval_split(run):
-    from kochat_trl.generation import default_prompts
+    from kochat_trl.decoding_report import default_prompts
 
     prompts = held_out_prompts(run)
     assert len(prompts) == 60 and prompts[:4] == default_prompts(4)
@@ -180,7 +180,7 @@ def test_a_moved_run_applies_its_adapters_to_its_own_sft(pipeline_run, tmp_path)
 
 
 def test_compare_answers_with_every_model_scores_and_judges_loading_each_once(run, cache):
-    from kochat_trl.generation import _load_reward
+    from kochat_trl.decoding_report import _load_reward
 
     results = compare(cache, PROMPT)
     assert [item["model"] for item in results] == MODELS

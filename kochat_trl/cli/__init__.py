@@ -1,6 +1,7 @@
 """`kochat-trl` command line: thin argument handling over the library modules.
 
-Each submodule registers its subcommands; heavy libraries are imported inside the handlers so
+Each submodule registers its subcommands (the training recipes' commands hand their arguments to the recipe's own
+TrlParser); heavy libraries are imported inside the handlers so
 `kochat-trl --help` answers instantly.
 """
 
@@ -12,10 +13,11 @@ from collections.abc import Sequence
 
 from kochat_trl import __version__
 from kochat_trl.errors import EXIT_USER_ERROR, KochatError, Stopped, print_error_line
+from kochat_trl.recipes import RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kochat_trl.cli import data, fitcheck, generate, merge, methods, pipeline, tiny, ui
+    from kochat_trl.cli import data, fitcheck, generate, merge, methods, pipeline, tiny, train, ui
 
     parser = argparse.ArgumentParser(
         prog="kochat-trl",
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kochat-trl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (pipeline, methods, data, tiny, merge, generate, fitcheck, ui):
+    for module in (pipeline, train, methods, data, tiny, merge, generate, fitcheck, ui):
         module.register(commands)
     return parser
 
@@ -32,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kochat_trl.console import quiet_libraries
 
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in RECIPES:  # the recipe's TrlParser reads the rest, --help included
+        from kochat_trl.cli import train
+
+        return train.run(arguments[0], arguments[1:])
     quiet_libraries(verbose="--verbose" in arguments)  # before any ML library is imported
     args = build_parser().parse_args(arguments)
     try:

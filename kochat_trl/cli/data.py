@@ -50,7 +50,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from kochat_trl.data import detect_layout, load_stage_data, read_records
+    from kochat_trl.data import detect_layout, load_stage_data
+    from kochat_trl.data_readers import read_records
 
     records, container = read_records(args.input)
     if not records:

@@ -9,7 +9,7 @@ from typing import Any
 
 from kochat_trl.errors import KochatError
 
-# Kept in sync with kochat_trl.generation (not imported here: it would slow down `--help`).
+# Kept in sync with kochat_trl.generation.DECODING_PRESETS (not imported here: it would slow down `--help`).
 _PRESETS = "greedy, beam, sampling, top_k, top_p"
 
 
@@ -114,7 +114,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from kochat_trl import generation
+    from kochat_trl import decoding_report
 
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     overrides = _prepare(args, strategies)
@@ -124,10 +124,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if output is not None and output.exists() and not args.overwrite:
         raise KochatError(f"{output}: already exists; pass --overwrite to replace it")
     if args.prompts:
-        prompts = generation.load_prompts(args.prompts, args.num_prompts)
+        prompts = decoding_report.load_prompts(args.prompts, args.num_prompts)
     else:
-        prompts = generation.default_prompts(args.num_prompts or generation.DEFAULT_PROMPT_COUNT)
-    result = generation.compare_decoding(
+        prompts = decoding_report.default_prompts(args.num_prompts or decoding_report.DEFAULT_PROMPT_COUNT)
+    result = decoding_report.compare_decoding(
         args.model,
         prompts,
         strategies,
@@ -143,7 +143,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if output is not None:
         from kochat_trl.outputs import write_text_atomic
 
-        write_text_atomic(generation.render_markdown(result), output)
+        write_text_atomic(decoding_report.render_markdown(result), output)
         print(f"wrote {output}")
     return 0
 
@@ -155,7 +155,7 @@ def print_comparison(result: Any, file: Any = None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from kochat_trl.generation import REPEAT_N, SHORT_SUMMARY_COLUMNS, summary_row
+    from kochat_trl.decoding_report import REPEAT_N, SHORT_SUMMARY_COLUMNS, summary_row
 
     console = Console(file=file or sys.stdout)
     for index, prompt in enumerate(result.prompts):
@@ -182,7 +182,7 @@ def print_comparison(result: Any, file: Any = None) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from kochat_trl.generation import chat_loop
+    from kochat_trl.chat import chat_loop
 
     overrides = _prepare(args, [args.strategy])
     generator = _load(args)

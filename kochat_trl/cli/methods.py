@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="comma-separated, from ppo, rloo, grpo, dpo, kto, orpo (default all)",
     )
     parser.add_argument("--output", metavar="DIR", help="where the comparison goes (default RUN/methods)")
-    parser.add_argument("--configs", metavar="DIR", help="the methods' recipe configs (default recipes/configs/tiny)")
+    parser.add_argument("--configs", metavar="DIR", help="the methods' recipe configs (default: the bundled tiny/)")
     parser.add_argument("--verbose", action="store_true", help="keep the libraries' console output")
     parser.set_defaults(handler=run)
 

@@ -14,7 +14,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "newest checkpoint, so a crashed run continues. Each stage shows one progress bar and one result line; "
         "per-step metrics go to the stage's train.log.",
     )
-    parser.add_argument("--config", help="pipeline YAML (default: recipes/configs/tiny/pipeline.yaml)")
+    parser.add_argument("--config", help="pipeline YAML: a path or a bundled config name (default: tiny/pipeline.yaml)")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: from config)")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder and start over")
     parser.add_argument(

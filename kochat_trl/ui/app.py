@@ -17,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 
+from kochat_trl.console import say
 from kochat_trl.errors import KochatError
 from kochat_trl.generation import DECODING_PRESETS, DEFAULT_MAX_NEW_TOKENS
 from kochat_trl.run_folder import RunFolder, held_out_prompts, open_run, stage_datasets
@@ -266,7 +267,7 @@ def serve(
         reason = "the port is in use" if "empty port" in str(error) else str(error).replace("\n", " ")
         raise KochatError(f"cannot serve on {host}:{port} ({reason}); pass a free --port") from None
     public = f"; public link {demo.share_url}" if share and demo.share_url else ""
-    print(f"[kochat-trl] ui: {page.run.path} on {demo.local_url}{public} (Ctrl-C stops)", flush=True)
+    say(f"ui: {page.run.path} on {demo.local_url}{public} (Ctrl-C stops)")
     if block:
         demo.block_thread()
     return demo

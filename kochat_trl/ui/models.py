@@ -62,7 +62,7 @@ class ModelCache:
         with self._loading:
             if self._reward is None:
                 if self._load_reward is None:
-                    from kochat_trl.generation import _load_reward
+                    from kochat_trl.decoding_report import _load_reward
 
                     self._load_reward = _load_reward
                 self._reward = self._load_reward(str(path))
@@ -135,7 +135,7 @@ def chat_reply(
 ) -> tuple[list[Message], str]:
     """The conversation with `message` and the model's answer appended, and the exact text the model was given
     (the conversation rendered by its chat template, oldest turns dropped while it would overflow the context)."""
-    from kochat_trl.generation import _fit_history
+    from kochat_trl.chat import _fit_history
 
     message = (message or "").strip()
     if not message:

@@ -1,0 +1,132 @@
+"""Stage 3 of RLHF: PPO against the reward model, a KL penalty keeping the policy close to the SFT model.
+
+Policy: the SFT result (a full model, or base + SFT adapter merged in memory) with a new LoRA
+adapter; the reference is the same model with that adapter disabled (`ref_model=None`), so it costs
+no memory. Reward model: stage 2's, frozen. Value model: initialised from the reward model (LoRA on
+it when `use_peft`; a LoRA reward adapter itself trains on). With `shared_base: true` the reward and value
+models are adapters on the policy's own frozen base (`kochat_trl.shared_base`): one base instead of three.
+Prompts come from the PPO layout, rendered by the chat template, pre-tokenised
+and left-padded; answers stop at eos.
+
+    kochat-trl ppo --config tiny/ppo.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m kochat_trl.recipes.ppo \
+        --config polyglot-ko-1.3b/ppo.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kochat_trl.arguments import RLArguments
+
+
+@dataclass
+class PPOScriptArguments(RLArguments):
+    value_model_path: str | None = field(
+        default=None, metadata={"help": "Value model initialisation; defaults to reward_model_path."}
+    )
+    kl_target: float | None = field(
+        default=None, metadata={"help": "Adapt kl_coef so the per-answer KL approaches this value (None: fixed)."}
+    )
+    shared_base: bool = field(
+        default=False,
+        metadata={
+            "help": "Policy, reference, reward and value as adapters on one frozen SFT base (reward_model_path "
+            "a LoRA adapter trained on model_name_or_path)."
+        },
+    )
+
+
+def main(script_args, training_args, model_args):
+    from kochat_trl import console, modeling, progress, resume, runs
+    from kochat_trl.held_out import HeldOutEvaluation
+    from kochat_trl.rl import ppo
+    from kochat_trl.rl.models import load_ppo_models, parameter_counts
+    from kochat_trl.training_data import rl_prompts
+
+    runs.prepare_run(script_args, training_args, model_args, stage="ppo")
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
+    dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
+
+    models = load_ppo_models(script_args, training_args, model_args, tokenizer)
+    policy, reward_model, value_model = models.policy, models.reward, models.value
+
+    # The SFT policy's held-out answers, sampled exactly as PPO samples, fixed seed.
+    evaluation = HeldOutEvaluation(
+        tokenizer,
+        reward_model,
+        held_out["query"],
+        held_out["input_ids"],
+        script_args.eval_samples_per_prompt,
+        training_args.response_length,
+        training_args.temperature,
+        training_args.seed,
+        training_args.missing_eos_penalty,
+        script_args.kl_bound,
+    )
+    evaluation.score_before(policy)
+
+    callbacks = [ppo.AdaptiveKLCallback(script_args.kl_target)] if script_args.kl_target else []
+    trainer = ppo.build_ppo_trainer(
+        training_args,
+        tokenizer,
+        policy,
+        reward_model,
+        value_model,
+        train_dataset=dataset["train"].select_columns(["input_ids"]),
+        eval_dataset=held_out.select_columns(["input_ids"]),
+        peft_config=models.policy_lora,
+        callbacks=[*callbacks, *resume.training_callbacks()],
+        shared_base=models.shared,
+    )
+    progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
+    ppo.train_ppo(trainer, resume_from_checkpoint=resume.resume_checkpoint(training_args))
+    trainer.save_model(training_args.output_dir)
+    ppo.save_value_model(trainer, f"{training_args.output_dir}/value")
+
+    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    reference = trained if trainer.ref_model is None else trainer.ref_model
+    metrics = {
+        **evaluation.compare(trained, reference, lambda: ppo.reference_context(trainer)),
+        "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
+        "kl_coef_final": training_args.kl_coef,
+        "episodes": trainer.state.episode,
+        "params": parameter_counts(models, trained, separate_reference=trainer.ref_model is not None),
+        "policy_base": model_args.model_name_or_path,
+        "reward_model": training_args.reward_model_path,
+        **runs.shared_metrics(trainer, tokenizer),
+    }
+    runs.finish_run(
+        training_args.output_dir,
+        metrics,
+        runs.resolved_config(script_args, training_args, model_args),
+        trainer.state.log_history,
+        [
+            "objective/scores",
+            "objective/kl",
+            "objective/entropy",
+            "val/response_length",
+            "objective/rlhf_reward",
+            "loss/value_avg",
+        ],
+    )
+    console.say(
+        f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
+        f"KL {metrics['kl']:.3f}, "
+        f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}"
+    )
+    return metrics
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from kochat_trl.rl.ppo import PPOConfig
+
+    return TrlParser((PPOScriptArguments, PPOConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    from kochat_trl.runs import run_recipe
+
+    run_recipe(make_parser, main)

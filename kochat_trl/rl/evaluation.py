@@ -1,0 +1,195 @@
+"""The held-out measurements every RL stage reports: seeded sampling, the KL to the SFT policy, the comparison.
+
+Sampled as PPO samples, scored by the stage-2 reward model, with the same metric names for PPO, RLOO, GRPO and the
+preference stages (`kochat_trl.held_out` runs them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+
+@torch.no_grad()
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Sample one answer per prompt exactly as PPO samples (top_k 0, top_p 1, temperature), seeded.
+
+    Prompts are left-padded so every answer starts right after its prompt; answers are returned
+    cut after the first eos.
+    """
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature + 1e-7,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    answers: list[list[int]] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = [list(ids) for ids in prompt_ids[start : start + batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in batch])
+            attention_mask = (input_ids != tokenizer.pad_token_id).long()  # prompts never contain pad
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+            for row in output[:, width:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                answers.append([token for token in row if token != tokenizer.pad_token_id])
+    finally:
+        model.train(was_training)
+    return answers
+
+
+@torch.no_grad()
+def _response_logprob_sums(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    temperature: float,
+    batch_size: int = 64,
+) -> list[float]:
+    """Per answer, sum_t log p(a_t | prompt, a_<t) at `temperature`; sequences right-padded, in batches."""
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        pairs = list(zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], strict=True))
+        width = max(len(prompt) + len(response) for prompt, response in pairs)
+        input_ids = torch.zeros((len(pairs), width), dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        targets = torch.zeros_like(input_ids)  # target of position t is token t + 1; 0 where not an answer token
+        answer = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row, (prompt, response) in enumerate(pairs):
+            sequence = [*prompt, *response]
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+            first = len(prompt) - 1  # the position whose logits predict the first answer token
+            targets[row, first : first + len(response)] = torch.tensor(response, dtype=torch.long)
+            answer[row, first : first + len(response)] = True
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits / (temperature + 1e-7), -1)
+        picked = logprobs.gather(2, targets.to(device)[..., None]).squeeze(2) * answer.to(device)
+        sums.extend(picked.sum(1).cpu().tolist())
+    return sums
+
+
+def sequence_kl(
+    policy: Any,
+    reference: Any,
+    reference_ctx: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    temperature: float,
+) -> float:
+    """Mean over answers of sum_t log pi(a_t) - log ref(a_t): PPO's k1 KL on the policy's own samples."""
+    kept = [(prompt, response) for prompt, response in zip(prompt_ids, response_ids, strict=True) if response]
+    if not kept:
+        return 0.0
+    prompts, responses = [prompt for prompt, _ in kept], [response for _, response in kept]
+    policy_sums = _response_logprob_sums(policy, prompts, responses, temperature)
+    with reference_ctx():
+        reference_sums = _response_logprob_sums(reference, prompts, responses, temperature)
+    return sum(p - r for p, r in zip(policy_sums, reference_sums, strict=True)) / len(kept)
+
+
+def adapter_disabled_reference(trainer: Any) -> tuple[Any, Any] | None:
+    """(model, context factory) computing the SFT policy after a Trainer-based stage (RLOO, GRPO, DPO, KTO, ORPO):
+    the trained LoRA policy with its adapter disabled, or None without LoRA."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    return (policy, policy.disable_adapter) if hasattr(policy, "disable_adapter") else None
+
+
+def repeat_each(items: Sequence[Any], times: int) -> list[Any]:
+    """Every item `times` times in a row: several seeded answers per held-out prompt, prompt-major."""
+    return [item for item in items for _ in range(times)]
+
+
+def sample_and_score(
+    policy: Any,
+    reward_model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    missing_eos_penalty: float | None = None,
+) -> tuple[list[list[int]], list[float]]:
+    """One seeded sample per prompt (`sample_responses`) and its reward (`score_responses`)."""
+    from kochat_trl.rewards import score_responses
+
+    answers = sample_responses(policy, tokenizer, prompt_ids, max_new_tokens, temperature, seed)
+    return answers, score_responses(reward_model, tokenizer, prompt_ids, answers, missing_eos_penalty)
+
+
+def policy_comparison(
+    tokenizer: Any,
+    queries: Sequence[str],
+    before: Sequence[Sequence[int]],
+    scores_before: Sequence[float],
+    after: Sequence[Sequence[int]],
+    scores_after: Sequence[float],
+    kl: float | None,
+    kl_bound: float | None,
+    samples_per_prompt: int = 1,
+    samples: int = 3,
+) -> dict[str, Any]:
+    """Held-out metrics of an RL run against its SFT policy (the same names for PPO, RLOO and GRPO).
+
+    `before`/`after` hold `samples_per_prompt` answers per query, prompt-major (`repeat_each`); the
+    win-rate pairs the i-th answer before with the i-th after. `judge_before` / `judge_after` are the rule-based
+    judge's rates (`kochat_trl.judge`) on the same answers.
+    """
+    from kochat_trl.judge import judge_answers
+
+    count = len(scores_before)
+    if count != len(queries) * samples_per_prompt:
+        raise ValueError(f"{count} answers for {len(queries)} prompts x {samples_per_prompt} samples")
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_after, scores_before, strict=True)]
+    eos = tokenizer.eos_token_id
+
+    def text(ids: Sequence[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    first = slice(None, None, samples_per_prompt)  # each prompt's first answer
+    asked = repeat_each(queries, samples_per_prompt)
+    return {
+        "reward_before": sum(scores_before) / count,
+        "reward_after": sum(scores_after) / count,
+        "kl": kl,
+        "kl_bound": kl_bound,
+        "kl_within_bound": None if kl_bound is None or kl is None else kl <= kl_bound,
+        "win_rate": sum(wins) / count,
+        "eval_prompts": len(queries),
+        "eval_samples_per_prompt": samples_per_prompt,
+        "eos_rate_before": sum(eos in ids for ids in before) / count,
+        "eos_rate_after": sum(eos in ids for ids in after) / count,
+        "length_before": sum(map(len, before)) / count,
+        "length_after": sum(map(len, after)) / count,
+        "judge_before": judge_answers(asked, [text(ids) for ids in before]),
+        "judge_after": judge_answers(asked, [text(ids) for ids in after]),
+        "samples": [
+            {"prompt": query, "before": text(b), "after": text(a), "score_before": sb, "score_after": sa}
+            for query, b, a, sb, sa in zip(
+                queries, before[first], after[first], scores_before[first], scores_after[first], strict=True
+            )
+        ][:samples],
+    }
