@@ -98,23 +98,20 @@ def resolved_config(*argument_groups: Any) -> dict[str, Any]:
     return config
 
 
-def finish_run(
-    output_dir: str | Path,
-    metrics: dict[str, Any],
-    config: dict[str, Any],
-    log_history: list[dict[str, Any]],
-    curve_keys: Sequence[str],
-) -> Path:
-    """Write config.yaml, curves.png and, last, metrics.json (main process only)."""
+def finish_run(trainer: Any, metrics: dict[str, Any], curve_keys: Sequence[str], *argument_groups: Any) -> Path:
+    """Write config.yaml (every setting of `argument_groups`: script, training, model arguments), the trainer's log
+    history, curves.png and, last, metrics.json into training_args.output_dir (main process only)."""
     import yaml
 
     from kochat_trl.reporting import plot_curves
 
-    output_dir = Path(output_dir)
+    output_dir = Path(trainer.args.output_dir)
     if not is_main_process():
         return output_dir / METRICS_FILE
+    log_history = trainer.state.log_history
     # Trainer.save_model pickles the arguments; loading a pickle runs code, and config.yaml says the same.
     (output_dir / "training_args.bin").unlink(missing_ok=True)
+    config = resolved_config(*argument_groups)
     write_text_atomic(yaml.safe_dump(config, allow_unicode=True, sort_keys=True), output_dir / "config.yaml")
     write_json_atomic(log_history, output_dir / "log_history.json")
     plot_curves(log_history, curve_keys, output_dir / "curves.png")

@@ -21,10 +21,12 @@ def requested_trainer(args: Sequence[str], default: str) -> str:
         if arg.startswith("--trainer="):
             return arg.split("=", 1)[1]
     if "--config" in args[:-1]:
-        try:
-            with open(args[list(args).index("--config") + 1], encoding="utf-8") as file:
-                config = yaml.safe_load(file)
-        except (OSError, yaml.YAMLError):
+        from kochat_trl.config_files import resolve_config
+        from kochat_trl.errors import ConfigError
+
+        try:  # a path, or a bundled config's name, as the recipe's parsing resolves it
+            config = yaml.safe_load(resolve_config(args[list(args).index("--config") + 1]).read_text(encoding="utf-8"))
+        except (ConfigError, OSError, yaml.YAMLError):
             return default  # the recipe's argument parsing reports the unreadable config
         if isinstance(config, dict) and config.get("trainer"):
             return str(config["trainer"])

@@ -127,11 +127,12 @@ def main(script_args, training_args, model_args):
         **runs.shared_metrics(trainer, tokenizer),
     }
     runs.finish_run(
-        training_args.output_dir,
+        trainer,
         metrics,
-        runs.resolved_config(script_args, training_args, model_args),
-        trainer.state.log_history,
         ["loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies"],
+        script_args,
+        training_args,
+        model_args,
     )
     console.say(
         f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "

@@ -97,10 +97,8 @@ def main(script_args, training_args, model_args):
         **runs.shared_metrics(trainer, tokenizer),
     }
     runs.finish_run(
-        training_args.output_dir,
+        trainer,
         metrics,
-        runs.resolved_config(script_args, training_args, model_args),
-        trainer.state.log_history,
         [
             "objective/scores",
             "objective/kl",
@@ -109,6 +107,9 @@ def main(script_args, training_args, model_args):
             "objective/rlhf_reward",
             "loss/value_avg",
         ],
+        script_args,
+        training_args,
+        model_args,
     )
     console.say(
         f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "

@@ -53,11 +53,7 @@ def main(script_args, training_args, model_args):
         **runs.shared_metrics(trainer, tokenizer),
     }
     runs.finish_run(
-        training_args.output_dir,
-        metrics,
-        runs.resolved_config(script_args, training_args, model_args),
-        trainer.state.log_history,
-        ["loss", "eval_loss", "eval_accuracy", "eval_margin"],
+        trainer, metrics, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], script_args, training_args, model_args
     )
     console.say(
         f"rm: held-out accuracy {console.number(metrics['accuracy'])}, mean margin "

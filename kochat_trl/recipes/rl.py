@@ -113,11 +113,12 @@ def main(script_args, training_args, model_args):
         **runs.shared_metrics(trainer, tokenizer),
     }
     runs.finish_run(
-        training_args.output_dir,
+        trainer,
         metrics,
-        runs.resolved_config(script_args, training_args, model_args),
-        trainer.state.log_history,
         ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"],
+        script_args,
+        training_args,
+        model_args,
     )
     console.say(
         f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "

@@ -57,11 +57,7 @@ def main(script_args, training_args, model_args):
         **runs.shared_metrics(trainer, tokenizer),
     }
     runs.finish_run(
-        training_args.output_dir,
-        metrics,
-        runs.resolved_config(script_args, training_args, model_args),
-        trainer.state.log_history,
-        ["loss", "eval_loss", "learning_rate", "grad_norm"],
+        trainer, metrics, ["loss", "eval_loss", "learning_rate", "grad_norm"], script_args, training_args, model_args
     )
     console.say(
         f"sft: eval loss {console.number(metrics['eval_loss_start'])} -> "
