@@ -195,6 +195,7 @@ def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
         "ppo": {
             "reward_before": ppo["reward_before"],
             "reward_after": ppo["reward_after"],
+            "reward_gain_se": ppo.get("reward_gain_se"),  # absent from runs before 0.1
             "kl": ppo["kl"],
             "win_rate": ppo["win_rate"],
             "samples": ppo["samples"],
@@ -228,6 +229,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"| RM | held-out pairwise accuracy | {rm['accuracy']:.3f} |",
         f"| RM | mean margin | {rm['mean_margin']:.3f} |",
         f"| PPO | RM reward (SFT → PPO) | {ppo['reward_before']:.3f} → {ppo['reward_after']:.3f} |",
+        f"| PPO | standard error of the reward gain (paired answers) | {_rate(ppo['reward_gain_se'])} |",
         f"| PPO | KL to the SFT policy | {ppo['kl']:.3f} |",
         f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
         "",

@@ -82,13 +82,13 @@ def test_report_numbers_match_stage_metrics(run):
     assert report["sft"]["eval_loss_start"] == sft["eval_loss_start"]
     assert report["sft"]["eval_loss_end"] == sft["eval_loss_end"] < sft["eval_loss_start"]
     assert report["rm"]["accuracy"] == rm["accuracy"]
-    for key in ("reward_before", "reward_after", "kl", "win_rate"):
+    for key in ("reward_before", "reward_after", "reward_gain_se", "kl", "win_rate"):
         assert report["ppo"][key] == ppo[key]
-    assert report["ppo"]["reward_after"] > report["ppo"]["reward_before"]
     assert set(report["wall_time_s"]) == {"sft", "rm", "ppo", "merge", "decoding"}
     assert all(seconds > 0 for seconds in report["wall_time_s"].values())
     markdown = (run / "report.md").read_text()
     assert f"{ppo['reward_before']:.3f} → {ppo['reward_after']:.3f}" in markdown
+    assert f"| PPO | standard error of the reward gain (paired answers) | {ppo['reward_gain_se']:.3f} |" in markdown
     assert markdown.count("- SFT (") == 3 and markdown.count("- PPO (") == 3  # three samples before/after
     decoding = (run / "decoding.md").read_text()
     assert all(f"| {name} |" in decoding for name in ("greedy", "beam", "sampling", "top_k", "top_p"))

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("RM", f"held-out accuracy {rm['accuracy']:.3f}, margin {rm['mean_margin']:.2f}")
     table.add_row(
         "PPO",
-        f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f}, KL {ppo['kl']:.2f}, "
+        f"reward {ppo['reward_before']:.3f} -> {ppo['reward_after']:.3f} (±{ppo['reward_gain_se'] or 0:.2f}), "
+        f"KL {ppo['kl']:.2f}, "
         f"win-rate {ppo['win_rate']:.2f}",
     )
     table.add_row(

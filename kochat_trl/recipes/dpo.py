@@ -136,7 +136,8 @@ def main(script_args, training_args, model_args):
     )
     console.say(
         f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-        f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, implicit-reward accuracy "
+        f"{metrics['reward_after']:.3f} (gain ±{metrics['reward_gain_se']:.3f}), KL {metrics['kl']:.3f}, "
+        f"implicit-reward accuracy "
         f"{console.number(metrics['implicit_accuracy'])}; saved to {training_args.output_dir}"
     )
     return metrics

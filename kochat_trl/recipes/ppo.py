@@ -112,7 +112,8 @@ def main(script_args, training_args, model_args):
         model_args,
     )
     console.say(
-        f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f}, "
+        f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f} "
+        f"(gain ±{metrics['reward_gain_se']:.3f}), "
         f"KL {metrics['kl']:.3f}, "
         f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}"
     )

@@ -122,7 +122,8 @@ def main(script_args, training_args, model_args):
     )
     console.say(
         f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-        f"{metrics['reward_after']:.3f}, KL {metrics['kl']:.3f}, win-rate {metrics['win_rate']:.2f}; "
+        f"{metrics['reward_after']:.3f} (gain ±{metrics['reward_gain_se']:.3f}), KL {metrics['kl']:.3f}, "
+        f"win-rate {metrics['win_rate']:.2f}; "
         f"saved to {training_args.output_dir}"
     )
     return metrics

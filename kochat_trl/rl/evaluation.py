@@ -6,6 +6,7 @@ preference stages (`kochat_trl.held_out` runs them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,6 +141,19 @@ def sample_and_score(
     return answers, score_responses(reward_model, tokenizer, prompt_ids, answers, missing_eos_penalty)
 
 
+def paired_standard_error(gains: Sequence[float]) -> float:
+    """The standard error of the mean of per-answer reward gains (after - before, same prompt and seed).
+
+    On the tiny default one answer's reward spans about -3 to 4, so 240 answers leave the mean gain uncertain by
+    about 0.1, and 960 by about 0.05: a gain is only a gain when it clears a few of these.
+    """
+    count = len(gains)
+    if count < 2:
+        return 0.0
+    mean = sum(gains) / count
+    return math.sqrt(sum((gain - mean) ** 2 for gain in gains) / (count - 1) / count)
+
+
 def policy_comparison(
     tokenizer: Any,
     queries: Sequence[str],
@@ -155,8 +169,8 @@ def policy_comparison(
     """Held-out metrics of an RL run against its SFT policy (the same names for PPO, RLOO and GRPO).
 
     `before`/`after` hold `samples_per_prompt` answers per query, prompt-major (`repeat_each`); the
-    win-rate pairs the i-th answer before with the i-th after. `judge_before` / `judge_after` are the rule-based
-    judge's rates (`kochat_trl.judge`) on the same answers.
+    win-rate and `reward_gain_se` (`paired_standard_error`) pair the i-th answer before with the i-th after.
+    `judge_before` / `judge_after` are the rule-based judge's rates (`kochat_trl.judge`) on the same answers.
     """
     from kochat_trl.judge import judge_answers
 
@@ -164,6 +178,7 @@ def policy_comparison(
     if count != len(queries) * samples_per_prompt:
         raise ValueError(f"{count} answers for {len(queries)} prompts x {samples_per_prompt} samples")
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_after, scores_before, strict=True)]
+    gains = [a - b for a, b in zip(scores_after, scores_before, strict=True)]
     eos = tokenizer.eos_token_id
 
     def text(ids: Sequence[int]) -> str:
@@ -174,6 +189,7 @@ def policy_comparison(
     return {
         "reward_before": sum(scores_before) / count,
         "reward_after": sum(scores_after) / count,
+        "reward_gain_se": paired_standard_error(gains),
         "kl": kl,
         "kl_bound": kl_bound,
         "kl_within_bound": None if kl_bound is None or kl is None else kl <= kl_bound,

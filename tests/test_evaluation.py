@@ -1,0 +1,43 @@
+"""The held-out comparison's numbers on hand-made scores: the mean gain's paired standard error and the win-rate."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from kochat_trl.rl.evaluation import paired_standard_error, policy_comparison
+
+
+def test_paired_standard_error_is_the_sample_deviation_of_the_gains_over_root_n():
+    # gains 1, 2, 3, 4: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, sample variance 5/3, / 4 answers
+    assert paired_standard_error([1.0, 2.0, 3.0, 4.0]) == pytest.approx(math.sqrt(5 / 12))
+    assert paired_standard_error([0.5, 0.5, 0.5]) == 0.0  # every answer gained the same: no uncertainty
+    assert paired_standard_error([0.7]) == 0.0  # one answer: no deviation to estimate
+
+
+class _Tokenizer(SimpleNamespace):
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "김치는 한국의 발효 음식입니다." if ids else ""
+
+
+def test_policy_comparison_pairs_each_answer_with_its_own_before():
+    answers = [[5, 2], [6, 2], [7, 2], [8]]
+    metrics = policy_comparison(
+        _Tokenizer(),
+        ["김치를 소개해 주세요.", "김치가 궁금합니다."],
+        answers,
+        [1.0, 2.0, 3.0, 0.0],
+        answers,
+        [3.0, 2.0, 2.0, 4.0],  # gains +2, 0, -1, +4: mean 1.25, deviations 0.75, -1.25, -2.25, 2.75
+        kl=0.5,
+        kl_bound=12.0,
+        samples_per_prompt=2,
+    )
+    assert metrics["reward_before"] == 1.5 and metrics["reward_after"] == 2.75
+    assert metrics["reward_gain_se"] == pytest.approx(math.sqrt((0.5625 + 1.5625 + 5.0625 + 7.5625) / 3 / 4))
+    assert metrics["win_rate"] == (1.0 + 0.5 + 0.0 + 1.0) / 4
+    assert metrics["eos_rate_after"] == 0.75 and metrics["judge_after"]["answers"] == 4
