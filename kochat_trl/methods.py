@@ -38,6 +38,7 @@ ROW_KEYS = (
     "method",
     "reward_before",
     "reward_after",
+    "reward_gain_se",
     "kl",
     "win_rate",
     "judge",
@@ -102,6 +103,11 @@ def _train(method: str, run_dir: Path, configs: Path, verbose: bool) -> dict[str
     return run
 
 
+def _plus_minus(row: dict[str, Any]) -> str:
+    """' ± 0.053': the gain's paired standard error, or nothing for a run that did not record it."""
+    return "" if row.get("reward_gain_se") is None else f" ± {row['reward_gain_se']:.3f}"
+
+
 def method_row(method: str, run_dir: Path) -> dict[str, Any]:
     """One table row from the method folder's metrics.json (and how long it took to train, when known)."""
     metrics = read_json(run_dir / method / METRICS_FILE)
@@ -113,6 +119,7 @@ def method_row(method: str, run_dir: Path) -> dict[str, Any]:
         "method": method,
         "reward_before": metrics["reward_before"],
         "reward_after": metrics["reward_after"],
+        "reward_gain_se": metrics.get("reward_gain_se"),  # absent from runs before 0.1
         "kl": metrics["kl"],
         "win_rate": metrics["win_rate"],
         "judge": {key: metrics["judge_after"][key] for key in JUDGE_KEYS},
@@ -180,7 +187,8 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         judge = row["judge"]
         lines.append(
-            f"| {row['method']} | {row['reward_before']:.3f} → {row['reward_after']:.3f} | {row['kl']:.3f} | "
+            f"| {row['method']} | {row['reward_before']:.3f} → {row['reward_after']:.3f}{_plus_minus(row)} | "
+            f"{row['kl']:.3f} | "
             f"{row['win_rate']:.3f} | {_number(judge['on_topic_rate'])} | {_number(judge['polite_rate'])} | "
             f"{_number(judge['broken_rate'])} | {_number(judge['repeat_rate'])} | {_number(row['implicit_accuracy'])} "
             f"| {_with_unit(row['wall_time_s'], 1, 's')} | {_with_unit(row['peak_rss_mb'], 0, 'MB')} | "
@@ -207,10 +215,13 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: Path) -> None:
     axes.scatter([0.0], [rows[0]["reward_before"]], marker="s", color="black")
     axes.annotate("SFT", (0.0, rows[0]["reward_before"]), textcoords="offset points", xytext=(6, 4))
     for row in rows:
-        axes.scatter([row["kl"]], [row["reward_after"]])
+        # The bar spans +-2 standard errors of the gain: points whose bars overlap the SFT line did not move it.
+        error = None if row.get("reward_gain_se") is None else [2 * row["reward_gain_se"]]
+        axes.errorbar([row["kl"]], [row["reward_after"]], yerr=error, fmt="o", capsize=3)
         axes.annotate(row["method"], (row["kl"], row["reward_after"]), textcoords="offset points", xytext=(6, 4))
     axes.set_xlabel("KL to the SFT policy (held-out answers)")
-    axes.set_ylabel("stage-2 RM reward (held-out answers)")
+    axes.axhline(rows[0]["reward_before"], color="black", linewidth=0.6, linestyle=":")
+    axes.set_ylabel("stage-2 RM reward (held-out answers, ±2 s.e.)")
     axes.set_title("Reward against KL, one point per method")
     axes.grid(alpha=0.3)
     figure.tight_layout()

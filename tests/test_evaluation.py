@@ -41,3 +41,26 @@ def test_policy_comparison_pairs_each_answer_with_its_own_before():
     assert metrics["reward_gain_se"] == pytest.approx(math.sqrt((0.5625 + 1.5625 + 5.0625 + 7.5625) / 3 / 4))
     assert metrics["win_rate"] == (1.0 + 0.5 + 0.0 + 1.0) / 4
     assert metrics["eos_rate_after"] == 0.75 and metrics["judge_after"]["answers"] == 4
+
+
+def test_methods_table_shows_each_gain_with_its_standard_error():
+    from kochat_trl.judge import JUDGE_KEYS
+    from kochat_trl.methods import render_markdown
+
+    row = {
+        "method": "dpo",
+        "reward_before": 2.47,
+        "reward_after": 2.455,
+        "reward_gain_se": 0.0501,
+        "kl": 0.157,
+        "win_rate": 0.498,
+        "judge": dict.fromkeys(JUDGE_KEYS, 1.0),
+        "implicit_accuracy": 0.869,
+        "wall_time_s": 53.1,
+        "peak_rss_mb": 784.0,
+        "trainable_params": 294912,
+    }
+    older = {**row, "method": "ppo", "reward_gain_se": None}  # a run folder from before reward_gain_se
+    markdown = render_markdown([row, older])
+    assert "| dpo | 2.470 → 2.455 ± 0.050 | 0.157 |" in markdown
+    assert "| ppo | 2.470 → 2.455 | 0.157 |" in markdown

@@ -34,16 +34,18 @@ def _metrics(run_dir: Path, method: str) -> dict:
     return json.loads((run_dir / method / "metrics.json").read_text())
 
 
-def test_dpo_learns_the_rankings_with_bounded_drift(methods_run):
+def test_dpo_learns_the_rankings_and_keeps_the_reward(methods_run):
     metrics = _metrics(methods_run.dir, "dpo")
-    # DPO's own view, on the 144 held-out pairs: measured 0.869, margin 7.1 (0 at the start: policy = reference).
-    assert metrics["implicit_accuracy"] >= 0.85 and metrics["implicit_margin"] > 1.0, metrics
-    # The stage-2 reward model on the 960 held-out answers (same prompts, sampling and seed as PPO) scores DPO's
-    # answers lower: measured 2.470 -> 2.057 (+-0.068). DPO optimises the rankings, not this reward model (with
-    # loss_type [sigmoid, sft] it lost 0.15); asserted is that the drift stays bounded while the judge's rates hold.
-    assert metrics["reward_after"] > metrics["reward_before"] - 0.6, metrics
-    assert 0 < metrics["kl"] <= metrics["kl_bound"] and metrics["kl_within_bound"] is True
-    assert metrics["judge_after"]["broken_rate"] == 0.0
+    # DPO's own view, on the 144 held-out pairs: 0.869, 0.850, 0.881 over seeds 42, 1, 2 (0 at the start:
+    # policy = reference), margins 4.2-4.5.
+    assert metrics["implicit_accuracy"] >= 0.84 and metrics["implicit_margin"] > 3.0, metrics
+    # The stage-2 reward model on the 960 held-out answers (same prompts, sampling and seed as PPO): -0.015, -0.035,
+    # -0.017 over those seeds, each within 0.06 (reward_gain_se), at KL 0.16-0.43. Over-optimised DPO fails here:
+    # lr 1e-3 reached the same accuracy with the reward down 0.41 and 0.24 and KL 1.0-1.4.
+    gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
+    assert 0.03 < error < 0.12 and gain > -2 * error, metrics
+    assert 0 < metrics["kl"] < 0.7 and metrics["kl_within_bound"] is True
+    assert metrics["judge_after"]["broken_rate"] <= 0.002  # at most 2 of 960 answers (measured 0, 1, 0)
     assert metrics["judge_after"]["on_topic_rate"] >= metrics["judge_before"]["on_topic_rate"] - 0.01
     assert (metrics["trainer"], metrics["beta"], metrics["loss_type"]) == ("dpo", 1.0, ["sigmoid"])
     assert metrics["global_step"] == 300 and metrics["train_rows"] == 1299 and metrics["eval_rows"] == 144

@@ -60,10 +60,11 @@ def test_critic_free_raises_its_reward_within_kl_bound(critic_free_run):
     rewards = [entry["reward"] for entry in history if "reward" in entry]
     third = len(rewards) // 3
     assert sum(rewards[-third:]) / third > sum(rewards[:third]) / third + 0.1, rewards
-    # On the 960 held-out answers (60 prompts x 16) the gain is small next to its noise (RLOO over seeds 42 and 1:
-    # +0.03 and +0.18, each +-0.055): asserted is no loss beyond noise, with the paired standard error.
+    # On the 960 held-out answers (60 prompts x 16), over seeds 42, 1 and 2 (each +-0.055, the paired standard
+    # error): GRPO gained +0.38, +0.30, +0.23, each more than 3 standard errors; RLOO +0.03, +0.18, +0.32, so for
+    # RLOO only no loss beyond noise is asserted.
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
-    assert 0.03 < error < 0.12 and gain > -2 * error, metrics
+    assert 0.03 < error < 0.12 and gain > {"grpo": 3, "rloo": -2}[trainer] * error, metrics
     assert metrics["win_rate"] > 0.45
     assert 0 < metrics["kl"] <= metrics["kl_bound"] == 12.0 and metrics["kl_within_bound"] is True
     assert metrics["trainer"] == trainer and metrics["num_generations"] == 4

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         judge = row["judge"]
         table.add_row(
             row["method"],
-            f"{row['reward_before']:.3f} -> {row['reward_after']:.3f}",
+            f"{row['reward_before']:.3f} -> {row['reward_after']:.3f}"
+            + ("" if row.get("reward_gain_se") is None else f" ±{row['reward_gain_se']:.2f}"),
             f"{row['kl']:.2f}",
             f"{row['win_rate']:.2f}",
             f"{judge['on_topic_rate']:.2f}",
