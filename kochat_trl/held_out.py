@@ -83,6 +83,15 @@ class HeldOutEvaluation:
         )
 
 
+def held_out_summary(metrics: dict[str, Any]) -> str:
+    """The console's account of a held-out comparison, the same for every stage: reward before -> after, the
+    gain's standard error, and the KL to the SFT policy."""
+    return (
+        f"held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f} "
+        f"(gain ±{metrics['reward_gain_se']:.3f}), KL {metrics['kl']:.3f}"
+    )
+
+
 def trained_and_reference(trainer: Any, load_sft: Callable[[], Any]) -> tuple[Any, Any, Callable[[], Any]]:
     """After a Trainer-based stage: the trained policy, the SFT policy the KL is measured against, and the context
     to compute that one in: the policy with its LoRA adapter disabled, else the SFT model loaded again (`load_sft`)."""

@@ -46,7 +46,7 @@ class PreferenceScriptArguments(KochatArguments):
 
 def main(script_args, training_args, model_args):
     from kochat_trl import checks, console, modeling, preference, progress, resume, runs
-    from kochat_trl.held_out import HeldOutEvaluation, trained_and_reference
+    from kochat_trl.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
     from kochat_trl.rl.models import place_on
     from kochat_trl.training_data import held_out_prompts
 
@@ -135,9 +135,7 @@ def main(script_args, training_args, model_args):
         model_args,
     )
     console.say(
-        f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-        f"{metrics['reward_after']:.3f} (gain ±{metrics['reward_gain_se']:.3f}), KL {metrics['kl']:.3f}, "
-        f"implicit-reward accuracy "
+        f"{script_args.trainer}: {held_out_summary(metrics)}, implicit-reward accuracy "
         f"{console.number(metrics['implicit_accuracy'])}; saved to {training_args.output_dir}"
     )
     return metrics

@@ -39,7 +39,7 @@ class PPOScriptArguments(RLArguments):
 
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, runs
-    from kochat_trl.held_out import HeldOutEvaluation
+    from kochat_trl.held_out import HeldOutEvaluation, held_out_summary
     from kochat_trl.rl import ppo
     from kochat_trl.rl.models import load_ppo_models, parameter_counts
     from kochat_trl.training_data import rl_prompts
@@ -112,10 +112,7 @@ def main(script_args, training_args, model_args):
         model_args,
     )
     console.say(
-        f"ppo: held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f} "
-        f"(gain ±{metrics['reward_gain_se']:.3f}), "
-        f"KL {metrics['kl']:.3f}, "
-        f"win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}"
+        f"ppo: {held_out_summary(metrics)}, win-rate {metrics['win_rate']:.2f}; saved to {training_args.output_dir}"
     )
     return metrics
 

@@ -45,7 +45,7 @@ class RLScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from kochat_trl import console, modeling, progress, resume, runs
     from kochat_trl.errors import ConfigError
-    from kochat_trl.held_out import HeldOutEvaluation, trained_and_reference
+    from kochat_trl.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
     from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer
     from kochat_trl.rl.models import critic_free_parameter_counts, load_critic_free_models, place_on
     from kochat_trl.training_data import rl_prompts
@@ -121,9 +121,7 @@ def main(script_args, training_args, model_args):
         model_args,
     )
     console.say(
-        f"{script_args.trainer}: held-out reward {metrics['reward_before']:.3f} -> "
-        f"{metrics['reward_after']:.3f} (gain ±{metrics['reward_gain_se']:.3f}), KL {metrics['kl']:.3f}, "
-        f"win-rate {metrics['win_rate']:.2f}; "
+        f"{script_args.trainer}: {held_out_summary(metrics)}, win-rate {metrics['win_rate']:.2f}; "
         f"saved to {training_args.output_dir}"
     )
     return metrics

@@ -7,6 +7,7 @@ preference stages (`kochat_trl.held_out` runs them).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -147,11 +148,7 @@ def paired_standard_error(gains: Sequence[float]) -> float:
     On the tiny default one answer's reward spans about -3 to 4, so 240 answers leave the mean gain uncertain by
     about 0.1, and 960 by about 0.05: a gain is only a gain when it clears a few of these.
     """
-    count = len(gains)
-    if count < 2:
-        return 0.0
-    mean = sum(gains) / count
-    return math.sqrt(sum((gain - mean) ** 2 for gain in gains) / (count - 1) / count)
+    return statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else 0.0
 
 
 def policy_comparison(
