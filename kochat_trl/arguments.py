@@ -46,3 +46,12 @@ class RLArguments(KochatArguments):
     eval_samples_per_prompt: int = field(
         default=1, metadata={"help": "Answers sampled per held-out prompt (a rare bad sample moves one less)."}
     )
+    curve_points: int = field(
+        default=6,
+        metadata={
+            "help": "Evaluation points through training, the start included, for the gold-against-proxy curve "
+            "(overoptimization.png; 0: none)."
+        },
+    )
+    curve_prompts: int = field(default=30, metadata={"help": "Held-out prompts each curve point samples."})
+    curve_samples_per_prompt: int = field(default=4, metadata={"help": "Answers per prompt at each curve point."})

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 from kochat_trl import engines
 from kochat_trl.rl.evaluation import (
@@ -21,6 +23,8 @@ from kochat_trl.rl.evaluation import (
     sample_and_score,
     sequence_kl,
 )
+
+CURVE_RATES = ("good_rate", "polite_rate", "on_topic_rate", "faithful_rate")
 
 
 @dataclass
@@ -57,9 +61,37 @@ class HeldOutEvaluation:
                 self.missing_eos_penalty,
             )
 
+    def reduced(self, prompts: int, samples_per_prompt: int) -> HeldOutEvaluation:
+        """The same evaluation on the first `prompts` held-out prompts, `samples_per_prompt` answers each."""
+        return replace(
+            self,
+            queries=self.queries[:prompts],
+            prompt_ids=self.prompt_ids[:prompts],
+            samples_per_prompt=samples_per_prompt,
+            _before=None,
+        )
+
     def score_before(self, policy: Any) -> None:
         """The SFT policy's answers and rewards, before training changes it."""
         self._before = self._sample(policy)
+
+    def _kl(self, policy: Any, reference: Any, reference_ctx: Callable[[], Any], answers: list[list[int]]) -> float:
+        with engines.gathered(policy), engines.gathered(reference) if reference is not policy else nullcontext():
+            return sequence_kl(policy, reference, reference_ctx, self.prompts, answers, self.temperature)
+
+    def measure(self, policy: Any, reference: Any, reference_ctx: Callable[[], Any]) -> dict[str, Any]:
+        """One point of the gold-against-proxy curve: the KL to `reference`, the mean reward (the proxy) and the
+        judge's rates (the gold) of the policy's answers now. The global RNG is left as it was, so measuring
+        mid-training does not change what training samples next."""
+        from kochat_trl.judge import judge_answers
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            answers, scores = self._sample(policy)
+            kl = self._kl(policy, reference, reference_ctx, answers)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+        judged = judge_answers(repeat_each(self.queries, self.samples_per_prompt), texts)
+        return {"kl": kl, "reward": sum(scores) / len(scores), **{key: judged[key] for key in CURVE_RATES}}
 
     def compare(self, policy: Any, reference: Any, reference_ctx: Callable[[], Any]) -> dict[str, Any]:
         """The trained policy against the SFT policy: policy_comparison's metrics, with the KL to `reference`
@@ -68,8 +100,7 @@ class HeldOutEvaluation:
             raise RuntimeError("score_before() must run before training")
         before, scores_before = self._before
         after, scores_after = self._sample(policy)
-        with engines.gathered(policy), engines.gathered(reference) if reference is not policy else nullcontext():
-            kl = sequence_kl(policy, reference, reference_ctx, self.prompts, after, self.temperature)
+        kl = self._kl(policy, reference, reference_ctx, after)
         return policy_comparison(
             self.tokenizer,
             self.queries,
@@ -84,9 +115,12 @@ class HeldOutEvaluation:
 
 
 def held_out_summary(metrics: dict[str, Any]) -> str:
-    """The console's account of a held-out comparison, the same for every stage: reward before -> after, the
-    gain's standard error, and the KL to the SFT policy."""
+    """The console's account of a held-out comparison, the same for every stage: the judge's good and polite rates
+    before -> after (seen topics), the reward before -> after with the gain's standard error, and the KL to SFT."""
+    before, after = metrics["judge_before"], metrics["judge_after"]
     return (
+        f"good {before['good_rate']:.2f} -> {after['good_rate']:.2f} "
+        f"(polite {before['polite_rate']:.2f} -> {after['polite_rate']:.2f}), "
         f"held-out reward {metrics['reward_before']:.3f} -> {metrics['reward_after']:.3f} "
         f"(gain ±{metrics['reward_gain_se']:.3f}), KL {metrics['kl']:.3f}"
     )

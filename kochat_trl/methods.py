@@ -122,7 +122,8 @@ def method_row(method: str, run_dir: Path) -> dict[str, Any]:
         "reward_gain_se": metrics.get("reward_gain_se"),  # absent from runs before 0.1
         "kl": metrics["kl"],
         "win_rate": metrics["win_rate"],
-        "judge": {key: metrics["judge_after"][key] for key in JUDGE_KEYS},
+        "judge": {key: metrics["judge_after"].get(key) for key in JUDGE_KEYS},
+        "good_before": metrics["judge_before"].get("good_rate"),
         "wall_time_s": run.get("wall_time_s"),
         "peak_rss_mb": run.get("peak_rss_mb"),
         "trainable_params": metrics.get("trainable_params", params.get("policy_trainable")),
@@ -155,6 +156,16 @@ def compare_methods(
     return rows
 
 
+# What every method should add to SFT's good rate on the embedded default; a method short of it is named with why.
+GOOD_GAIN_TARGET = 0.25
+SHORT_OF_TARGET: dict[str, str] = {}
+
+
+def _good_gain(row: dict[str, Any]) -> float | None:
+    after = row["judge"].get("good_rate")
+    return None if after is None or row.get("good_before") is None else after - row["good_before"]
+
+
 def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -180,19 +191,31 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
             ]
         ),
         "",
-        "| method | RM reward (SFT → method) | KL to SFT | win-rate | on topic | polite | broken | repeats | "
-        "implicit-reward accuracy | wall time | peak RSS | trainable params |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | good (SFT → method) | polite | on topic | faithful | RM reward (SFT → method) | KL to SFT | "
+        "win-rate | broken | repeats | implicit-reward accuracy | wall time | peak RSS | trainable params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         judge = row["judge"]
         lines.append(
-            f"| {row['method']} | {row['reward_before']:.3f} → {row['reward_after']:.3f}{_plus_minus(row)} | "
-            f"{row['kl']:.3f} | "
-            f"{row['win_rate']:.3f} | {_number(judge['on_topic_rate'])} | {_number(judge['polite_rate'])} | "
-            f"{_number(judge['broken_rate'])} | {_number(judge['repeat_rate'])} | {_number(row['implicit_accuracy'])} "
-            f"| {_with_unit(row['wall_time_s'], 1, 's')} | {_with_unit(row['peak_rss_mb'], 0, 'MB')} | "
-            f"{_number(row['trainable_params'])} |"
+            f"| {row['method']} | {_number(row.get('good_before'))} → {_number(judge.get('good_rate'))} | "
+            f"{_number(judge.get('polite_rate'))} | {_number(judge.get('on_topic_rate'))} | "
+            f"{_number(judge.get('faithful_rate'))} | "
+            f"{row['reward_before']:.3f} → {row['reward_after']:.3f}{_plus_minus(row)} | {row['kl']:.3f} | "
+            f"{row['win_rate']:.3f} | {_number(judge.get('broken_rate'))} | {_number(judge.get('repeat_rate'))} | "
+            f"{_number(row['implicit_accuracy'])} | {_with_unit(row['wall_time_s'], 1, 's')} | "
+            f"{_with_unit(row['peak_rss_mb'], 0, 'MB')} | {_number(row['trainable_params'])} |"
+        )
+    lines += [
+        "",
+        "Good = polite (합니다체) ∧ on topic ∧ faithful ∧ no broken character ∧ no repeat, on the held-out prompts of "
+        "topics SFT saw (`kochat_trl.judge`).",
+    ]
+    short = [row for row in rows if _good_gain(row) is not None and _good_gain(row) < GOOD_GAIN_TARGET]
+    for row in short:
+        lines.append(
+            f"- **{row['method']}** raised the good rate by {_good_gain(row):+.3f}, short of "
+            f"+{GOOD_GAIN_TARGET:.2f}: {SHORT_OF_TARGET.get(row['method'], 'see its metrics.json')}"
         )
     if any(row["peak_rss_mb"] is None for row in rows):
         lines += [

@@ -197,17 +197,24 @@ def stage_datasets(run: RunFolder, limit: int = 5) -> list[StageData]:
 
 
 def held_out_prompts(run: RunFolder, count: int | None = None) -> list[str]:
-    """The prompts PPO held out (its config's data source, eval split and seed), else the bundled default split."""
+    """The prompts PPO held out (its config's data source, eval split and seed), else the bundled default split;
+    first the ones the report shows (answers PPO changed on topics SFT saw)."""
+    prompts = _held_out_prompts(run)
+    shown = [sample["prompt"] for sample in ((run.report or {}).get("ppo") or {}).get("samples") or []]
+    prompts = [*dict.fromkeys([*(prompt for prompt in shown if prompt in prompts), *prompts])]
+    return prompts[:count] if count else prompts
+
+
+def _held_out_prompts(run: RunFolder) -> list[str]:
     from kochat_trl.data import load_stage_data, to_dataset_dict
     from kochat_trl.decoding_report import HELD_OUT_FRACTION, HELD_OUT_SEED, default_prompts
 
     config = run.stage_config("ppo")
     if not config.get("dataset_name"):
-        return default_prompts(count or 60)
+        return default_prompts(60)
     try:
         rows = load_stage_data(config["dataset_name"], "ppo").rows
         split = to_dataset_dict(rows, config.get("eval_fraction", HELD_OUT_FRACTION), config.get("seed", HELD_OUT_SEED))
     except KochatError:  # the data moved since training: the bundled split still gives prompts to pick from
-        return default_prompts(count or 60)
-    prompts = list(split["eval" if "eval" in split else "train"]["prompt"])
-    return prompts[:count] if count else prompts
+        return default_prompts(60)
+    return list(split["eval" if "eval" in split else "train"]["prompt"])

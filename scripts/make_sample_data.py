@@ -2,12 +2,15 @@
 
 The data is written for this project (nothing is copied from elsewhere) in KoChatGPT's file layouts:
 
-- sft.json: ``[{"prompt", "completion"}]``: good answers only.
+- sft.json: ``[{"prompt", "completion"}]``: demonstrations of mixed quality, as if by several writers (see
+  ``SFT_WRITERS``): half answer in polite, complete 합니다체; the others answer on topic and truthfully but in curt
+  반말. SFT imitates the mix; the preference stages have to pick out the polite part.
 - rm.json: ``[{"prompt", "completion_0", "completion_1", "completion_2", "ranking"}]`` where
   ``ranking[i]`` is the rank of ``completion_i`` (0 = best).
 - ppo.json: ``[{"prompt"}]``.
-- topics.json: ``[{"name", "category", "held_out"}]``: the topic table, which `kochat_trl.judge` reads to
-  tell whether an answer names the asked topic.
+- topics.json: ``[{"name", "category", "held_out", "sentences", "curt_sentences"}]``: the topic table, which
+  `kochat_trl.judge` reads to tell whether an answer names the asked topic (on topic) and whether every sentence of
+  it is one the table says about that topic, in either register (faithful).
 
 It is compositional so that a tiny model trained on a CPU in seconds can learn it: a hand-written table
 of everyday topics, each with a short Korean name and two or three short, true sentences in polite
@@ -19,10 +22,12 @@ per category), so PPO prompts include questions the policy has not been fine-tun
 
 Reward-model records rank three completions consistently, by tier:
 
-    0 good answer  >  1 curt 반말 on topic  >  2 polite but off-topic / truncated  >  3 English / curt off-topic
+    0 good answer  >  1 curt 반말 on topic  >  2 polite but off-topic / truncated / fragment  >  3 English / broken
 
 The polite-but-off-topic answer is a good answer to a *different* topic, so the reward model must read
-the question, not just check politeness.
+the question, not just check politeness. The curt answers come in many shapes (the SFT writers' 반말, and
+templates ending in 야, 지, 잖아, 거든, 냐), and the worst tier holds single words and repeated words, so the reward
+model learns the style it ranks rather than the table's templates.
 
 Run from the repository root (stdlib only, deterministic for a given seed)::
 
@@ -613,24 +618,39 @@ FORMS: list[str] = [
     "{X}에 관해 무엇을 알고 있나요?",
 ]
 HELD_OUT_FORMS = (5, 6, 7)  # indices into FORMS never used for SFT
-SFT_FORMS_PER_TOPIC = 4  # of the 5 SFT forms, how many each SFT topic gets
+SFT_FORMS_PER_TOPIC = 2  # of the 5 SFT forms, how many each SFT topic gets (each answered by every SFT writer)
 HELD_OUT_TOPIC_SHARE = 0.15
 RM_RECORDS_PER_TOPIC = 6
-OTHER_TOPIC_ANSWERS = 1  # per reward-model record (see TIER below); 2 needed twice the RM steps for the same accuracy
+# Per reward-model record (see TIER below). With 1, PPO found the reward model's favourite polite answer (뜨개질's)
+# and gave it to every question (on topic 0.99 -> 0.78 at lr 6e-4).
+OTHER_TOPIC_ANSWERS = 2
 PPO_PROMPTS_PER_TOPIC = 3
 MAX_ANSWER_CHARS = 90
 MAX_SENTENCE_CHARS = 32
+# Every SFT question is answered twice, as instruction data collected from several writers is: once in polite,
+# complete 합니다체 and once with the same facts in curt 반말. So the SFT model is unsure of the register for every
+# question, and RL sees both registers for each one. (With one writer per question, drawn at random, the SFT model
+# learned a register per question; PPO rarely sampled the other and moved polite 0.45 -> 0.57 in 960 episodes.) (A writer of one clipped sentence, "김치는 배추 반찬이야.", made
+# the tiny SFT model splice topics: greedy answers to 7 of 51 held-out questions mixed two topics' facts, sampled
+# answers were faithful 0.54 of the time against 0.90 without it. Clipped answers stay among the RM's negatives.)
+SFT_WRITERS = ("polite", "banmal")
 
 # ---------------------------------------------------------------------------------------------
 # Bad answers for the reward model.
 
-CURT_ON_TOPIC = [  # 반말, on topic; {kind} takes 이야/야, 이잖아/잖아, 이지/지
+CURT_ON_TOPIC = [  # 반말, on topic; {kind} takes 이야/야, 이잖아/잖아, 이지/지, 이거든/거든, 이냐/냐
     "{X}? 그냥 {kind}{이야}.",
     "{X}{은는} {kind}{이야}. 그것도 몰라?",
     "{X}? {kind}{이잖아}. 됐지?",
     "{X}? 그거 {kind}{이야}. 끝.",
     "{X}? 뭐, {kind}{이지}.",
     "{X}{은는} 그냥 {kind}{이야}. 별거 없어.",
+    "{X}{은는} {kind}{이거든}.",
+    "{kind}{이잖아}.",
+    "{X}{은는} {kind}{이지} 뭐.",
+    "그것도 몰라? {kind}{이잖아}.",
+    "{X}? {kind}{이냐고}? 맞아.",
+    "{kind}{이야}.",
 ]
 ENGLISH = [  # English or mixed, no real answer
     "I don't know.",
@@ -642,6 +662,9 @@ ENGLISH = [  # English or mixed, no real answer
 ]
 CURT_OFF_TOPIC = [  # 반말, says nothing about the topic
     "몰라.",
+    "응.",
+    "글쎄.",
+    "뭐래.",
     "그건 왜 물어?",
     "귀찮아. 나중에 물어봐.",
     "알아서 찾아봐.",
@@ -655,13 +678,18 @@ CURT_OFF_TOPIC = [  # 반말, says nothing about the topic
 TIER = {
     "good": 0,
     "curt": 1,
+    "mixed": 1,
     "other_topic": 2,
     "drifted": 2,
     "spliced": 2,
+    "swapped": 2,
     "repeated": 2,
     "truncated": 2,
+    "fragment": 2,
     "english": 3,
     "curt_off": 3,
+    "single_word": 3,
+    "word_repeat": 3,
 }
 # Why every record has the other-topic answer: each good answer then appears as often rejected (for another
 # topic's question) as chosen, so a reward model cannot score the answer text alone and has to read the
@@ -669,14 +697,22 @@ TIER = {
 # its on-topic ones (6.29 vs 6.43), and PPO against it could not make answers more on topic. The third answer:
 # a reward model that never saw a repeated sentence or a sentence spliced from two topics rewarded both, and PPO
 # learned to repeat itself and to ramble (measured on the tiny default with kochat_trl.judge).
+# The curt answer (the SFT writers' 반말 among them) is the third answer in about 40 % of the records: it is what the
+# reward model must teach PPO to leave. Fragments, single words and repeated words make it rank answers it never saw
+# (everyday questions outside the table, tests/data/rm_generalisation.json) by their style.
 THIRD_ANSWER_WEIGHT = {
-    "curt": 3,
+    "curt": 8,
+    "mixed": 3,
     "drifted": 2,
     "spliced": 2,
+    "swapped": 2,
     "repeated": 2,
     "truncated": 1,
+    "fragment": 1,
     "english": 1,
     "curt_off": 1,
+    "single_word": 1,
+    "word_repeat": 1,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -705,6 +741,8 @@ def particles(word: str) -> dict[str, str]:
         "이야": "이야" if b else "야",
         "이잖아": "이잖아" if b else "잖아",
         "이지": "이지" if b else "지",
+        "이거든": "이거든" if b else "거든",
+        "이냐고": "이냐고" if b else "냐고",
     }
 
 
@@ -715,9 +753,87 @@ def fill(template: str, name: str, kind: str = "") -> str:
     out = template.replace("{X}", name).replace("{kind}", kind)
     for key in ("은는", "이가", "을를"):
         out = out.replace("{" + key + "}", topic_p[key])
-    for key in ("이야", "이잖아", "이지"):
+    for key in ("이야", "이잖아", "이지", "이거든", "이냐고"):
         out = out.replace("{" + key + "}", kind_p.get(key, ""))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 반말: the same sentence, curt. The table's sentences end in a handful of regular 합니다체 endings (…입니다,
+# …합니다, …됩니다, …습니다); the rest are listed. `check` converts every sentence, so a new topic whose
+# ending is missing here fails loudly.
+
+BANMAL_WORDS = {
+    "쓰입니다": "쓰여",
+    "보입니다": "보여",
+    "덥습니다": "더워",
+    "돕습니다": "도와",
+    "줍니다": "줘",
+    "삽니다": "살아",
+    "나옵니다": "나와",
+    "옵니다": "와",
+    "봅니다": "봐",
+    "뛰어납니다": "뛰어나",
+    "올라옵니다": "올라와",
+    "흐릅니다": "흘러",
+    "일으킵니다": "일으켜",
+    "부릅니다": "불러",
+    "내보냅니다": "내보내",
+    "떨어집니다": "떨어져",
+    "일어납니다": "일어나",
+    "이루어집니다": "이루어져",
+    "강해집니다": "강해져",
+    "핍니다": "펴",
+    "거둡니다": "거둬",
+    "둡니다": "둬",
+    "지냅니다": "지내",
+}
+
+
+def _vowel_and_final(syllable: str) -> tuple[int, int]:
+    code = ord(syllable) - 0xAC00
+    return (code % 588) // 28, code % 28
+
+
+def banmal_word(word: str) -> str:
+    """The last word of a 합니다체 sentence in 반말: 음식입니다 → 음식이야, 유명합니다 → 유명해, 있습니다 → 있어."""
+    if word in BANMAL_WORDS:
+        return BANMAL_WORDS[word]
+    if word.endswith("입니다"):
+        noun = word[: -len("입니다")]
+        return noun + ("이야" if has_batchim(noun) else "야")
+    if word.endswith("합니다"):
+        return word[: -len("합니다")] + "해"
+    if word.endswith("됩니다"):
+        return word[: -len("됩니다")] + "돼"
+    if word.endswith("습니다"):
+        stem = word[: -len("습니다")]
+        vowel, final = _vowel_and_final(stem[-1])
+        bright = vowel in (0, 8) and final != 20  # ㅏ/ㅗ take 아; a past tense (ㅆ: 했, 었, 았) takes 어
+        return stem + ("아" if bright else "어")
+    raise ValueError(f"no 반말 for {word!r}: add it to BANMAL_WORDS")
+
+
+def banmal(text: str) -> str:
+    """Every sentence of a 합니다체 text in 반말, the facts unchanged."""
+    sentences = [sentence.rstrip(".") for sentence in text.split(". ")]
+    curt = []
+    for sentence in sentences:
+        *head, last = sentence.split(" ")
+        curt.append(" ".join([*head, banmal_word(last)]))
+    return ". ".join(curt) + "."
+
+
+def clipped(topic: Topic) -> str:
+    """One clipped 반말 sentence that is still true: the topic and what kind of thing it is."""
+    _, name, kind, _, _, _ = topic
+    return fill("{X}{은는} {kind}{이야}.", name, kind)
+
+
+def topic_sentences(topic: Topic) -> tuple[list[str], list[str]]:
+    """What the table says about a topic: its 합니다체 sentences, and the same in 반말 plus the clipped one."""
+    polite = [first_sentence(topic), *topic[4]]
+    return polite, [*(banmal(sentence) for sentence in polite), clipped(topic)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,10 +902,36 @@ def repeat(answer: str, rng: random.Random) -> str:
     return ". ".join([*sentences[: index + 1], *sentences[index:]]) + "."
 
 
+def fragment(answer: str, rng: random.Random) -> str:
+    """A clipped phrase with no ending at all: the first few words of one sentence ("김치는 배추와 고춧가루로")."""
+    words = rng.choice(answer.split(". ")).rstrip(".").split(" ")
+    return " ".join(words[: rng.randint(1, max(1, len(words) - 1))])
+
+
 def negative(kind: str, topic: Topic, good: str, rng: random.Random) -> str:
     name, curt_noun = topic[1], topic[2]
-    if kind == "curt":
-        return fill(rng.choice(CURT_ON_TOPIC), name, curt_noun)
+    if kind == "curt":  # half the SFT writers' 반말 (same facts), else one clipped sentence or a rude template
+        shape = rng.randrange(4)
+        if shape < 2:
+            return banmal(good)
+        return clipped(topic) if shape == 2 else fill(rng.choice(CURT_ON_TOPIC), name, curt_noun)
+    if kind == "mixed":  # slips into 반말 halfway: polite sentences, then the rest curt (or the other way round)
+        parts = good.split(". ")
+        if len(parts) == 1:
+            return banmal(good)
+        cut = rng.randrange(1, len(parts))
+        head, tail = ". ".join(parts[:cut]) + ".", ". ".join(parts[cut:])
+        return f"{head} {banmal(tail)}" if rng.random() < 0.7 else f"{banmal(head)} {tail}"
+    if kind == "swapped":  # the asked topic's name on another topic's facts ("경주는 재료를 손질해 ... 일입니다.")
+        other = rng.choice([t for t in TOPICS if t[1] != name])
+        return " ".join([f"{name}{particles(name)['은는']} {other[3]}", *other[4][: rng.randint(0, 1)]])
+    if kind == "fragment":
+        return fragment(good, rng)
+    if kind == "single_word":
+        return rng.choice([name, curt_noun, f"{name}.", f"{curt_noun}?"])
+    if kind == "word_repeat":
+        word = rng.choice([name, curt_noun.split(" ")[-1], rng.choice(good.rstrip(".").split(" "))])
+        return " ".join([word] * rng.randint(3, 6))
     if kind == "other_topic":  # a good answer, but to another topic
         pool = [t for t in TOPICS if t[1] != name]
         return rng.choice(good_answers(rng.choice(pool)))
@@ -829,7 +971,10 @@ def build(seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
             continue
         answers = good_answers(topic)
         for form in sorted(rng.sample(sft_forms, SFT_FORMS_PER_TOPIC)):
-            sft.append({"prompt": question(topic, form), "completion": rng.choice(answers)})
+            for writer in SFT_WRITERS:
+                answer = rng.choice(answers)
+                completion = banmal(answer) if writer == "banmal" else answer
+                sft.append({"prompt": question(topic, form), "completion": completion})
     rng.shuffle(sft)
 
     kinds, weights = zip(*THIRD_ANSWER_WEIGHT.items(), strict=True)
@@ -885,6 +1030,8 @@ def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
             assert sentence.endswith("니다."), sentence
             assert len(sentence) <= MAX_SENTENCE_CHARS, (len(sentence), sentence)
         assert good_answers(topic), f"no answer short enough for {topic[1]}"
+        for sentence in topic_sentences(topic)[1]:
+            assert not sentence.endswith("니다.") and sentence.endswith("."), sentence
     for stage, rows in (("sft", sft), ("rm", rm), ("ppo", ppo)):
         seen = set()
         for n, row in enumerate(rows):
@@ -894,11 +1041,12 @@ def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
             frozen = json.dumps(row, ensure_ascii=False, sort_keys=True)
             assert frozen not in seen, f"{stage}: duplicate record {row}"
             seen.add(frozen)
-    assert len({r["prompt"] for r in sft}) == len(sft), "sft: prompts not distinct"
+    assert len({r["prompt"] for r in sft}) * len(SFT_WRITERS) == len(sft), "sft: not every prompt once per writer"
     assert len({r["prompt"] for r in ppo}) == len(ppo), "ppo: prompts not distinct"
     for row in sft:
-        assert row["completion"].endswith("니다."), row
         assert len(row["completion"]) <= MAX_ANSWER_CHARS, row
+    polite = sum(row["completion"].endswith("니다.") for row in sft)
+    assert polite * len(SFT_WRITERS) == len(sft) * SFT_WRITERS.count("polite"), f"{polite} of {len(sft)} polite"
     for row in rm:
         texts = [row[f"completion_{i}"] for i in range(len(row["ranking"]))]
         assert row["ranking"].count(0) == 1 and max(row["ranking"]) <= 2 and len(texts) == 2 + OTHER_TOPIC_ANSWERS, row
@@ -925,7 +1073,16 @@ def main(argv: list[str] | None = None) -> None:
 
     sft, rm, ppo, info = build(args.seed)
     check(sft, rm, ppo)
-    topics = [{"name": t[1], "category": t[0], "held_out": t[1] in info["held_out_topics"]} for t in TOPICS]
+    topics = [
+        {
+            "name": t[1],
+            "category": t[0],
+            "held_out": t[1] in info["held_out_topics"],
+            "sentences": topic_sentences(t)[0],
+            "curt_sentences": topic_sentences(t)[1],
+        }
+        for t in TOPICS
+    ]
     for name, rows in (("sft", sft), ("rm", rm), ("ppo", ppo), ("topics", topics)):
         write_json(args.out_dir / f"{name}.json", rows)
         print(f"{args.out_dir / (name + '.json')}: {len(rows)} records")

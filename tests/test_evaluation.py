@@ -54,7 +54,8 @@ def test_methods_table_shows_each_gain_with_its_standard_error():
         "reward_gain_se": 0.0501,
         "kl": 0.157,
         "win_rate": 0.498,
-        "judge": dict.fromkeys(JUDGE_KEYS, 1.0),
+        "judge": {**dict.fromkeys(JUDGE_KEYS, 1.0), "good_rate": 0.5},
+        "good_before": 0.4,
         "implicit_accuracy": 0.869,
         "wall_time_s": 53.1,
         "peak_rss_mb": 784.0,
@@ -62,5 +63,7 @@ def test_methods_table_shows_each_gain_with_its_standard_error():
     }
     older = {**row, "method": "ppo", "reward_gain_se": None}  # a run folder from before reward_gain_se
     markdown = render_markdown([row, older])
-    assert "| dpo | 2.470 → 2.455 ± 0.050 | 0.157 |" in markdown
-    assert "| ppo | 2.470 → 2.455 | 0.157 |" in markdown
+    assert "| dpo | 0.400 → 0.500 | 1.000 | 1.000 | 1.000 | 2.470 → 2.455 ± 0.050 | 0.157 |" in markdown
+    assert "| ppo | 0.400 → 0.500 | 1.000 | 1.000 | 1.000 | 2.470 → 2.455 | 0.157 |" in markdown
+    # A method that adds less than +0.25 to the good rate is named, with by how much.
+    assert "- **dpo** raised the good rate by +0.100, short of +0.25" in markdown

@@ -54,12 +54,12 @@ def test_the_console_is_short_and_clean(pipeline_run):
     assert "\r" not in output and len(lines) < 40, output
     for expected in (
         "sft: eval loss 7.",
-        "rm: held-out accuracy 0.9",
-        "ppo: held-out reward 2.",
+        "rm: held-out accuracy 0.",
+        "ppo: good 0.",
         "merge: ",
         "decoding: 5 strategies on 4 prompts",
         "kochat-trl pipeline:",
-        "│ judge │",
+        "│ judge ",
         "report: ",
     ):
         assert sum(expected in line for line in lines) == 1, expected
@@ -67,7 +67,7 @@ def test_the_console_is_short_and_clean(pipeline_run):
         "[kochat-trl] sft",
         "[kochat-trl] sft",
     ]  # a line at each third, then the result line
-    for stage, key, count in (("sft", "loss", 16), ("rm", "loss", 30), ("ppo", "objective/scores", 60)):
+    for stage, key, count in (("sft", "loss", 24), ("rm", "loss", 30), ("ppo", "objective/scores", 60)):
         entries = [json.loads(line) for line in (pipeline_run.dir / stage / "train.log").read_text().splitlines()]
         assert len([entry for entry in entries if key in entry]) == count, stage
 
@@ -89,14 +89,18 @@ def test_report_numbers_match_stage_metrics(run):
     markdown = (run / "report.md").read_text()
     assert f"{ppo['reward_before']:.3f} → {ppo['reward_after']:.3f}" in markdown
     assert f"| PPO | standard error of the reward gain (paired answers) | {ppo['reward_gain_se']:.3f} |" in markdown
-    assert markdown.count("- SFT (") == 3 and markdown.count("- PPO (") == 3  # three samples before/after
+    samples = report["ppo"]["samples"]  # three changed answers to seen topics, one to a topic SFT never saw
+    assert markdown.count("- SFT (RM ") == markdown.count("- PPO (RM ") == len(samples) == 4
+    good = report["judge"]["ppo"]["good_rate"]
+    assert "**Good answers (the rule-based judge, held-out prompts of topics SFT saw): SFT " in markdown
+    assert f"PPO {good:.3f}.**" in markdown and "![gold against proxy](ppo/overoptimization.png)" in markdown
     decoding = (run / "decoding.md").read_text()
     assert all(f"| {name} |" in decoding for name in ("greedy", "beam", "sampling", "top_k", "top_p"))
     # The judge's rates of the SFT and PPO policies' held-out answers, next to the RM reward.
-    assert report["judge"] == {
-        "sft": {key: ppo["judge_before"][key] for key in JUDGE_KEYS},
-        "ppo": {key: ppo["judge_after"][key] for key in JUDGE_KEYS},
-    }
+    for name, judged in (("sft", ppo["judge_before"]), ("ppo", ppo["judge_after"])):
+        assert {key: report["judge"][name][key] for key in JUDGE_KEYS} == {key: judged[key] for key in JUDGE_KEYS}
+        assert report["judge"][name]["unseen"] == {key: judged["unseen"][key] for key in (*JUDGE_KEYS, "answers")}
+    assert report["ppo"]["curve"] == ppo["curve"] and report["ppo"]["judge_flips"] == ppo["judge_flips"]
     assert "| SFT | " in markdown and f"| PPO | {ppo['reward_after']:.3f} |" in markdown
 
 
@@ -106,22 +110,19 @@ def test_what_a_person_reads_has_no_broken_character(run):
     assert report["judge"]["sft"]["broken_rate"] == report["judge"]["ppo"]["broken_rate"] == 0.0
     for name in ("report.md", "report.json", "decoding.md"):
         assert "\ufffd" not in (run / name).read_text(encoding="utf-8"), name
-    assert all(sample["after"].endswith("니다.") for sample in report["ppo"]["samples"])
+    # The samples a reader sees first are answers PPO changed on topics SFT saw, now good.
+    assert all(sample["after"].endswith("니다.") for sample in report["ppo"]["samples"][:3])
 
 
 def test_sft_answers_held_out_questions_with_the_bundled_sentences(run):
     """Readable, not just unbroken: for held-out questions about a topic SFT saw (including question forms it never
-    saw), the greedy answer opens with that topic's bundled first sentence."""
-    from kochat_trl.data_readers import bundled_data_path
-    from kochat_trl.judge import asked_topic
+    saw), the greedy answer is faithful to that topic's bundled sentences (in 합니다체 or in 반말)."""
+    from kochat_trl.judge import asked_topic, judge_answer, topic_table
 
-    first = {}
-    for row in json.loads(bundled_data_path("sft").read_text(encoding="utf-8")):
-        first.setdefault(asked_topic(row["prompt"]), row["completion"].split(". ")[0].rstrip(".") + ".")
     generator = Generator.load(str(run / "sft"))
-    prompts = [prompt for prompt in default_prompts(60) if asked_topic(prompt) in first]
+    prompts = [prompt for prompt in default_prompts(60) if not topic_table()[asked_topic(prompt)].held_out]
     answers = generator.generate([generator.format(prompt) for prompt in prompts], "greedy").answers
-    recalled = [answer.startswith(first[asked_topic(prompt)]) for prompt, answer in zip(prompts, answers, strict=True)]
+    recalled = [judge_answer(prompt, answer).faithful for prompt, answer in zip(prompts, answers, strict=True)]
     assert len(prompts) == 53 and sum(recalled) / len(recalled) >= 0.9, list(zip(prompts, answers, strict=True))
 
 

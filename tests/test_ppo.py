@@ -20,16 +20,21 @@ def ppo_run(pipeline_run):
     return output, json.loads((output / "metrics.json").read_text())
 
 
+def paired_rate_gain(flips: dict) -> tuple[float, float]:
+    """A judge rate's gain over the same paired answers and its standard error: (became - stopped) / n, from the
+    counts of answers that became good and that stopped being good (the rest kept their verdict)."""
+    n, up, down = flips["answers"], flips["became_good"], flips["stopped_being_good"]
+    gain = (up - down) / n
+    return gain, ((up + down) / n - gain**2) ** 0.5 / n**0.5
+
+
 def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     output, metrics = ppo_run
-    # 960 held-out answers (60 prompts x 16 samples), same seed before and after. PPO's gain on the tiny default is
-    # small next to its noise: over seeds 42 and 1-4 of this config +0.06, +0.07, +0.37, +0.24, -0.09, each +-0.05
-    # (reward_gain_se), so the test asserts no loss beyond noise, which a too-large step fails (lr 5e-4: -0.07,
-    # -0.16, -0.08 with on topic down to 0.83), and a standard error that really is the paired one.
+    # 960 held-out answers (60 prompts x 16 samples), same seed before and after. The SFT policy answers half in
+    # 반말, which the reward model ranks below 합니다체: PPO's gain is +0.58 +- 0.10 (many standard errors).
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
-    assert 0.03 < error < 0.12 and gain > -2 * error, metrics
-    # PPO raised the reward of its own rollouts: the mean score of the last third of the 60 updates over the first
-    # third (320 rollouts each; +0.28 here, and above zero in 21 of 23 runs over the seeds and settings tried).
+    assert 0.03 < error < 0.15 and gain > 4 * error, metrics
+    # PPO raised the reward of its own rollouts: the mean score of the last third of the 60 updates over the first.
     scores = [entry["objective/scores"] for entry in json.loads((output / "log_history.json").read_text())[:60]]
     assert sum(scores[-20:]) / 20 > sum(scores[:20]) / 20, scores
     assert metrics["eval_samples_per_prompt"] == 16
@@ -39,7 +44,10 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference costs no memory
     assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
     assert 0 < metrics["params"]["value_trainable"] < metrics["params"]["value"]
-    assert len(metrics["samples"]) == 3 and all(sample["after"] for sample in metrics["samples"])
+    # What a reader sees first: three changed answers to topics SFT saw, then one to a topic it never saw.
+    samples = metrics["samples"]
+    assert [sample["seen"] for sample in samples] == [True, True, True, False], samples
+    assert all(sample["before"] != sample["after"] and sample["judge_after"]["good"] for sample in samples[:3])
     assert json.loads((output / "metrics.json").read_text()) == metrics
     history = json.loads((output / "log_history.json").read_text())
     logged = [entry for entry in history if "objective/scores" in entry]
@@ -51,19 +59,35 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     assert saved_template_name(AutoTokenizer.from_pretrained(output / "value")) == "kochatgpt_short"
 
 
-def test_ppo_does_not_buy_reward_with_worse_answers(ppo_run):
-    """The rule-based judge on the same 960 held-out answers: PPO did not answer off topic, impolitely or with
-    broken characters more often than the SFT policy. Measured over seeds 42 and 1-4: on topic within 5 of 960
-    answers of the SFT policy's each time. Reward hacking fails this: lr 1e-3 instead of 2e-4 dropped on topic from
-    0.81 to 0.70, lr 5e-4 from 0.89 to 0.83, and 3,840 episodes in batches of 32 from 0.89 to 0.83 while the reward
-    rose by 0.26; lr 3e-3 at temperature 1.0 dropped it to 0.25."""
+def test_ppo_turns_banmal_into_hamnida_without_buying_reward_with_worse_answers(ppo_run):
+    """The rule-based judge (the gold) on the same 960 held-out answers, topics SFT saw (848 answers): PPO raises the
+    good and polite rates by many standard errors, and does not buy reward with unfaithful, off-topic, broken or
+    repeated answers. Larger steps fail this: lr 4e-4 with kl_coef 0.2 dropped faithful 0.93 -> 0.82, lr 6e-4 on
+    topic 0.99 -> 0.78 (answers about 뜨개질 to every question: the reward model's favourite)."""
     _, metrics = ppo_run
     before, after = metrics["judge_before"], metrics["judge_after"]
-    assert before["answers"] == after["answers"] == 960 and before["on_topic_answers"] == 960
-    assert after["on_topic_rate"] >= before["on_topic_rate"] - 0.01 and before["on_topic_rate"] > 0.8, (before, after)
-    assert after["polite_rate"] >= before["polite_rate"] - 0.005 and before["polite_rate"] > 0.95
+    assert before["answers"] == after["answers"] == 848 and before["unseen"]["answers"] == 112
+    gain, error = paired_rate_gain(metrics["judge_flips"])
+    assert gain == pytest.approx(after["good_rate"] - before["good_rate"])
+    assert gain > 4 * error and 0.25 <= before["good_rate"] <= 0.75, (before, after, error)
+    assert 0.25 <= before["polite_rate"] <= 0.75 and after["polite_rate"] > before["polite_rate"] + 0.08
+    assert after["on_topic_rate"] >= before["on_topic_rate"] - 0.03 and before["on_topic_rate"] > 0.9
+    assert after["faithful_rate"] >= before["faithful_rate"] - 0.06 and before["faithful_rate"] > 0.85
     assert before["broken_rate"] == after["broken_rate"] == 0.0  # no U+FFFD in any of the 1,920 answers
+    assert after["unseen"]["broken_rate"] == before["unseen"]["broken_rate"] == 0.0
     assert after["hangul_share"] > 0.95 and after["repeat_rate"] <= before["repeat_rate"] + 0.02
+
+
+def test_gold_against_proxy_curve(ppo_run):
+    """Six evaluation points from the start to the end of training: KL to SFT, the reward model's score (the proxy)
+    and the judge's good rate (the gold) on 120 answers each; both rise here, and the picture is drawn."""
+    output, metrics = ppo_run
+    curve = metrics["curve"]
+    assert [point["step"] for point in curve] == [0, 12, 24, 36, 48, 60] and metrics["curve_answers"] == 120
+    assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6) and curve[-1]["kl"] > 0.1
+    assert curve[-1]["reward"] > curve[0]["reward"] and curve[-1]["good_rate"] > curve[0]["good_rate"]
+    assert metrics["reward_hacking"] is None and 0 < metrics["curve_seconds"] < 30
+    assert (output / "overoptimization.png").stat().st_size > 10_000
 
 
 def test_reference_is_the_sft_policy_with_the_adapter_disabled(ppo_run, tiny_stages):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 def test_sft_eval_loss_falls_by_30_percent(tiny_stages):
     metrics = tiny_stages["sft_metrics"]
     assert metrics["eval_loss_end"] <= 0.7 * metrics["eval_loss_start"], metrics
-    assert metrics["global_step"] == 160 and metrics["train_rows"] + metrics["eval_rows"] == 340
+    assert metrics["global_step"] == 240 and metrics["train_rows"] + metrics["eval_rows"] == 340
     out = tiny_stages["sft"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 3e-3

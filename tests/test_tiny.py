@@ -12,20 +12,24 @@ from kochat_trl.data import load_stage_data
 from kochat_trl.data_readers import bundled_data_path
 from kochat_trl.tiny import init_tiny
 
+TIES = 203  # tied pairs among the 1,800 of the bundled rankings (scripts/make_sample_data.py, seed 0)
+
 
 def test_bundled_data_sizes_and_layouts():
     sft, rm, ppo = (load_stage_data(f"bundled:{stage}", stage) for stage in ("sft", "rm", "ppo"))
     assert (sft.layout, sft.kept, sft.dropped) == ("sft", 340, {"empty": 0, "duplicate": 0, "tie": 0})
-    # 3 ranked completions -> C(3, 2) pairs each, minus the tied pairs (equal ranks carry no preference)
     # 3 ranked completions -> C(3, 2) pairs each, minus the tied pairs: the other topic's answer and a third answer
-    # that is also polite but wrong (drifting, spliced, repeated, truncated) share a rank.
-    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 600, 1800, 357, 1443)
+    # that is also wrong in content (drifting, spliced, repeated, truncated, a fragment) share a rank.
+    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 600, 1800, TIES, 1800 - TIES)
     assert (ppo.layout, ppo.kept) == ("ppo", 300)
     records = json.loads(bundled_data_path("rm").read_text(encoding="utf-8"))
     assert all(record["ranking"].count(0) == 1 and set(record["ranking"]) <= {0, 1, 2} for record in records)
     best = [record[f"completion_{record['ranking'].index(0)}"] for record in records]
     assert all(answer.endswith("니다.") for answer in best)  # best answers are polite and complete
-    assert all(row["completion"].endswith("니다.") for row in sft.rows)
+    # The demonstrations are mixed on purpose: half polite, half the same facts in 반말 (two of four per topic).
+    polite = [row for row in sft.rows if row["completion"].endswith("니다.")]
+    curt = [row for row in sft.rows if row not in polite]
+    assert len(polite) == len(curt) == 170 and not any("니다" in row["completion"] for row in curt)
 
 
 def test_init_tiny_is_deterministic_and_loads_by_path(tmp_path, tiny_model_dir):

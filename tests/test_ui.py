@@ -76,10 +76,16 @@ def test_the_run_tab_shows_the_report_numbers_judge_table_and_wall_times(run):
     assert f"| PPO | KL to the SFT policy | {report['ppo']['kl']:.3f} |" in text
     judge = report["judge"]["ppo"]
     assert (
-        f"| PPO | {report['ppo']['reward_after']:.3f} | {judge['broken_rate']:.3f} | {judge['hangul_share']:.3f} | "
-        f"{judge['polite_rate']:.3f} | {judge['on_topic_rate']:.3f} | {judge['repeat_rate']:.3f} |"
+        f"| PPO | {report['ppo']['reward_after']:.3f} | {judge['good_rate']:.3f} | {judge['polite_rate']:.3f} | "
+        f"{judge['on_topic_rate']:.3f} | {judge['faithful_rate']:.3f} | {judge['broken_rate']:.3f} | "
+        f"{judge['hangul_share']:.3f} | {judge['repeat_rate']:.3f} |"
     ) in text
-    assert text.startswith("Models: **base, sft, ppo**.\n\n### Numbers (report.json)") and "not finished" not in text
+    # The page leads with the gold: the judge's good rate before and after PPO.
+    before = report["judge"]["sft"]["good_rate"]
+    assert text.startswith("Models: **base, sft, ppo**.\n\n**Good answers") and f"SFT {before:.3f} → PPO" in text
+    assert "### Numbers (report.json)" in text and "not finished" not in text
+    # The Compare tab's first prompts are the report's samples: answers PPO changed.
+    assert held_out_prompts(run)[:4] == [sample["prompt"] for sample in report["ppo"]["samples"]]
     assert f"| sft | {report['wall_time_s']['sft']:.1f} |" in views.wall_time_markdown(run)
     assert views.curves_html(run).count("<figure") == 3
     assert "![" not in views.report_text(run) and "| RM | held-out pairwise accuracy |" in views.report_text(run)

@@ -26,6 +26,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -34,18 +38,19 @@ def run(args: argparse.Namespace) -> int:
 
     rows = compare_methods(args.run, parse_methods(args.methods), args.output, args.configs, args.verbose)
     table = Table(title=f"alignment methods: {args.run}")
-    for column in ("method", "RM reward", "KL", "win", "on-topic", "polite", "time"):
+    for column in ("method", "good", "polite", "on-topic", "faithful", "RM reward", "KL", "time"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         judge = row["judge"]
         table.add_row(
             row["method"],
+            f"{_rate(row.get('good_before'))} -> {_rate(judge.get('good_rate'))}",
+            _rate(judge.get("polite_rate")),
+            _rate(judge.get("on_topic_rate")),
+            _rate(judge.get("faithful_rate")),
             f"{row['reward_before']:.3f} -> {row['reward_after']:.3f}"
             + ("" if row.get("reward_gain_se") is None else f" ±{row['reward_gain_se']:.2f}"),
             f"{row['kl']:.2f}",
-            f"{row['win_rate']:.2f}",
-            f"{judge['on_topic_rate']:.2f}",
-            f"{judge['polite_rate']:.2f}",
             "n/a" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}s",
         )
     Console().print(table)

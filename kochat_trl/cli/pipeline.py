@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from kochat_trl.judge import verdict
+    from kochat_trl.overoptimization import hacking_summary
     from kochat_trl.pipeline import run_pipeline
 
     report = run_pipeline(args.config, args.output_dir, args.overwrite, verbose=args.verbose)
@@ -53,12 +55,34 @@ def run(args: argparse.Namespace) -> int:
         "judge",
         ", ".join(
             f"{label} {_rate(before[key])} -> {_rate(after[key])}"
-            for key, label in (("on_topic_rate", "on-topic"), ("polite_rate", "polite"), ("broken_rate", "broken"))
-        ),
+            for key, label in (
+                ("good_rate", "good"),
+                ("polite_rate", "polite"),
+                ("on_topic_rate", "on-topic"),
+                ("faithful_rate", "faithful"),
+                ("broken_rate", "broken"),
+            )
+        )
+        + " (topics SFT saw)",
     )
+    if before.get("unseen") and after.get("unseen"):
+        table.add_row(
+            "unseen",
+            f"on-topic {_rate(before['unseen']['on_topic_rate'])} -> {_rate(after['unseen']['on_topic_rate'])} "
+            f"({after['unseen']['answers']} answers to topics SFT never saw: no headline)",
+        )
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
     Console().print(table)
-    for sample in ppo["samples"]:  # plain lines: a terminal of any width wraps them, a log file keeps them whole
-        print(f"{sample['prompt']}\n  SFT: {sample['before']}\n  PPO: {sample['after']}")
+    if line := hacking_summary("ppo", ppo.get("reward_hacking")):
+        print(line)
+    # Plain lines: a terminal of any width wraps them, a log file keeps them whole.
+    for sample in ppo["samples"]:
+        seen = "" if sample.get("seen", True) else "  [a topic SFT never saw]"
+        print(f"{sample['prompt']}{seen}")
+        for name, text, score, judged in (
+            ("SFT", sample["before"], sample["score_before"], sample.get("judge_before")),
+            ("PPO", sample["after"], sample["score_after"], sample.get("judge_after")),
+        ):
+            print(f"  {name} ({score:.2f}, {verdict(judged) if judged else 'n/a'}): {text}")
     print(f"report: {report['output_dir']}/report.md, report.json, decoding.md")
     return 0

@@ -38,7 +38,7 @@ class PPOScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import console, modeling, progress, resume, runs
+    from kochat_trl import console, modeling, overoptimization, progress, resume, runs
     from kochat_trl.held_out import HeldOutEvaluation, held_out_summary
     from kochat_trl.rl import ppo
     from kochat_trl.rl.models import load_ppo_models, parameter_counts
@@ -79,15 +79,17 @@ def main(script_args, training_args, model_args):
         callbacks=[*callbacks, *resume.training_callbacks()],
         shared_base=models.shared,
     )
+    # Gold (the judge) and proxy (the reward model) at points through training, on a reduced held-out set.
+    curve = overoptimization.attach_curve(trainer, evaluation, script_args, lambda: ppo.policy_and_reference(trainer))
     progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
     ppo.train_ppo(trainer, resume_from_checkpoint=resume.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     ppo.save_value_model(trainer, f"{training_args.output_dir}/value")
 
-    trained = trainer.accelerator.unwrap_model(trainer.model).policy
-    reference = trained if trainer.ref_model is None else trainer.ref_model
+    trained, reference, reference_ctx = ppo.policy_and_reference(trainer)
     metrics = {
-        **evaluation.compare(trained, reference, lambda: ppo.reference_context(trainer)),
+        **evaluation.compare(trained, reference, reference_ctx),
+        **overoptimization.finish_curve(curve, "ppo", training_args.output_dir, trainer.is_world_process_zero()),
         "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
         "kl_coef_final": training_args.kl_coef,
         "episodes": trainer.state.episode,

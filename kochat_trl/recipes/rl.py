@@ -43,7 +43,9 @@ class RLScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import console, modeling, progress, resume, runs
+    from functools import cache
+
+    from kochat_trl import console, modeling, overoptimization, progress, resume, runs
     from kochat_trl.errors import ConfigError
     from kochat_trl.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
     from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer
@@ -87,16 +89,21 @@ def main(script_args, training_args, model_args):
         callbacks=resume.training_callbacks(),
         shared_base=models.shared,
     )
+    # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again (once).
+    sft_copy = cache(lambda: place_on(modeling.load_causal_lm(model_args, tokenizer), device))
+    curve = overoptimization.attach_curve(
+        trainer, evaluation, script_args, lambda: trained_and_reference(trainer, sft_copy)
+    )
     progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
     trainer.train(resume_from_checkpoint=resume.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
-    # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
-    trained, reference, reference_ctx = trained_and_reference(
-        trainer, lambda: place_on(modeling.load_causal_lm(model_args, tokenizer), device)
-    )
+    trained, reference, reference_ctx = trained_and_reference(trainer, sft_copy)
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),
+        **overoptimization.finish_curve(
+            curve, script_args.trainer, training_args.output_dir, trainer.is_world_process_zero()
+        ),
         "trainer": script_args.trainer,
         "train_reward_last": runs.last_logged(trainer.state.log_history, "reward"),
         "train_kl_last": runs.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer

@@ -167,7 +167,8 @@ def policy_comparison(
 
     `before`/`after` hold `samples_per_prompt` answers per query, prompt-major (`repeat_each`); the
     win-rate and `reward_gain_se` (`paired_standard_error`) pair the i-th answer before with the i-th after.
-    `judge_before` / `judge_after` are the rule-based judge's rates (`kochat_trl.judge`) on the same answers.
+    `judge_before` / `judge_after` are the rule-based judge's rates (`kochat_trl.judge`) on the same answers;
+    `samples` and `judge_flips` are `changed_answers`.
     """
     from kochat_trl.judge import judge_answers
 
@@ -181,8 +182,8 @@ def policy_comparison(
     def text(ids: Sequence[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    first = slice(None, None, samples_per_prompt)  # each prompt's first answer
     asked = repeat_each(queries, samples_per_prompt)
+    texts_before, texts_after = [text(ids) for ids in before], [text(ids) for ids in after]
     return {
         "reward_before": sum(scores_before) / count,
         "reward_after": sum(scores_after) / count,
@@ -197,12 +198,57 @@ def policy_comparison(
         "eos_rate_after": sum(eos in ids for ids in after) / count,
         "length_before": sum(map(len, before)) / count,
         "length_after": sum(map(len, after)) / count,
-        "judge_before": judge_answers(asked, [text(ids) for ids in before]),
-        "judge_after": judge_answers(asked, [text(ids) for ids in after]),
+        "judge_before": judge_answers(asked, texts_before),
+        "judge_after": judge_answers(asked, texts_after),
+        **changed_answers(asked, texts_before, texts_after, scores_before, scores_after, samples),
+    }
+
+
+def changed_answers(
+    prompts: Sequence[str],
+    before: Sequence[str],
+    after: Sequence[str],
+    scores_before: Sequence[float],
+    scores_after: Sequence[float],
+    samples: int = 3,
+) -> dict[str, Any]:
+    """What a reader should see first: `samples` held-out answers of seen topics that training changed (those the
+    judge now calls good first, one per prompt), then one answer to a topic SFT never saw, labelled `seen: false`;
+    and `judge_flips`, how many paired answers of seen topics turned good and how many stopped being good."""
+    from kochat_trl.judge import flags, judge_answer
+
+    pairs = []
+    for index, (prompt, old, new) in enumerate(zip(prompts, before, after, strict=True)):
+        judged_old, judged_new = judge_answer(prompt, old), judge_answer(prompt, new)
+        pairs.append((index, prompt, judged_old, judged_new, old != new))
+    seen = [pair for pair in pairs if pair[2].seen is not False]
+    flips = {
+        "answers": len(seen),
+        "changed": sum(pair[4] for pair in seen),
+        "became_good": sum(not pair[2].good and pair[3].good for pair in seen),
+        "stopped_being_good": sum(pair[2].good and not pair[3].good for pair in seen),
+    }
+    # Changed answers first, those that became good before the rest; then the prompt order.
+    ranked = sorted(seen, key=lambda pair: (not pair[4], not (pair[3].good and not pair[2].good), pair[0]))
+    chosen, prompts_used = [], set()
+    for pair in ranked:
+        if len(chosen) < samples and pair[1] not in prompts_used:
+            chosen.append(pair)
+            prompts_used.add(pair[1])
+    chosen += [pair for pair in pairs if pair[2].seen is False][:1]
+    return {
+        "judge_flips": flips,
         "samples": [
-            {"prompt": query, "before": text(b), "after": text(a), "score_before": sb, "score_after": sa}
-            for query, b, a, sb, sa in zip(
-                queries, before[first], after[first], scores_before[first], scores_after[first], strict=True
-            )
-        ][:samples],
+            {
+                "prompt": prompt,
+                "seen": judged_old.seen is not False,
+                "before": before[index],
+                "after": after[index],
+                "score_before": scores_before[index],
+                "score_after": scores_after[index],
+                "judge_before": flags(judged_old),
+                "judge_after": flags(judged_new),
+            }
+            for index, prompt, judged_old, judged_new, _ in chosen
+        ],
     }

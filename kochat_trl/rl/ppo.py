@@ -196,6 +196,14 @@ def save_value_model(trainer: PPOTrainer, folder: str | os.PathLike) -> None:
         trainer.processing_class.save_pretrained(folder)
 
 
+def policy_and_reference(trainer: PPOTrainer) -> tuple[Any, Any, Any]:
+    """The policy being trained, the model that computes the reference, and the context it computes it in (the
+    policy with its adapter disabled when LoRA, else TRL's reference copy)."""
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    reference = policy if trainer.ref_model is None else trainer.ref_model
+    return policy, reference, lambda: reference_context(trainer)
+
+
 def reference_context(trainer: PPOTrainer) -> AbstractContextManager[Any]:
     """Context in which `trainer.model.policy` computes the reference (adapter disabled), when LoRA."""
     return trainer.null_ref_context() if trainer.ref_model is None else nullcontext()

@@ -11,8 +11,15 @@ from kochat_trl.generation import decoding_kwargs
 from kochat_trl.judge import JUDGE_KEYS
 from kochat_trl.run_folder import RunFolder, StageData
 
-JUDGE_COLUMNS = ("broken", "Hangul share", "polite (합니다체)", "on topic", "repeats")
-FLAG_LABELS = {"broken": "broken character", "polite": "합니다체", "on_topic": "on topic", "repeats": "repeats"}
+JUDGE_COLUMNS = ("good", "polite (합니다체)", "on topic", "faithful", "broken", "Hangul share", "repeats")
+FLAG_LABELS = {
+    "good": "good",
+    "polite": "합니다체",
+    "on_topic": "on topic",
+    "faithful": "faithful",
+    "broken": "broken character",
+    "repeats": "repeats",
+}
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -47,6 +54,14 @@ def report_markdown(run: RunFolder) -> str:
     if report is None:
         return "\n".join(lines) + "\n"
     sft, rm, ppo, judge = report["sft"], report["rm"], report["ppo"], report["judge"]
+    before, after = judge["sft"], judge["ppo"]
+    lines += [
+        "**Good answers (rule-based judge, held-out prompts of topics SFT saw): "
+        f"SFT {_number(before.get('good_rate'))} → PPO {_number(after.get('good_rate'))}**; polite (합니다체) "
+        f"{_number(before.get('polite_rate'))} → {_number(after.get('polite_rate'))}. "
+        "The Compare tab's first prompts are ones PPO changed.",
+        "",
+    ]
     lines += ["### Numbers (report.json)", ""]
     lines += _table(
         ["stage", "metric", "value"],
@@ -61,7 +76,7 @@ def report_markdown(run: RunFolder) -> str:
     )
     lines += ["", "### Held-out answers: reward model and rule-based judge", ""]
     rows = [
-        [name, _number(reward), *(_number(judge[key][rate]) for rate in JUDGE_KEYS)]
+        [name, _number(reward), *(_number(judge[key].get(rate)) for rate in JUDGE_KEYS)]
         for name, reward, key in (("SFT", ppo["reward_before"], "sft"), ("PPO", ppo["reward_after"], "ppo"))
     ]
     for method in report.get("methods") or []:
@@ -70,11 +85,16 @@ def report_markdown(run: RunFolder) -> str:
                 [
                     method["method"].upper(),
                     _number(method["reward_after"]),
-                    *(_number(method["judge"][rate]) for rate in JUDGE_KEYS),
+                    *(_number(method["judge"].get(rate)) for rate in JUDGE_KEYS),
                 ]
             )
     lines += _table(["policy", "RM reward", *JUDGE_COLUMNS], rows)
-    lines += ["", "RM reward up while the judge's rates fall would be reward hacking."]
+    lines += [
+        "",
+        "Good = polite, on topic, faithful (every sentence one the topic table says about the asked topic), no broken "
+        "character, no repeat; the rates count the topics SFT saw. RM reward up while the judge's rates fall would be "
+        "reward hacking.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +137,7 @@ def _flag_badges(judge: dict[str, Any]) -> str:
         if value is None:
             continue
         good = not value if key in ("broken", "repeats") else bool(value)
-        text = label if value else f"not {label}" if key in ("polite", "on_topic") else f"no {label}"
+        text = label if value else f"no {label}" if key in ("broken", "repeats") else f"not {label}"
         badges.append(f'<span class="kochat-flag {"good" if good else "bad"}">{html.escape(text)}</span>')
     badges.append(f'<span class="kochat-flag">Hangul {judge.get("hangul_share", 0.0):.2f}</span>')
     return " ".join(badges)
