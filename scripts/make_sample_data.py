@@ -630,9 +630,10 @@ MAX_SENTENCE_CHARS = 32
 # Every SFT question is answered twice, as instruction data collected from several writers is: once in polite,
 # complete 합니다체 and once with the same facts in curt 반말. So the SFT model is unsure of the register for every
 # question, and RL sees both registers for each one. (With one writer per question, drawn at random, the SFT model
-# learned a register per question; PPO rarely sampled the other and moved polite 0.45 -> 0.57 in 960 episodes.) (A writer of one clipped sentence, "김치는 배추 반찬이야.", made
-# the tiny SFT model splice topics: greedy answers to 7 of 51 held-out questions mixed two topics' facts, sampled
-# answers were faithful 0.54 of the time against 0.90 without it. Clipped answers stay among the RM's negatives.)
+# learned a register per question; PPO rarely sampled the other and moved polite 0.45 -> 0.57 in 960 episodes.)
+# (A writer of one clipped sentence, "김치는 배추 반찬이야.", made the tiny SFT model splice topics:
+# greedy answers to 7 of 51 held-out questions mixed two topics' facts, sampled answers were faithful 0.54 of the
+# time against 0.90 without it. Clipped answers stay among the RM's negatives.)
 SFT_WRITERS = ("polite", "banmal")
 
 # ---------------------------------------------------------------------------------------------

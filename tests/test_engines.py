@@ -124,9 +124,15 @@ STAGES = {
         "config": "ppo.yaml",
         "from": "sft",
         "engines": ALL,
-        "args": [
+        "args": [  # the shipped config's earlier batch (16, one minibatch) and no curve: engines compared, not learning
             "--total_episodes",
             "320",
+            "--per_device_train_batch_size",
+            "16",
+            "--num_mini_batches",
+            "1",
+            "--curve_points",
+            "0",
             "--local_rollout_forward_batch_size",
             "8",
             "--eval_prompts",
@@ -140,14 +146,14 @@ STAGES = {
         "config": "rloo.yaml",
         "from": "sft",
         "engines": ALL,
-        "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1"],
+        "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1", "--curve_points", "0"],
     },
     "grpo": {
         "recipe": "recipes/rl.py",
         "config": "grpo.yaml",
         "from": "sft",
         "engines": ALL,
-        "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1"],
+        "args": ["--max_steps", "4", "--eval_prompts", "8", "--eval_samples_per_prompt", "1", "--curve_points", "0"],
     },
 }
 CASES = [(stage, engine) for stage, spec in STAGES.items() for engine in spec["engines"] if engine != "ddp"]

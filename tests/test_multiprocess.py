@@ -396,6 +396,10 @@ def train_ppo(tiny_stages: dict, work: Path, processes: int) -> SimpleNamespace:
             "1",
             "--per_device_train_batch_size",
             str(2 * PPO_PER_DEVICE_BATCH // processes),
+            "--num_mini_batches",
+            "1",
+            "--curve_points",
+            "0",
             # Answers are sampled 8 prompts at a time in both runs: one process's first 8 then draw from the
             # generator exactly as rank 0's 8 do (sampling 16 rows at once would consume it differently).
             "--local_rollout_forward_batch_size",

@@ -31,16 +31,16 @@ def paired_rate_gain(flips: dict) -> tuple[float, float]:
 def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     output, metrics = ppo_run
     # 960 held-out answers (60 prompts x 16 samples), same seed before and after. The SFT policy answers half in
-    # 반말, which the reward model ranks below 합니다체: PPO's gain is +0.58 +- 0.10 (many standard errors).
+    # 반말, which the reward model ranks below 합니다체: PPO's gain is +1.16 +- 0.09 (13 standard errors).
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
-    assert 0.03 < error < 0.15 and gain > 4 * error, metrics
+    assert 0.03 < error < 0.15 and gain > 5 * error, metrics
     # PPO raised the reward of its own rollouts: the mean score of the last third of the 60 updates over the first.
     scores = [entry["objective/scores"] for entry in json.loads((output / "log_history.json").read_text())[:60]]
     assert sum(scores[-20:]) / 20 > sum(scores[:20]) / 20, scores
     assert metrics["eval_samples_per_prompt"] == 16
     assert metrics["win_rate"] > 0.45
     assert 0 < metrics["kl"] <= metrics["kl_bound"] and metrics["kl_within_bound"] is True
-    assert metrics["episodes"] == 960 and metrics["global_step"] == 60 and metrics["eval_prompts"] == 60
+    assert metrics["episodes"] == 1920 and metrics["global_step"] == 60 and metrics["eval_prompts"] == 60
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference costs no memory
     assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
     assert 0 < metrics["params"]["value_trainable"] < metrics["params"]["value"]
@@ -62,17 +62,21 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
 def test_ppo_turns_banmal_into_hamnida_without_buying_reward_with_worse_answers(ppo_run):
     """The rule-based judge (the gold) on the same 960 held-out answers, topics SFT saw (848 answers): PPO raises the
     good and polite rates by many standard errors, and does not buy reward with unfaithful, off-topic, broken or
-    repeated answers. Larger steps fail this: lr 4e-4 with kl_coef 0.2 dropped faithful 0.93 -> 0.82, lr 6e-4 on
-    topic 0.99 -> 0.78 (answers about 뜨개질 to every question: the reward model's favourite)."""
+    repeated answers. Larger steps fail this: 4 minibatches per batch dropped faithful 0.98 -> 0.83 and on topic to
+    0.94; with one other-topic answer per RM record, lr 6e-4 dropped on topic 0.99 -> 0.78 (answers about 뜨개질 to
+    every question: the reward model's favourite)."""
     _, metrics = ppo_run
     before, after = metrics["judge_before"], metrics["judge_after"]
     assert before["answers"] == after["answers"] == 848 and before["unseen"]["answers"] == 112
     gain, error = paired_rate_gain(metrics["judge_flips"])
     assert gain == pytest.approx(after["good_rate"] - before["good_rate"])
-    assert gain > 4 * error and 0.25 <= before["good_rate"] <= 0.75, (before, after, error)
-    assert 0.25 <= before["polite_rate"] <= 0.75 and after["polite_rate"] > before["polite_rate"] + 0.08
+    # Measured: good 0.494 -> 0.785 (+0.29, about 15 standard errors), polite 0.500 -> 0.841, on topic 0.996 ->
+    # 0.980, faithful 0.978 -> 0.926. The demo issue's bar is good >= 0.80 and polite >= 0.90: not reached (notes).
+    assert gain > 8 * error and gain > 0.2 and 0.25 <= before["good_rate"] <= 0.75, (before, after, error)
+    assert after["good_rate"] >= 0.7, (before, after)
+    assert 0.25 <= before["polite_rate"] <= 0.75 and after["polite_rate"] >= 0.75, (before, after)
     assert after["on_topic_rate"] >= before["on_topic_rate"] - 0.03 and before["on_topic_rate"] > 0.9
-    assert after["faithful_rate"] >= before["faithful_rate"] - 0.06 and before["faithful_rate"] > 0.85
+    assert after["faithful_rate"] >= before["faithful_rate"] - 0.08 and before["faithful_rate"] > 0.9
     assert before["broken_rate"] == after["broken_rate"] == 0.0  # no U+FFFD in any of the 1,920 answers
     assert after["unseen"]["broken_rate"] == before["unseen"]["broken_rate"] == 0.0
     assert after["hangul_share"] > 0.95 and after["repeat_rate"] <= before["repeat_rate"] + 0.02

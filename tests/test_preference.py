@@ -34,21 +34,26 @@ def _metrics(run_dir: Path, method: str) -> dict:
     return json.loads((run_dir / method / "metrics.json").read_text())
 
 
-def test_dpo_learns_the_rankings_and_keeps_the_reward(methods_run):
+def test_dpo_learns_the_rankings_and_fixes_what_sft_left(methods_run):
     metrics = _metrics(methods_run.dir, "dpo")
-    # DPO's own view, on the 144 held-out pairs: 0.869, 0.850, 0.881 over seeds 42, 1, 2 (0 at the start:
-    # policy = reference), margins 4.2-4.5.
+    # DPO's own view, on the 254 held-out pairs: 0.878, margin 5.5 (0 at the start: policy = reference).
     assert metrics["implicit_accuracy"] >= 0.84 and metrics["implicit_margin"] > 3.0, metrics
-    # The stage-2 reward model on the 960 held-out answers (same prompts, sampling and seed as PPO): -0.015, -0.035,
-    # -0.017 over those seeds, each within 0.06 (reward_gain_se), at KL 0.16-0.43. Over-optimised DPO fails here:
-    # lr 1e-3 reached the same accuracy with the reward down 0.41 and 0.24 and KL 1.0-1.4.
+    # The judge on the 848 held-out answers to seen topics (same prompts, sampling and seed as PPO): good 0.494 ->
+    # 0.759 (296 answers became good, 72 stopped), polite 0.50 -> 0.81, faithful 0.98 -> 0.93. At lr 5e-4: +0.15.
+    flips = metrics["judge_flips"]
+    n, up, down = flips["answers"], flips["became_good"], flips["stopped_being_good"]
+    gain = (up - down) / n
+    error = ((up + down) / n - gain**2) ** 0.5 / n**0.5
+    assert gain > 0.2 and gain > 8 * error, flips
+    before, after = metrics["judge_before"], metrics["judge_after"]
+    assert after["faithful_rate"] >= before["faithful_rate"] - 0.08 and after["on_topic_rate"] >= 0.95
+    # The stage-2 reward model agrees (+1.01 +- 0.09), at KL 1.07.
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
-    assert 0.03 < error < 0.12 and gain > -2 * error, metrics
-    assert 0 < metrics["kl"] < 0.7 and metrics["kl_within_bound"] is True
-    assert metrics["judge_after"]["broken_rate"] <= 0.002  # at most 2 of 960 answers (measured 0, 1, 0)
-    assert metrics["judge_after"]["on_topic_rate"] >= metrics["judge_before"]["on_topic_rate"] - 0.01
+    assert 0.03 < error < 0.15 and gain > 5 * error, metrics
+    assert 0 < metrics["kl"] < 2.0 and metrics["kl_within_bound"] is True
+    assert after["broken_rate"] <= 0.002  # at most 2 of 960 answers
     assert (metrics["trainer"], metrics["beta"], metrics["loss_type"]) == ("dpo", 1.0, ["sigmoid"])
-    assert metrics["global_step"] == 300 and metrics["train_rows"] == 1299 and metrics["eval_rows"] == 144
+    assert metrics["global_step"] == 300 and metrics["train_rows"] == 2284 and metrics["eval_rows"] == 254
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference is the adapter disabled
 
 

@@ -428,7 +428,7 @@ BAD_INPUTS = [
         "ppo",
         [*PPO, "--num_mini_batches", "3"],
         {},
-        ["= 16 is not divisible by num_mini_batches 3"],
+        ["= 32 is not divisible by num_mini_batches 3"],
     ),
     (
         "ppo_response_over_context",

@@ -18,6 +18,7 @@ import torch
 from conftest import plain_reward, run_recipe
 
 PPO_RUN = ["--total_episodes", "64", "--eval_prompts", "8", "--eval_samples_per_prompt", "1", "--seed", "42"]
+PPO_RUN += ["--per_device_train_batch_size", "16", "--num_mini_batches", "1", "--curve_points", "0"]  # as measured
 LOGGED = (
     "objective/scores",
     "objective/kl",
