@@ -276,7 +276,12 @@ def render_report(report: dict[str, Any]) -> str:
             [
                 "",
                 f"Of {flips['answers']} paired answers (same prompt, same seed), PPO changed {flips['changed']}: "
-                f"{flips['became_good']} became good, {flips['stopped_being_good']} stopped being good.",
+                f"{flips['became_good']} became good, {flips['stopped_being_good']} stopped being good"
+                + (
+                    f" (good rate {flips['good_gain']:+.3f} ± {flips['good_gain_se']:.3f}, paired standard error)."
+                    if "good_gain_se" in flips
+                    else "."
+                ),
             ]
             if flips
             else []

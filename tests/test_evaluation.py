@@ -67,3 +67,35 @@ def test_methods_table_shows_each_gain_with_its_standard_error():
     assert "| ppo | 0.400 → 0.500 | 1.000 | 1.000 | 1.000 | 2.470 → 2.455 | 0.157 |" in markdown
     # A method that adds less than +0.25 to the good rate is named, with by how much.
     assert "- **dpo** raised the good rate by +0.100, short of +0.25" in markdown
+
+
+def test_a_rate_gain_s_standard_error_is_the_paired_one():
+    """+1 for each answer that became good, -1 for each that stopped, 0 for the rest: the closed form equals
+    paired_standard_error of those per-answer gains."""
+    from kochat_trl.rl.evaluation import paired_rate_gain_se, paired_standard_error
+
+    gains = [1.0] * 30 + [-1.0] * 7 + [0.0] * 63
+    assert paired_rate_gain_se(30, 7, 100) == pytest.approx(paired_standard_error(gains))
+    assert paired_rate_gain_se(0, 0, 1) == 0.0
+
+
+def _point(step, kl, reward, good):
+    return {"step": step, "kl": kl, "reward": reward, "good_rate": good, "polite_rate": good, "on_topic_rate": 1.0}
+
+
+def test_reward_hacking_is_named_where_gold_falls_while_proxy_rises(tmp_path):
+    from kochat_trl.overoptimization import curve_steps, hacking_summary, plot_overoptimization, reward_hacking_step
+
+    assert curve_steps(60, 6) == [0, 12, 24, 36, 48, 60] and curve_steps(3, 6) == [0, 1, 2, 3]
+    rising = [_point(step, step / 20, 2 + step / 30, 0.45 + step / 200) for step in (0, 12, 24, 36, 48, 60)]
+    assert reward_hacking_step(rising) is None
+    # Gold peaks at step 24 (0.70) and ends at 0.55 while the proxy keeps climbing: hacking after step 24.
+    hacked = [_point(0, 0, 2.0, 0.45), _point(12, 0.5, 2.5, 0.6), _point(24, 1, 3.0, 0.7), _point(36, 3, 3.5, 0.62)]
+    hacked.append(_point(48, 6, 4.0, 0.55))
+    found = reward_hacking_step(hacked)
+    assert found == {"step": 24, "good_rate_peak": 0.7, "good_rate_end": 0.55, "reward_peak": 3.0, "reward_end": 4.0}
+    assert hacking_summary("ppo", found).startswith("ppo: reward hacking after step 24: the judge's good rate fell")
+    # A gold drop within noise (0.05), or a proxy that fell too, is not called hacking.
+    assert reward_hacking_step([*hacked[:3], _point(36, 3, 3.5, 0.65)]) is None
+    assert reward_hacking_step([*hacked[:3], _point(36, 3, 2.9, 0.5)]) is None
+    assert plot_overoptimization(hacked, tmp_path / "o.png").stat().st_size > 10_000

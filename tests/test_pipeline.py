@@ -51,7 +51,8 @@ def test_the_console_is_short_and_clean(pipeline_run):
     lines = output.splitlines()
     noise = re.compile(r"FutureWarning|UserWarning|TRLExperimentalWarning|pip install kernels|Loading weights|it/s")
     assert [line for line in lines if noise.search(line)] == []
-    assert "\r" not in output and len(lines) < 40, output
+    # 15 stage lines, the 12-line summary table, 4 samples of 3 lines and the report line: 40.
+    assert "\r" not in output and len(lines) <= 40, output
     for expected in (
         "sft: eval loss 7.",
         "rm: held-out accuracy 0.",

@@ -20,27 +20,19 @@ def ppo_run(pipeline_run):
     return output, json.loads((output / "metrics.json").read_text())
 
 
-def paired_rate_gain(flips: dict) -> tuple[float, float]:
-    """A judge rate's gain over the same paired answers and its standard error: (became - stopped) / n, from the
-    counts of answers that became good and that stopped being good (the rest kept their verdict)."""
-    n, up, down = flips["answers"], flips["became_good"], flips["stopped_being_good"]
-    gain = (up - down) / n
-    return gain, ((up + down) / n - gain**2) ** 0.5 / n**0.5
-
-
 def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     output, metrics = ppo_run
     # 960 held-out answers (60 prompts x 16 samples), same seed before and after. The SFT policy answers half in
-    # 반말, which the reward model ranks below 합니다체: PPO's gain is +1.16 +- 0.09 (13 standard errors).
+    # 반말, which the reward model ranks below 합니다체: PPO's gain is +1.18 +- 0.09 (13 standard errors).
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
     assert 0.03 < error < 0.15 and gain > 5 * error, metrics
-    # PPO raised the reward of its own rollouts: the mean score of the last third of the 60 updates over the first.
-    scores = [entry["objective/scores"] for entry in json.loads((output / "log_history.json").read_text())[:60]]
-    assert sum(scores[-20:]) / 20 > sum(scores[:20]) / 20, scores
+    # PPO raised the reward of its own rollouts: the mean score of the last third of the 30 updates over the first.
+    scores = [entry["objective/scores"] for entry in json.loads((output / "log_history.json").read_text())[:30]]
+    assert sum(scores[-10:]) / 10 > sum(scores[:10]) / 10, scores
     assert metrics["eval_samples_per_prompt"] == 16
     assert metrics["win_rate"] > 0.45
     assert 0 < metrics["kl"] <= metrics["kl_bound"] and metrics["kl_within_bound"] is True
-    assert metrics["episodes"] == 1920 and metrics["global_step"] == 60 and metrics["eval_prompts"] == 60
+    assert metrics["episodes"] == 960 and metrics["global_step"] == 30 and metrics["eval_prompts"] == 60
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference costs no memory
     assert 0 < metrics["params"]["policy_trainable"] < metrics["params"]["policy"]
     assert 0 < metrics["params"]["value_trainable"] < metrics["params"]["value"]
@@ -51,7 +43,7 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
     assert json.loads((output / "metrics.json").read_text()) == metrics
     history = json.loads((output / "log_history.json").read_text())
     logged = [entry for entry in history if "objective/scores" in entry]
-    assert len(logged) == 60 and all("val/response_length" in entry and "objective/kl" in entry for entry in logged)
+    assert len(logged) == 30 and all("val/response_length" in entry and "objective/kl" in entry for entry in logged)
     assert (output / "curves.png").stat().st_size > 1000
     assert (output / "adapter_model.safetensors").is_file() and (output / "value" / "adapter_config.json").is_file()
     # The policy and the value model carry the chat template they were trained with (as does every checkpoint).
@@ -62,24 +54,26 @@ def test_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
 def test_ppo_turns_banmal_into_hamnida_without_buying_reward_with_worse_answers(ppo_run):
     """The rule-based judge (the gold) on the same 960 held-out answers, topics SFT saw (848 answers): PPO raises the
     good and polite rates by many standard errors, and does not buy reward with unfaithful, off-topic, broken or
-    repeated answers. Larger steps fail this: 4 minibatches per batch dropped faithful 0.98 -> 0.83 and on topic to
-    0.94; with one other-topic answer per RM record, lr 6e-4 dropped on topic 0.99 -> 0.78 (answers about 뜨개질 to
-    every question: the reward model's favourite)."""
+    repeated answers. Larger steps fail this: 1,920 episodes at kl_coef 0.1 dropped faithful 0.96 -> 0.85 (good 0.68:
+    polite, garbled answers such as "지식과 어휘력을 넓혀을 넓혀 줍니다." that the tiny reward model scores high)."""
     _, metrics = ppo_run
     before, after = metrics["judge_before"], metrics["judge_after"]
     assert before["answers"] == after["answers"] == 848 and before["unseen"]["answers"] == 112
-    gain, error = paired_rate_gain(metrics["judge_flips"])
+    gain, error = metrics["judge_flips"]["good_gain"], metrics["judge_flips"]["good_gain_se"]
     assert gain == pytest.approx(after["good_rate"] - before["good_rate"])
-    # Measured: good 0.494 -> 0.785 (+0.29, about 15 standard errors), polite 0.500 -> 0.841, on topic 0.996 ->
-    # 0.980, faithful 0.978 -> 0.926. The demo issue's bar is good >= 0.80 and polite >= 0.90: not reached (notes).
+    # Measured (seed 42, 2-core AMD EPYC): good 0.467 -> 0.748 (+0.28, 13 standard errors), polite 0.478 -> 0.787,
+    # on topic 0.995 -> 0.987, faithful 0.962 -> 0.941, repeats 0.006 -> 0.008. PPO seeds 1-4 on the same SFT and RM:
+    # +0.25, +0.16, +0.16, +0.20, each over 7 standard errors. The demo issue's bar, good >= 0.80 and polite >= 0.90,
+    # is not reached (the notes and ppo.yaml say why). The margins are wide: the previous config's good rate landed
+    # 0.1 apart on two machines (0.785 and 0.683).
     assert gain > 8 * error and gain > 0.2 and 0.25 <= before["good_rate"] <= 0.75, (before, after, error)
-    assert after["good_rate"] >= 0.7, (before, after)
-    assert 0.25 <= before["polite_rate"] <= 0.75 and after["polite_rate"] >= 0.75, (before, after)
+    assert after["good_rate"] >= 0.65, (before, after)
+    assert 0.25 <= before["polite_rate"] <= 0.75 and after["polite_rate"] >= 0.7, (before, after)
     assert after["on_topic_rate"] >= before["on_topic_rate"] - 0.03 and before["on_topic_rate"] > 0.9
-    assert after["faithful_rate"] >= before["faithful_rate"] - 0.08 and before["faithful_rate"] > 0.9
+    assert after["faithful_rate"] >= before["faithful_rate"] - 0.05 and before["faithful_rate"] > 0.9
     assert before["broken_rate"] == after["broken_rate"] == 0.0  # no U+FFFD in any of the 1,920 answers
     assert after["unseen"]["broken_rate"] == before["unseen"]["broken_rate"] == 0.0
-    assert after["hangul_share"] > 0.95 and after["repeat_rate"] <= before["repeat_rate"] + 0.02
+    assert after["hangul_share"] > 0.95 and after["repeat_rate"] <= before["repeat_rate"] + 0.01
 
 
 def test_gold_against_proxy_curve(ppo_run):
@@ -87,7 +81,7 @@ def test_gold_against_proxy_curve(ppo_run):
     and the judge's good rate (the gold) on 120 answers each; both rise here, and the picture is drawn."""
     output, metrics = ppo_run
     curve = metrics["curve"]
-    assert [point["step"] for point in curve] == [0, 12, 24, 36, 48, 60] and metrics["curve_answers"] == 120
+    assert [point["step"] for point in curve] == [0, 6, 12, 18, 24, 30] and metrics["curve_answers"] == 120
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6) and curve[-1]["kl"] > 0.1
     assert curve[-1]["reward"] > curve[0]["reward"] and curve[-1]["good_rate"] > curve[0]["good_rate"]
     assert metrics["reward_hacking"] is None and 0 < metrics["curve_seconds"] < 30

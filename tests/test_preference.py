@@ -36,18 +36,15 @@ def _metrics(run_dir: Path, method: str) -> dict:
 
 def test_dpo_learns_the_rankings_and_fixes_what_sft_left(methods_run):
     metrics = _metrics(methods_run.dir, "dpo")
-    # DPO's own view, on the 254 held-out pairs: 0.878, margin 5.5 (0 at the start: policy = reference).
+    # DPO's own view, on the 254 held-out pairs: 0.885, margin 5.7 (0 at the start: policy = reference).
     assert metrics["implicit_accuracy"] >= 0.84 and metrics["implicit_margin"] > 3.0, metrics
-    # The judge on the 848 held-out answers to seen topics (same prompts, sampling and seed as PPO): good 0.494 ->
-    # 0.759 (296 answers became good, 72 stopped), polite 0.50 -> 0.81, faithful 0.98 -> 0.93. At lr 5e-4: +0.15.
+    # The judge on the 848 held-out answers to seen topics (same prompts, sampling and seed as PPO): good 0.467 ->
+    # 0.752 (307 answers became good, 65 stopped), polite 0.48 -> 0.81, faithful 0.96 -> 0.92. At lr 5e-4: +0.15.
     flips = metrics["judge_flips"]
-    n, up, down = flips["answers"], flips["became_good"], flips["stopped_being_good"]
-    gain = (up - down) / n
-    error = ((up + down) / n - gain**2) ** 0.5 / n**0.5
-    assert gain > 0.2 and gain > 8 * error, flips
+    assert flips["good_gain"] > 0.2 and flips["good_gain"] > 8 * flips["good_gain_se"], flips
     before, after = metrics["judge_before"], metrics["judge_after"]
     assert after["faithful_rate"] >= before["faithful_rate"] - 0.08 and after["on_topic_rate"] >= 0.95
-    # The stage-2 reward model agrees (+1.01 +- 0.09), at KL 1.07.
+    # The stage-2 reward model agrees (+1.00 +- 0.09), at KL 0.86.
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
     assert 0.03 < error < 0.15 and gain > 5 * error, metrics
     assert 0 < metrics["kl"] < 2.0 and metrics["kl_within_bound"] is True

@@ -119,7 +119,7 @@ BAD_INPUTS = [
         "ppo",
         [*PPO, "--max_samples", "10"],
         {},
-        ["bundled:ppo", "8 training prompts", "rollout batch (16)"],
+        ["bundled:ppo", "8 training prompts", "rollout batch (32)"],
     ),
     # config values: file and key named
     (
@@ -988,9 +988,13 @@ def test_reward_model_interrupted_in_process_resumes_exactly(tmp_path, tiny_mode
     assert_no_pickles_or_bins(tmp_path / "out")
 
 
-PPO_RUN = [
+PPO_RUN = [  # rollout batches of 16 in one minibatch (the shipped config's are 32 in two)
     "--total_episodes",
     "96",
+    "--per_device_train_batch_size",
+    "16",
+    "--num_mini_batches",
+    "1",
     "--max_samples",
     "50",
     "--eval_prompts",

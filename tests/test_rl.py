@@ -62,15 +62,15 @@ def test_critic_free_raises_its_reward_within_kl_bound(critic_free_run):
     third = len(rewards) // 3
     assert sum(rewards[-third:]) / third > sum(rewards[:third]) / third + 0.1, rewards
     # On the 960 held-out answers (60 prompts x 16): the SFT policy answers half in 반말, and both move it to 합니다체.
-    # GRPO: reward +1.41 +- 0.09, good 0.494 -> 0.752, faithful 0.978 -> 0.971.
+    # GRPO: reward +1.52 +- 0.10, good 0.467 -> 0.739, faithful 0.962 -> 0.919; RLOO: +1.72 +- 0.10, good 0.467 ->
+    # 0.801, faithful 0.962 -> 0.958.
     gain, error = metrics["reward_after"] - metrics["reward_before"], metrics["reward_gain_se"]
     assert 0.03 < error < 0.15 and gain > 5 * error, metrics
     flips = metrics["judge_flips"]
-    n, up, down = flips["answers"], flips["became_good"], flips["stopped_being_good"]
-    good_gain = (up - down) / n
-    assert good_gain > 0.15 and good_gain > 6 * ((up + down) / n - good_gain**2) ** 0.5 / n**0.5, flips
+    assert flips["good_gain"] > 0.15 and flips["good_gain"] > 6 * flips["good_gain_se"], flips
     before, after = metrics["judge_before"], metrics["judge_after"]
-    assert after["faithful_rate"] >= before["faithful_rate"] - 0.05 and after["on_topic_rate"] >= 0.95
+    # Faithful falls a little (GRPO -0.043 here, as DPO): the margin of DPO's test.
+    assert after["faithful_rate"] >= before["faithful_rate"] - 0.08 and after["on_topic_rate"] >= 0.95
     # The gold-against-proxy curve: six points from step 0 to the last.
     assert [point["step"] for point in metrics["curve"]] == [round(STEPS[trainer] * i / 5) for i in range(6)]
     assert (output / "overoptimization.png").is_file()

@@ -12,15 +12,15 @@ from kochat_trl.data import load_stage_data
 from kochat_trl.data_readers import bundled_data_path
 from kochat_trl.tiny import init_tiny
 
-TIES = 203  # tied pairs among the 1,800 of the bundled rankings (scripts/make_sample_data.py, seed 0)
+TIES = 1062  # tied pairs among the 3,600 of the bundled rankings (scripts/make_sample_data.py, seed 0)
 
 
 def test_bundled_data_sizes_and_layouts():
     sft, rm, ppo = (load_stage_data(f"bundled:{stage}", stage) for stage in ("sft", "rm", "ppo"))
     assert (sft.layout, sft.kept, sft.dropped) == ("sft", 340, {"empty": 0, "duplicate": 0, "tie": 0})
-    # 3 ranked completions -> C(3, 2) pairs each, minus the tied pairs: the other topic's answer and a third answer
-    # that is also wrong in content (drifting, spliced, repeated, truncated, a fragment) share a rank.
-    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 600, 1800, TIES, 1800 - TIES)
+    # 4 ranked completions -> C(4, 2) pairs each, minus the tied pairs: the two other topics' answers and a third
+    # answer that is also wrong in content (drifting, spliced, repeated, truncated, a fragment) share a rank.
+    assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 600, 3600, TIES, 3600 - TIES)
     assert (ppo.layout, ppo.kept) == ("ppo", 300)
     records = json.loads(bundled_data_path("rm").read_text(encoding="utf-8"))
     assert all(record["ranking"].count(0) == 1 and set(record["ranking"]) <= {0, 1, 2} for record in records)

@@ -30,6 +30,8 @@ from kochat_trl.ui import views
 from kochat_trl.ui.models import EMPTY_MESSAGE, EMPTY_PROMPT, ModelCache, chat_reply, compare, parse_options
 
 PROMPT = "김치에 대해 알려 주세요."
+# The browser types a held-out question whose greedy SFT answer is 반말 and PPO's 합니다체 (the docs/ui.png picture).
+BROWSER_PROMPT = "파리에 대해 간단히 설명해 줄 수 있나요?"
 MODELS = ["base", "sft", "ppo"]
 KOCHAT = str(Path(sys.executable).parent / "kochat-trl")
 OFFLINE = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
@@ -95,13 +97,13 @@ def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
     datasets = {data.stage: data for data in stage_datasets(run, limit=3)}
     assert list(datasets) == ["sft", "rm", "ppo"]
     rm = datasets["rm"]
-    assert (rm.source, rm.layout, rm.read, rm.candidates, rm.kept) == ("bundled:rm", "rm", 600, 1800, 1443)
-    assert rm.dropped == {"empty": 0, "duplicate": 0, "tie": 357}
+    assert (rm.source, rm.layout, rm.read, rm.candidates, rm.kept) == ("bundled:rm", "rm", 600, 3600, 2538)
+    assert rm.dropped == {"empty": 0, "duplicate": 0, "tie": 1062}
     assert list(rm.rows[0]) == ["prompt", "chosen", "rejected"] and len(rm.rows) == 3
     assert (datasets["sft"].kept, datasets["ppo"].kept) == (340, 300)
     text = views.datasets_markdown(list(datasets.values()))
     assert (
-        "layout rm: read 600 records, 1800 candidate pairs; kept 1443; dropped 357 (empty 0, duplicate 0, tie 357)"
+        "layout rm: read 600 records, 3600 candidate pairs; kept 2538; dropped 1062 (empty 0, duplicate 0, tie 1062)"
         in text
     )
     assert text.count("\n| 3 | ") == 3  # three rows per stage
@@ -110,8 +112,8 @@ def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
 def test_held_out_prompts_are_ppo_s_eval_split(run):
     from kochat_trl.decoding_report import default_prompts
 
-    prompts = held_out_prompts(run)
-    assert len(prompts) == 60 and prompts[:4] == default_prompts(4)
+    prompts = held_out_prompts(run)  # the same 60 prompts, the report's samples moved to the front
+    assert len(prompts) == 60 and sorted(prompts) == sorted(default_prompts(60))
 
 
 def test_not_a_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
@@ -193,7 +195,16 @@ def test_compare_answers_with_every_model_scores_and_judges_loading_each_once(ru
     assert all(set(item) == {"model", "answer", "reward", "judge"} for item in results)
     sft = results[1]
     assert sft["answer"].startswith("김치는") and sft["judge"] == flags(judge_answer(PROMPT, sft["answer"]))
-    assert sft["judge"] == {"broken": False, "hangul_share": 1.0, "polite": True, "on_topic": True, "repeats": False}
+    assert sft["judge"] == {
+        "broken": False,
+        "hangul_share": 1.0,
+        "polite": True,
+        "on_topic": True,
+        "faithful": True,
+        "repeats": False,
+        "seen": True,
+        "good": True,
+    }
     model, tokenizer = _load_reward(str(run.reward_model))
     for item in results:  # the reward model's own score of the (prompt, answer) chat, as any client computes it
         assert abs(item["reward"] - plain_reward(model, tokenizer, PROMPT, item["answer"])) < 1e-5
@@ -384,11 +395,11 @@ def test_a_real_browser_shows_the_report_and_the_answers(server, run, cache, tmp
         browser.find_element(By.XPATH, "//button[@role='tab' and normalize-space()='Compare']").click()
         prompt = wait.until(lambda page: page.find_element(By.CSS_SELECTOR, "#kochat-prompt textarea"))
         prompt.clear()
-        prompt.send_keys(PROMPT)
+        prompt.send_keys(BROWSER_PROMPT)
         browser.find_element(By.ID, "kochat-compare-button").click()
         cards = WebDriverWait(browser, 180).until(lambda page: page.find_elements(By.CSS_SELECTOR, ".kochat-answer"))
         assert [card.get_attribute("data-model") for card in cards] == MODELS
-        expected = compare(cache, PROMPT, models=["sft", "ppo"])
+        expected = compare(cache, BROWSER_PROMPT, models=["sft", "ppo"])
         shown = [card.find_element(By.CLASS_NAME, "kochat-text").get_attribute("textContent") for card in cards]
         assert shown[1:] == [item["answer"] for item in expected]
         assert [card.find_element(By.CLASS_NAME, "kochat-reward").text for card in cards[1:]] == [

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(
             "unseen",
             f"on-topic {_rate(before['unseen']['on_topic_rate'])} -> {_rate(after['unseen']['on_topic_rate'])} "
-            f"({after['unseen']['answers']} answers to topics SFT never saw: no headline)",
+            f"({after['unseen']['answers']} answers to topics SFT never saw)",
         )
     table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
     Console().print(table)

@@ -151,6 +151,16 @@ def paired_standard_error(gains: Sequence[float]) -> float:
     return statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else 0.0
 
 
+def paired_rate_gain_se(up: int, down: int, count: int) -> float:
+    """The standard error of a judge rate's gain over `count` paired answers, `up` of which gained the verdict and
+    `down` lost it (per answer the gain is +1, -1 or 0: `paired_standard_error` of those, in closed form)."""
+    if count < 2:
+        return 0.0
+    mean = (up - down) / count
+    variance = ((up + down) - count * mean**2) / (count - 1)
+    return math.sqrt(max(variance, 0.0) / count)
+
+
 def policy_comparison(
     tokenizer: Any,
     queries: Sequence[str],
@@ -222,11 +232,15 @@ def changed_answers(
         judged_old, judged_new = judge_answer(prompt, old), judge_answer(prompt, new)
         pairs.append((index, prompt, judged_old, judged_new, old != new))
     seen = [pair for pair in pairs if pair[2].seen is not False]
+    up = sum(not pair[2].good and pair[3].good for pair in seen)
+    down = sum(pair[2].good and not pair[3].good for pair in seen)
     flips = {
         "answers": len(seen),
         "changed": sum(pair[4] for pair in seen),
-        "became_good": sum(not pair[2].good and pair[3].good for pair in seen),
-        "stopped_being_good": sum(pair[2].good and not pair[3].good for pair in seen),
+        "became_good": up,
+        "stopped_being_good": down,
+        "good_gain": (up - down) / len(seen) if seen else 0.0,
+        "good_gain_se": paired_rate_gain_se(up, down, len(seen)),
     }
     # Changed answers first, those that became good before the rest; then the prompt order.
     ranked = sorted(seen, key=lambda pair: (not pair[4], not (pair[3].good and not pair[2].good), pair[0]))
