@@ -3,10 +3,13 @@
 Runs `kochat_trl.pipeline.run_pipeline` (embedded tiny default, the bundled tiny/pipeline.yaml) in a fresh
 process with `--threads` torch threads (OMP_NUM_THREADS) and prints its `report["wall_time_s"]` (SFT, RM, PPO,
 merge, decoding; the stages run in that process, so the imports are paid once, in the total) and the whole
-process's wall time, with the load average and the share of CPU time other processes took meanwhile.
+process's wall time, with the load average and the share of CPU time other processes took meanwhile. The start-up
+row is the process's wall time less its stages: Python, the imports, building the tiny base, the report. With
+several runs each row shows min / median / max.
 
     python benchmarks/bench_pipeline.py                 # one run
-    python benchmarks/bench_pipeline.py --repeats 3     # medians of three
+    python benchmarks/bench_pipeline.py --repeats 3     # min / median / max of three
+    python benchmarks/bench_pipeline.py --config FILE   # another pipeline config (the tests' smoke run)
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import harness
 
 RUN = (
     "import json, sys\nfrom kochat_trl.pipeline import run_pipeline\n"
-    "report = run_pipeline(None, sys.argv[1], overwrite=True)\n"
+    "report = run_pipeline(sys.argv[3] or None, sys.argv[1], overwrite=True)\n"
     "json.dump(report, open(sys.argv[2], 'w', encoding='utf-8'), ensure_ascii=False)\n"
 )
 
@@ -48,7 +51,7 @@ def run_once(args: argparse.Namespace, scratch: Path, index: int) -> dict[str, A
     busy, children, started = _busy_seconds(), _children_seconds(), time.perf_counter()
     load_start = os.getloadavg()[0]
     process = subprocess.run(
-        [sys.executable, "-c", RUN, str(scratch / f"run-{index}"), str(out)],
+        [sys.executable, "-c", RUN, str(scratch / f"run-{index}"), str(out), str(args.config or "")],
         cwd=harness.REPO,
         env=harness.worker_env(args.threads),
         capture_output=True,
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--config", type=Path, default=None, help="pipeline config (default: the bundled tiny one)")
     harness.add_common_arguments(parser, repeats=1)
     parser.set_defaults(timeout=1200.0)
     args = parser.parse_args(argv)
@@ -106,10 +110,22 @@ def main(argv: list[str] | None = None) -> int:
                 break
     used = [run for run in runs if run["clean"]] or runs
     stages = list(used[0]["wall_time_s"])
-    medians = {stage: statistics.median(run["wall_time_s"][stage] for run in used) for stage in stages}
-    total = statistics.median(run["total_s"] for run in used)
-    rows = [[stage, seconds] for stage, seconds in medians.items()] + [["total (process)", total]]
-    table = harness.markdown_table(["stage", "seconds"], rows)
+    for run in runs:
+        run["startup_s"] = run["total_s"] - sum(run["wall_time_s"].values())
+    spread = {stage: [run["wall_time_s"][stage] for run in used] for stage in stages}
+    spread["start-up (imports, base)"] = [run["startup_s"] for run in used]
+    spread["total (process)"] = [run["total_s"] for run in used]
+    medians = {stage: statistics.median(values) for stage, values in spread.items()}
+    total = medians["total (process)"]
+    rows = [
+        [
+            stage,
+            f"{min(values):.1f} / {medians[stage]:.1f} / {max(values):.1f}",
+            f"{100 * medians[stage] / total:.0f} %",
+        ]
+        for stage, values in spread.items()
+    ]
+    table = harness.markdown_table(["stage", "seconds (min / median / max)", "share of the median total"], rows)
     clean = sum(run["clean"] for run in runs)
     markdown = (
         f"### Default pipeline wall time (tiny default, CPU, {args.threads} threads)\n\n{table}\n\n"

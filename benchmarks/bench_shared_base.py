@@ -48,6 +48,8 @@ PROFILES = {
     "small": {
         "total_episodes": 20,
         "per_device_train_batch_size": 4,
+        "num_mini_batches": 1,
+        "whiten_rewards": False,  # whitening needs minibatches of at least 8 rollouts
         "local_rollout_forward_batch_size": 4,
         "response_length": 24,
         "eval_prompts": 4,
@@ -55,6 +57,7 @@ PROFILES = {
     "gpu": {
         "total_episodes": 64,
         "per_device_train_batch_size": 8,
+        "num_mini_batches": 1,
         "local_rollout_forward_batch_size": 8,
         "response_length": 64,
         "eval_prompts": 8,

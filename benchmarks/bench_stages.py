@@ -26,7 +26,7 @@ import models
 STAGES = ("sft", "rm", "ppo", "generate")
 # Per model: enough steps for a stable median on 2 CPU cores, each invocation well under 10 minutes.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {  # the shipped tiny configs' batch sizes and lengths; SFT's 120 steps; PPO 16 of its 30 updates
+    "tiny": {  # the shipped tiny configs' lengths; SFT's 120 steps; PPO 16 updates of 16 rollouts in 2 minibatches
         "sft": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
         "rm": {"max_steps": 120, "per_device_train_batch_size": 16, "max_length": 256},
         "ppo": {
@@ -45,6 +45,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "ppo": {
             "total_episodes": 16,
             "per_device_train_batch_size": 4,
+            "num_mini_batches": 1,
+            "whiten_rewards": False,  # whitening needs minibatches of at least 8 rollouts
             "local_rollout_forward_batch_size": 4,
             "response_length": 32,
             "eval_prompts": 4,
@@ -58,6 +60,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "ppo": {
             "total_episodes": 64,
             "per_device_train_batch_size": 8,
+            "num_mini_batches": 1,
             "local_rollout_forward_batch_size": 8,
             "response_length": 64,
             "eval_prompts": 8,

@@ -61,6 +61,11 @@ KNOWN_LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
         "an optional CPU kernel for 4-bit inference; training and the float paths do not use it",
     ),
     (
+        "kernels._internals.hf_hub",
+        r"Skipping publisher trust check for '.*' because Hugging Face Hub is in offline mode",
+        "bitsandbytes asks the kernels package for its optional CPU kernel; offline (HF_HUB_OFFLINE=1) it is not used",
+    ),
+    (
         "DeepSpeed",
         r"Setting accelerator to CPU\. If you have GPU",
         "transformers imports DeepSpeed when it is installed; on a CPU run finding no GPU is expected",

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kochat_trl.held_out import HeldOutEvaluation
+from kochat_trl.reporting import save_figure
 
 CURVE_FILE = "overoptimization.png"
 ModelsNow = Callable[[], tuple[Any, Any, Callable[[], Any]]]  # () -> (policy, reference, reference context)
@@ -136,14 +137,7 @@ def plot_overoptimization(curve: Sequence[dict[str, Any]], path: str | Path, tit
     handles = [*gold.get_legend_handles_labels()[0], *proxy.get_legend_handles_labels()[0]]
     gold.legend(handles, [handle.get_label() for handle in handles], loc="lower right", fontsize=8)
     gold.set_title(title or "gold against proxy over training (step labels)")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return save_figure(figure, path)
 
 
 def attach_curve(

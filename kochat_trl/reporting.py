@@ -36,6 +36,13 @@ def plot_curves(log_history: list[dict[str, Any]], keys: Sequence[str], path: st
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(present) :]:
         axis.axis("off")
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Lay out, write atomically (a temporary file, then a rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,3 +111,13 @@ def plain_reward(model, tokenizer, prompt: str, answer: str) -> float:
     inputs = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         return model(**inputs).logits[0, 0].item()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line saying what the default tier left out, and how to run it."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if deselected and config.getoption("markexpr") == "not engines and not slow":
+        terminalreporter.write_line(
+            f"{deselected} tests of the engines and slow tiers deselected: "
+            "run them with python -m pytest -m 'engines or slow'"
+        )

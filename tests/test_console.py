@@ -50,6 +50,19 @@ def test_known_log_message_is_filtered_by_logger_and_message(caplog):
     ]
 
 
+def test_the_offline_kernels_trust_line_is_filtered(caplog):
+    """bitsandbytes asks the kernels package for a CPU kernel; with HF_HUB_OFFLINE=1 it logs this on every run."""
+    console.install_known_filters()
+    logger = logging.getLogger("kernels._internals.hf_hub")
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
+            "Hub is in offline mode."
+        )
+        logger.warning("Publisher not trusted")
+    assert [record.getMessage() for record in caplog.records] == ["Publisher not trusted"]
+
+
 def test_known_prints_are_dropped_only_when_quiet(monkeypatch, capsys):
     monkeypatch.setattr(console, "_quiet", True)
     with console.known_prints_dropped():

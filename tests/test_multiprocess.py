@@ -173,6 +173,7 @@ def relative_files(folder: Path) -> set[str]:
     return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_two_processes_train_as_one_ddp_group(runs):
     ranks = runs[2].ranks
@@ -182,6 +183,7 @@ def test_two_processes_train_as_one_ddp_group(runs):
     assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_two_processes_match_one_process_with_doubled_batch(runs):
     two, one = logged(runs[2].output_dir), logged(runs[1].output_dir)
@@ -197,6 +199,7 @@ def test_two_processes_match_one_process_with_doubled_batch(runs):
     assert runs[2].ranks[0]["param_abs_sum"] == pytest.approx(runs[1].ranks[0]["param_abs_sum"], rel=TOLERANCE)
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_rank_zero_alone_writes_outputs(runs):
     two, one = relative_files(runs[2].output_dir), relative_files(runs[1].output_dir)
@@ -215,6 +218,7 @@ def test_rank_zero_alone_writes_outputs(runs):
     ]
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("runs", ["sft", "rm", "dpo"], indirect=True)
 def test_metrics_json_holds_the_numbers_every_rank_computed(runs):
     rank0, rank1 = runs[2].ranks
@@ -421,6 +425,7 @@ def ppo_one_process(tiny_stages, work) -> SimpleNamespace:
     return train_ppo(tiny_stages, work, 1)
 
 
+@pytest.mark.engines
 def test_ppo_two_processes_train_as_one_ddp_group(ppo_two_processes):
     ranks = ppo_two_processes.ranks
     assert [rank["group"] for rank in ranks] == [["gloo", 2, 0], ["gloo", 2, 1]]
@@ -429,6 +434,7 @@ def test_ppo_two_processes_train_as_one_ddp_group(ppo_two_processes):
     assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]  # gradients synchronised
 
 
+@pytest.mark.engines
 def test_ppo_two_processes_write_one_run_folder_from_rank_zero(ppo_two_processes):
     import math
 
@@ -453,6 +459,7 @@ def test_ppo_two_processes_write_one_run_folder_from_rank_zero(ppo_two_processes
     assert [entry["episode"] for entry in history if "objective/kl" in entry] == [16, 32, 48, 64]
 
 
+@pytest.mark.engines
 def test_ppo_two_processes_sample_the_one_process_batches_and_rank_zero_its_answers(ppo_two_processes, ppo_one_process):
     """Unlike SFT, RM and DPO, PPO with 2 processes x 8 does not reproduce 1 process x 16, and no tolerance would
     make it: TRL 1.12's PPOTrainer (trl/experimental/ppo/ppo_trainer.py)

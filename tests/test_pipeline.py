@@ -68,7 +68,7 @@ def test_the_console_is_short_and_clean(pipeline_run):
         "[kochat-trl] sft",
         "[kochat-trl] sft",
     ]  # a line at each third, then the result line
-    for stage, key, count in (("sft", "loss", 24), ("rm", "loss", 30), ("ppo", "objective/scores", 60)):
+    for stage, key, count in (("sft", "loss", 24), ("rm", "loss", 30), ("ppo", "objective/scores", 30)):
         entries = [json.loads(line) for line in (pipeline_run.dir / stage / "train.log").read_text().splitlines()]
         assert len([entry for entry in entries if key in entry]) == count, stage
 
@@ -242,6 +242,7 @@ def test_rerun_after_deleting_ppo_redoes_only_ppo(run_copy, quick_ppo_config, ca
     assert report["ppo"]["reward_after"] == _metrics(run_copy, "ppo")["reward_after"]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_an_unfinished_stage_from_its_checkpoint(run_copy, quick_ppo_config, capsys):
     rm_dir = run_copy / "rm"
     finished = _metrics(run_copy, "rm")

@@ -20,22 +20,35 @@ from kochat_trl.judge import JUDGE_KEYS
 from kochat_trl.templates import saved_template_name
 
 METHODS = ["ppo", "dpo", "kto", "orpo"]
+DEFAULT_TIER_METHODS = ["ppo", "dpo"]
+
+
+def _compare_methods(run_dir: Path, methods: list[str]) -> SimpleNamespace:
+    assert main(["compare-methods", "--run", str(run_dir), "--methods", ",".join(methods)]) == 0
+    return SimpleNamespace(dir=run_dir, rows=json.loads((run_dir / "methods" / "methods.json").read_text()))
 
 
 @pytest.fixture(scope="module")
-def methods_run(pipeline_run, tmp_path_factory) -> SimpleNamespace:
-    """`kochat-trl compare-methods` on a copy of the session's pipeline run: trains DPO, KTO and ORPO, reuses PPO."""
+def dpo_run(pipeline_run, tmp_path_factory) -> SimpleNamespace:
+    """`kochat-trl compare-methods --methods ppo,dpo` on a copy of the session's pipeline run: trains DPO, reuses PPO
+    (the default tier's preference method)."""
     run_dir = Path(shutil.copytree(pipeline_run.dir, tmp_path_factory.mktemp("methods") / "run"))
-    assert main(["compare-methods", "--run", str(run_dir), "--methods", ",".join(METHODS)]) == 0
-    return SimpleNamespace(dir=run_dir, rows=json.loads((run_dir / "methods" / "methods.json").read_text()))
+    return _compare_methods(run_dir, DEFAULT_TIER_METHODS)
+
+
+@pytest.fixture(scope="module")
+def methods_run(dpo_run, tmp_path_factory) -> SimpleNamespace:
+    """Every preference method on a copy of `dpo_run`: trains KTO and ORPO, reuses PPO and DPO (the slow tier)."""
+    run_dir = Path(shutil.copytree(dpo_run.dir, tmp_path_factory.mktemp("all-methods") / "run"))
+    return _compare_methods(run_dir, METHODS)
 
 
 def _metrics(run_dir: Path, method: str) -> dict:
     return json.loads((run_dir / method / "metrics.json").read_text())
 
 
-def test_dpo_learns_the_rankings_and_fixes_what_sft_left(methods_run):
-    metrics = _metrics(methods_run.dir, "dpo")
+def test_dpo_learns_the_rankings_and_fixes_what_sft_left(dpo_run):
+    metrics = _metrics(dpo_run.dir, "dpo")
     # DPO's own view, on the 254 held-out pairs: 0.885, margin 5.7 (0 at the start: policy = reference).
     assert metrics["implicit_accuracy"] >= 0.84 and metrics["implicit_margin"] > 3.0, metrics
     # The judge on the 848 held-out answers to seen topics (same prompts, sampling and seed as PPO): good 0.467 ->
@@ -54,8 +67,8 @@ def test_dpo_learns_the_rankings_and_fixes_what_sft_left(methods_run):
     assert metrics["params"]["reference_extra"] == 0  # LoRA: the reference is the adapter disabled
 
 
-def test_dpo_writes_what_every_stage_writes(methods_run):
-    out = methods_run.dir / "dpo"
+def test_dpo_writes_what_every_stage_writes(dpo_run):
+    out = dpo_run.dir / "dpo"
     for name in (
         "adapter_model.safetensors",
         "adapter_config.json",
@@ -73,6 +86,7 @@ def test_dpo_writes_what_every_stage_writes(methods_run):
     assert len([entry for entry in logged if "rewards/margins" in entry and "loss" in entry]) == 30
 
 
+@pytest.mark.slow
 def test_every_method_is_a_row_judged_on_the_same_answers(methods_run):
     rows = methods_run.rows
     assert [row["method"] for row in rows] == METHODS
@@ -104,23 +118,24 @@ def test_every_method_is_a_row_judged_on_the_same_answers(methods_run):
     assert (methods_run.dir / "methods" / "methods.png").stat().st_size > 10_000
 
 
-def test_compare_methods_again_reuses_finished_methods(methods_run, capsys):
-    before = {method: (methods_run.dir / method / "metrics.json").stat().st_mtime_ns for method in METHODS}
+def test_compare_methods_again_reuses_finished_methods(dpo_run, capsys):
+    before = {method: (dpo_run.dir / method / "metrics.json").stat().st_mtime_ns for method in DEFAULT_TIER_METHODS}
     capsys.readouterr()
-    assert main(["compare-methods", "--run", str(methods_run.dir), "--methods", "dpo,ppo"]) == 0
+    assert main(["compare-methods", "--run", str(dpo_run.dir), "--methods", "dpo,ppo"]) == 0
     out = capsys.readouterr().out
     assert "dpo: finished" in out and "ppo: finished" in out
-    assert {method: (methods_run.dir / method / "metrics.json").stat().st_mtime_ns for method in METHODS} == before
-    rows = json.loads((methods_run.dir / "methods" / "methods.json").read_text())
+    after = {method: (dpo_run.dir / method / "metrics.json").stat().st_mtime_ns for method in DEFAULT_TIER_METHODS}
+    assert after == before
+    rows = json.loads((dpo_run.dir / "methods" / "methods.json").read_text())
     assert [row["method"] for row in rows] == ["dpo", "ppo"]
-    assert rows[0] == next(row for row in methods_run.rows if row["method"] == "dpo")
+    assert rows[0] == next(row for row in dpo_run.rows if row["method"] == "dpo")
 
 
-def test_pipeline_with_methods_shows_the_table(methods_run, tmp_path):
+def test_pipeline_with_methods_shows_the_table(dpo_run, tmp_path):
     config = yaml.safe_load((TINY_CONFIGS / "pipeline.yaml").read_text())
     config["methods"] = ["dpo"]
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    run_dir = Path(shutil.copytree(methods_run.dir, tmp_path / "run"))
+    run_dir = Path(shutil.copytree(dpo_run.dir, tmp_path / "run"))
     assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml"), "--output_dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert [row["method"] for row in report["methods"]] == ["ppo", "dpo"]

@@ -831,6 +831,7 @@ def signalled_sft(
 @pytest.mark.parametrize(
     ("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
 )
+@pytest.mark.slow
 def test_sft_killed_by_a_signal_resumes_and_matches_the_uninterrupted_run(
     tmp_path, tiny_model_dir, sft_uninterrupted, signum, exit_code
 ):
@@ -1013,6 +1014,7 @@ PPO_RUN = [  # rollout batches of 16 in one minibatch (the shipped config's are 
 PPO_VARYING = {"eps"}  # episodes per second: wall-clock
 
 
+@pytest.mark.slow
 def test_ppo_interrupted_resumes_with_no_update_repeated_or_skipped(tmp_path, tiny_model_dir):
     """40 training prompts = 2 rollout batches of 16 per epoch: 6 updates cross two epoch boundaries, so the
     resume must restore the data position within an epoch and the RNG, not only weights and counters.

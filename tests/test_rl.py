@@ -53,6 +53,7 @@ def rm(tiny_stages):
     return modeling.load_reward_model(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), tokenizer), tokenizer
 
 
+@pytest.mark.slow
 def test_critic_free_raises_its_reward_within_kl_bound(critic_free_run):
     trainer, output, metrics = critic_free_run
     # The trainer raised its own reward: the logged mean reward of the last third of training over the first third
@@ -95,6 +96,7 @@ def test_critic_free_raises_its_reward_within_kl_bound(critic_free_run):
     assert metrics["judge_before"]["broken_rate"] == metrics["judge_after"]["broken_rate"] == 0.0
 
 
+@pytest.mark.slow
 def test_critic_free_answers_still_end_in_eos(critic_free_run):
     """With TRL's own reward-model path the RM never sees eos and the policy unlearns stopping."""
     *_, metrics = critic_free_run
@@ -225,6 +227,7 @@ def test_recipe_parses_with_the_requested_trainers_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_reference_is_the_sft_policy_with_the_adapter_disabled(critic_free_run, tiny_stages):
     _, output, _ = critic_free_run
     sft_logits, trained_logits, reference_logits = adapter_and_reference_logits(tiny_stages["sft"], output)

@@ -259,6 +259,7 @@ def test_shared_base_resumes_exactly(lora_stages, tmp_path):
     assert resumed["reward_after"] == full["reward_after"] and resumed["kl"] == full["kl"]
 
 
+@pytest.mark.engines
 def test_shared_base_trains_with_two_processes(lora_stages, tmp_path):
     from test_multiprocess import CPU_CONFIG, PPO_RECORDER, accelerate_launch, run
 

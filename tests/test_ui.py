@@ -357,6 +357,7 @@ def _browser():
     return binary, driver
 
 
+@pytest.mark.slow
 def test_a_real_browser_shows_the_report_and_the_answers(server, run, cache, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options

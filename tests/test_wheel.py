@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # a wheel build, a fresh venv and a second pipeline run: minutes
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
