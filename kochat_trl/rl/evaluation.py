@@ -153,12 +153,8 @@ def paired_standard_error(gains: Sequence[float]) -> float:
 
 def paired_rate_gain_se(up: int, down: int, count: int) -> float:
     """The standard error of a judge rate's gain over `count` paired answers, `up` of which gained the verdict and
-    `down` lost it (per answer the gain is +1, -1 or 0: `paired_standard_error` of those, in closed form)."""
-    if count < 2:
-        return 0.0
-    mean = (up - down) / count
-    variance = ((up + down) - count * mean**2) / (count - 1)
-    return math.sqrt(max(variance, 0.0) / count)
+    `down` lost it: `paired_standard_error` of the per-answer gains, +1, -1 or 0."""
+    return paired_standard_error([1.0] * up + [-1.0] * down + [0.0] * (count - up - down))
 
 
 def policy_comparison(
