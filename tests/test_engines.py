@@ -333,6 +333,7 @@ def test_ppo_checkpoints_under_deepspeed_are_refused_in_one_line(monkeypatch, se
         check_ppo_checkpoints(args)
 
 
+@pytest.mark.engines
 def test_ppo_checkpoints_under_zero2_stop_before_any_model_loads(tiny_stages, tmp_path):
     output_dir = tmp_path / "ppo"
     command = [
@@ -376,6 +377,7 @@ def test_ppo_checkpoints_under_zero2_stop_before_any_model_loads(tiny_stages, tm
     assert not output_dir.exists()
 
 
+@pytest.mark.engines
 def test_fsdp_without_a_gpu_is_refused_before_any_model_loads(tiny_model_dir, tmp_path):
     from kochat_trl.engines import FSDP_NEEDS_GPUS
 
@@ -408,3 +410,17 @@ def test_fsdp_without_a_gpu_is_refused_before_any_model_loads(tiny_model_dir, tm
     assert errors == [f"error: {FSDP_NEEDS_GPUS}"] * 2
     assert FSDP_NEEDS_GPUS.startswith("fsdp.yaml needs GPUs: on CPU accelerate runs it as plain DDP")
     assert "[rank0]: Traceback" not in result.stderr and not output_dir.exists()
+
+
+def test_fsdp_without_a_gpu_is_refused_in_one_line(monkeypatch):
+    """What fsdp.yaml's launcher sets (the launched test above, in the engines tier, runs it for real)."""
+    from kochat_trl.checks import _verify_fsdp_has_gpus
+    from kochat_trl.engines import FSDP_NEEDS_GPUS
+    from kochat_trl.errors import ConfigError
+
+    args = SimpleNamespace(use_cpu=True, fsdp="")
+    _verify_fsdp_has_gpus(args)  # no launcher: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError) as refused:
+        _verify_fsdp_has_gpus(args)
+    assert str(refused.value) == FSDP_NEEDS_GPUS and "\n" not in FSDP_NEEDS_GPUS

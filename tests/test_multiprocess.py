@@ -229,6 +229,18 @@ def test_metrics_json_holds_the_numbers_every_rank_computed(runs):
     assert rank1["metrics"] == rank0["metrics"]
 
 
+def test_processes_that_did_not_join_one_group_are_refused_in_one_line(monkeypatch):
+    """What two processes launched without --use_cpu see (the launched test below, in the engines tier)."""
+    from kochat_trl.checks import _verify_processes_joined
+    from kochat_trl.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _verify_processes_joined(SimpleNamespace(world_size=2))  # one group of two: fine
+    with pytest.raises(ConfigError, match=r"^launched 2 processes but they did not form one process group .*--use_cpu"):
+        _verify_processes_joined(SimpleNamespace(world_size=1))
+
+
+@pytest.mark.engines
 def test_cpu_launch_without_use_cpu_stops_with_one_line_error(tiny_model_dir, tmp_path):
     """Without --use_cpu the processes never join one group; each would train alone into the same folder."""
     output_dir = tmp_path / "sft"

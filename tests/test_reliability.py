@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_CONFIGS, load_recipe, run_recipe, write_json, write_jsonl
+from conftest import REPO, TINY_CONFIGS, load_recipe, recipe_exit, run_recipe, write_json, write_jsonl
 
 from kochat_trl.errors import KochatError
 from kochat_trl.resume import TrainingInterrupted, last_complete_checkpoint
@@ -649,32 +649,27 @@ def test_resume_refuses_a_finished_stage_and_skips_incomplete_checkpoints(tmp_pa
     ],
     ids=["config", "data", "range"],
 )
-def test_cli_exits_2_with_one_error_line_and_no_usage_dump(tmp_path, tiny_model_dir, config_text, extra, expected):
+def test_cli_exits_2_with_one_error_line_and_no_usage_dump(
+    tmp_path, tiny_model_dir, capsys, config_text, extra, expected
+):
     files = {"c.yaml": config_text or _sft_yaml(), "d.jsonl": "{oops\n"}
     arguments = _materialise(tmp_path, files, extra, tiny_model_dir)
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "recipes" / "sft.py"),
-            "--config",
-            str(tmp_path / "in" / "c.yaml"),
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--init_tiny",
-            "false",
-            "--output_dir",
-            str(tmp_path / "out"),
-            *arguments,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    code = recipe_exit(
+        "sft",
+        tmp_path / "in" / "c.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--output_dir",
+        str(tmp_path / "out"),
+        *arguments,
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
-    assert "usage:" not in result.stderr and "Traceback" not in result.stderr
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
+    assert "usage:" not in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -878,6 +873,7 @@ def test_sft_killed_by_a_signal_resumes_and_matches_the_uninterrupted_run(
     assert_no_pickles_or_bins(output)
 
 
+@pytest.mark.slow
 def test_sft_ctrl_c_twice_stops_at_once_without_finishing_the_step(tmp_path, tiny_model_dir):
     """The first Ctrl-C asks for a checkpoint at the end of the step; the second, 20 ms later, stops in the middle
     of that step. One batch of all 144 training rows makes a step last ~0.8 s (measured: a single SIGINT at the
@@ -900,9 +896,7 @@ def test_sft_ctrl_c_twice_stops_at_once_without_finishing_the_step(tmp_path, tin
     assert seconds < 60  # measured 2-3 s, nearly all of it the interpreter's exit
 
 
-def test_same_seed_same_split_and_first_loss_and_tokens_never_written(
-    tmp_path, tiny_model_dir, sft_uninterrupted, capfd
-):
+def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, tiny_model_dir, capfd):
 
     from kochat_trl.training_data import sft_dataset
 
@@ -913,8 +907,8 @@ def test_same_seed_same_split_and_first_loss_and_tokens_never_written(
     secret = "hf_kochatSECRETtoken123"
     runs = {}
     with one_thread():
-        for seed in (42, 7):
-            output = tmp_path / f"seed{seed}"
+        for seed, name in ((42, "seed42"), (7, "seed7"), (42, "again")):
+            output = tmp_path / name
             run_recipe(
                 "sft",
                 "sft.yaml",
@@ -930,16 +924,15 @@ def test_same_seed_same_split_and_first_loss_and_tokens_never_written(
                 "--hub_token",
                 secret,
             )
-            runs[seed] = json.loads((output / "log_history.json").read_text())
-    full = json.loads((sft_uninterrupted[0] / "log_history.json").read_text())
+            runs[name] = json.loads((output / "log_history.json").read_text())
 
     def first(history: list[dict], key: str) -> float:
         return next(entry[key] for entry in history if key in entry)
 
     # Same seed: the same held-out rows (step-0 eval loss) and the same first batch and update (step-1 loss).
-    assert first(runs[42], "eval_loss") == first(full, "eval_loss")
-    assert first(runs[42], "loss") == first(full, "loss")
-    assert first(runs[7], "eval_loss") != first(full, "eval_loss")  # another seed: another split
+    assert first(runs["seed42"], "eval_loss") == first(runs["again"], "eval_loss")
+    assert first(runs["seed42"], "loss") == first(runs["again"], "loss")
+    assert first(runs["seed7"], "eval_loss") != first(runs["seed42"], "eval_loss")  # another seed: another split
     # The hub token is neither saved (config.yaml, model card, checkpoints) nor printed.
     for output in (tmp_path / "seed42", tmp_path / "seed7"):
         assert "hub_token" not in yaml.safe_load((output / "config.yaml").read_text())
@@ -965,6 +958,7 @@ RM_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_reward_model_interrupted_in_process_resumes_exactly(tmp_path, tiny_model_dir):
     def run(output: Path, *extra: str) -> dict:
         return run_recipe(
@@ -1080,6 +1074,7 @@ RLOO_RUN = [
 RLOO_VARYING = {"step_time"}  # wall-clock; the final summary entry (runtime, mean loss of this process) is skipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["rloo", "grpo"])
 def test_critic_free_interrupted_resumes_exactly(tmp_path, tiny_model_dir, trainer):
     """RLOO/GRPO are plain Trainer loops: the recipe's interrupt callbacks and `resume_from_checkpoint` give them
@@ -1170,6 +1165,7 @@ DPO_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_dpo_interrupted_resumes_exactly(tmp_path, tiny_model_dir):
     """DPO (and KTO, ORPO) are Trainer loops too: stopped by SIGINT after checkpoint-2 and resumed, the run logs
     the uninterrupted run's losses and implicit rewards and ends with its held-out numbers."""

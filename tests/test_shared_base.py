@@ -3,19 +3,21 @@
 Separate-model PPO from the same weights does the same maths (policy adapter from the same seed, value model =
 the reward adapter trained further on its own copy of the base), so every logged number must agree: a difference
 is a forward that ran with the wrong adapter.
+
+The runs that need stage 2's real LoRA reward model (300 steps) are in the slow tier; the default tier checks the
+refusals and the reward through the shared base on an adapter trained for 4 steps, which is all they read.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import plain_reward, run_recipe
+from conftest import TINY_CONFIGS, plain_reward, recipe_exit, run_recipe
 
 PPO_RUN = ["--total_episodes", "64", "--eval_prompts", "8", "--eval_samples_per_prompt", "1", "--seed", "42"]
 PPO_RUN += ["--per_device_train_batch_size", "16", "--num_mini_batches", "1", "--curve_points", "0"]  # as measured
@@ -41,6 +43,25 @@ def lora_stages(tiny_stages, tmp_path_factory) -> dict:
         "reward", "reward_lora.yaml", "--model_name_or_path", str(tiny_stages["sft"]), "--output_dir", str(rm)
     )
     return {"root": root, "sft": tiny_stages["sft"], "rm": rm, "rm_metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def quick_lora_stages(tiny_stages, tmp_path_factory) -> dict:
+    """The session's SFT model and a LoRA reward adapter on it trained for 4 steps: a real stage-2 folder for what
+    does not depend on how well it ranks (refusals, the shared base scoring as the merged model does)."""
+    root = tmp_path_factory.mktemp("shared-quick")
+    rm = root / "rm"
+    overrides = ["--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no", "--max_samples", "256"]
+    run_recipe(
+        "reward",
+        "reward_lora.yaml",
+        "--model_name_or_path",
+        str(tiny_stages["sft"]),
+        "--output_dir",
+        str(rm),
+        *overrides,
+    )
+    return {"root": root, "sft": tiny_stages["sft"], "rm": rm}
 
 
 def ppo(stages: dict, name: str, *extra: str, watch=None, monkeypatch=None) -> tuple[Path, dict]:
@@ -127,12 +148,14 @@ def history(output: Path) -> list[dict]:
     return json.loads((output / "log_history.json").read_text())
 
 
+@pytest.mark.slow
 def test_lora_reward_model_reaches_held_out_accuracy(lora_stages):
     metrics = lora_stages["rm_metrics"]
     assert metrics["adapter"] is True and metrics["accuracy"] >= 0.9, metrics
     assert json.loads((lora_stages["rm"] / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["shared", "checkpointed"])
 def test_shared_base_logs_what_separate_models_log(runs, variant):
     separate, shared = history(runs.separate[0]), history(getattr(runs, variant)[0])
@@ -144,6 +167,7 @@ def test_shared_base_logs_what_separate_models_log(runs, variant):
     assert runs.shared[1]["kl"] == pytest.approx(runs.separate[1]["kl"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_only_policy_adapter_value_adapter_and_value_head_train(runs):
     watch = runs.watch
     assert watch.expected and all(".default." in n or ".value." in n or n.startswith("value.") for n in watch.expected)
@@ -160,6 +184,7 @@ def test_only_policy_adapter_value_adapter_and_value_head_train(runs):
     assert all(torch.equal(watch.before[name], watch.after[name]) for name in frozen)
 
 
+@pytest.mark.slow
 def test_saved_policy_and_value_load_as_plain_peft_models(runs, lora_stages):
     """ppo/ is the policy adapter alone, ppo/value/ a SEQ_CLS adapter; both on the SFT base, as any client loads
     them, give what the shared model computed in training."""
@@ -178,7 +203,7 @@ def test_saved_policy_and_value_load_as_plain_peft_models(runs, lora_stages):
     assert runs.shared[1]["params"]["reward"] < runs.separate[1]["params"]["reward"] / 5
 
 
-def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stages, tmp_path):
+def test_reward_through_the_shared_base_equals_the_merged_reward_model(quick_lora_stages, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import ModelConfig
 
@@ -186,12 +211,12 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
     from kochat_trl.modeling import load_tokenizer
     from kochat_trl.rl.models import load_ppo_models
 
-    merge_adapter(lora_stages["rm"], tmp_path / "merged")
+    merge_adapter(quick_lora_stages["rm"], tmp_path / "merged")
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
 
     model_args = ModelConfig(
-        model_name_or_path=str(lora_stages["sft"]),
+        model_name_or_path=str(quick_lora_stages["sft"]),
         use_peft=True,
         lora_r=16,
         lora_alpha=32,
@@ -200,7 +225,7 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
     )
     tokenizer = load_tokenizer(model_args, padding_side="left", announce=False)
     training_args = SimpleNamespace(
-        gradient_checkpointing=False, reward_model_path=str(lora_stages["rm"]), seed=0, bf16=False
+        gradient_checkpointing=False, reward_model_path=str(quick_lora_stages["rm"]), seed=0, bf16=False
     )
     models = load_ppo_models(SimpleNamespace(shared_base=True), training_args, model_args, tokenizer)
     # As from_pretrained leaves a separate model: scoring switches only the head to eval, so a base left in train
@@ -221,12 +246,13 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(lora_stag
         reference_answer = greedy_answer(models.policy, tokenizer)
     from transformers import AutoModelForCausalLM
 
-    assert reference_answer == greedy_answer(AutoModelForCausalLM.from_pretrained(lora_stages["sft"]), tokenizer)
+    assert reference_answer == greedy_answer(AutoModelForCausalLM.from_pretrained(quick_lora_stages["sft"]), tokenizer)
     # Switching adapters never touches requires_grad.
     trainable = {name for name, p in models.shared.named_parameters() if p.requires_grad}
     assert trainable == set(models.shared.trainable_names())
 
 
+@pytest.mark.slow
 def test_shared_base_resumes_exactly(lora_stages, tmp_path):
     from test_reliability import interrupted_then_resumed
 
@@ -307,29 +333,24 @@ def test_shared_base_trains_with_two_processes(lora_stages, tmp_path):
         (["--value_model_path", "RM"], "drop value_model_path"),
     ],
 )
-def test_impossible_shared_base_settings_are_one_line_errors(lora_stages, tmp_path, change, message):
+def test_impossible_shared_base_settings_are_one_line_errors(quick_lora_stages, tmp_path, capsys, change, message):
+    stages = quick_lora_stages
     other = tmp_path / "other"
-    shutil.copytree(lora_stages["sft"], other, ignore=shutil.ignore_patterns("checkpoint-*"))
-    paths = {"SFT": str(lora_stages["sft"]), "OTHER": str(other), "RM": str(lora_stages["rm"])}
-    command = [
-        sys.executable,
-        "recipes/ppo.py",
-        "--config",
-        "recipes/configs/tiny/ppo_shared.yaml",
+    shutil.copytree(stages["sft"], other, ignore=shutil.ignore_patterns("checkpoint-*"))
+    paths = {"SFT": str(stages["sft"]), "OTHER": str(other), "RM": str(stages["rm"])}
+    code = recipe_exit(
+        "ppo",
+        TINY_CONFIGS / "ppo_shared.yaml",
         "--model_name_or_path",
-        str(lora_stages["sft"]),
+        str(stages["sft"]),
         "--reward_model_path",
-        str(lora_stages["rm"]),
+        str(stages["rm"]),
         "--output_dir",
         str(tmp_path / "out"),
         *[paths.get(arg, arg) for arg in change],
-    ]
-    from test_multiprocess import run
-
-    result = run(command)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    )
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 
@@ -359,6 +380,7 @@ CRITIC_FREE_RUN = [
 CRITIC_FREE_LOGGED = ("loss", "grad_norm", "kl", "reward", "reward_std", "entropy", "completions/mean_length")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["rloo", "grpo"])
 def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_model_logs(lora_stages, trainer):
     """RLOO/GRPO with the reward model as an adapter on the policy's base: the same completions, rewards, KL and
@@ -395,30 +417,25 @@ def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_
     )  # the policy adapter alone: no reward/ or ref/ subfolders
 
 
-def test_critic_free_shared_base_with_a_full_reward_model_is_a_one_line_error(lora_stages, tiny_stages, tmp_path):
-    from test_multiprocess import run
-
-    result = run(
-        [
-            sys.executable,
-            "recipes/rl.py",
-            "--config",
-            "recipes/configs/tiny/grpo.yaml",
-            "--shared_base",
-            "true",
-            "--model_name_or_path",
-            str(lora_stages["sft"]),
-            "--reward_model_path",
-            str(tiny_stages["rm"]),
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
+def test_critic_free_shared_base_with_a_full_reward_model_is_a_one_line_error(tiny_stages, tmp_path, capsys):
+    code = recipe_exit(
+        "rl",
+        TINY_CONFIGS / "grpo.yaml",
+        "--shared_base",
+        "true",
+        "--model_name_or_path",
+        str(tiny_stages["sft"]),
+        "--reward_model_path",
+        str(tiny_stages["rm"]),
+        "--output_dir",
+        str(tmp_path / "out"),
     )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
     assert "needs the reward model as a LoRA adapter folder" in lines[0] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_shared_base_trains_on_a_4bit_base_with_gradient_checkpointing(lora_stages):
     """The 24 GB layout (one 4-bit base, checkpointing) runs the whole PPO loop: every update logged, the value
     model learning (its loss falls from the first update), the adapters saved."""

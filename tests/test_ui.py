@@ -331,17 +331,10 @@ def test_the_compare_api_gives_each_model_s_kochat_trl_generate_answer(server, r
         client.predict("", "greedy", api_name="/compare")
 
 
-def test_a_busy_port_is_one_line_and_exit_2(server, pipeline_run):
+def test_a_busy_port_is_one_line_and_exit_2(server, pipeline_run, capsys):
     port = urllib.parse.urlsplit(server).port
-    result = subprocess.run(
-        [KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)],
-        env=OFFLINE,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr == (
+    assert main(["ui", "--run", str(pipeline_run.dir), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
         f"kochat-trl: error: cannot serve on 127.0.0.1:{port} (the port is in use); pass a free --port\n"
     )
 
