@@ -30,6 +30,7 @@ def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: A
     _verify_model_named(model_args)
     _verify_output_dir(kochat_args, training_args)
     check_model_path("model_name_or_path", model_args.model_name_or_path, kochat_args.init_tiny)
+    _verify_lora_trains_on_a_full_model(model_args)
     context = model_context_length(model_args.model_name_or_path)
     _verify_max_length_fits(training_args, model_args, context)
     if stage is None:
@@ -100,6 +101,21 @@ def _verify_fsdp_has_gpus(training_args: Any) -> None:
 def _verify_model_named(model_args: Any) -> None:
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path is not set; give a hub id or a local model folder")
+
+
+def _verify_lora_trains_on_a_full_model(model_args: Any) -> None:
+    path = model_args.model_name_or_path
+    adapter_config = Path(path) / "adapter_config.json" if path else None
+    if not model_args.use_peft or adapter_config is None or not adapter_config.is_file():
+        return
+    base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    # The adapter would be trained on `path` merged into `base` (modeling._from_pretrained), but PEFT records
+    # `base` alone, so a later merge (kochat-trl merge, the pipeline's merged/) would build a different model.
+    raise ConfigError(
+        f"{path} is a LoRA adapter folder: a new LoRA adapter trained on it would name {base} as its base and "
+        f"merge into the wrong model; merge it first (kochat-trl merge --adapter {path} -o {path}-merged) and set "
+        f"model_name_or_path: {path}-merged, or set use_peft: false"
+    )
 
 
 def _verify_output_dir(kochat_args: KochatArguments, training_args: Any) -> None:

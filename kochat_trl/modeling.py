@@ -9,6 +9,7 @@ special-token fixes (kogpt2, polyglot-ko, pad == eos) and a guard against a bits
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -280,10 +281,13 @@ def _finish_loading(
         from peft import prepare_model_for_kbit_training
 
         # Non-reentrant checkpointing: no input-grad hook needed, and torch warns about the implicit default.
+        # peft 0.22 renamed the keyword (the old one warns); 0.17-0.21 know only the old one.
+        parameters = inspect.signature(prepare_model_for_kbit_training).parameters
+        keyword = next(
+            k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if k in parameters
+        )
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=NON_REENTRANT,
+            model, use_gradient_checkpointing=gradient_checkpointing, **{keyword: NON_REENTRANT}
         )
     elif gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
@@ -387,3 +391,17 @@ def trainable_parameter_share(model: nn.Module) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += count
     return trainable, total
+
+
+def keep_float32_adapters(model: nn.Module, training_args: Any) -> int:
+    """Undo TRL's bf16 cast of a quantized model's trainable parameters when the run trains in float32; returns
+    how many were cast back. TRL 1.12's RewardTrainer casts them unconditionally (the QLoRA paper's choice); without
+    bf16 autocast the float32 activations then meet a bf16 score head ("expected m1 and m2 to have the same dtype")."""
+    if not _is_quantized(model) or getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False):
+        return 0
+    cast = [
+        parameter for parameter in model.parameters() if parameter.requires_grad and parameter.dtype == torch.bfloat16
+    ]
+    for parameter in cast:
+        parameter.data = parameter.data.float()
+    return len(cast)

@@ -128,7 +128,10 @@ def plain_reward(model, tokenizer, prompt: str, answer: str) -> float:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """One line saying what the default tier left out, and how to run it."""
-    deselected = len(terminalreporter.stats.get("deselected", []))
+    tiers = ("engines", "slow")  # -k deselects too: count only what the tiers left out
+    deselected = sum(
+        any(item.get_closest_marker(tier) for tier in tiers) for item in terminalreporter.stats.get("deselected", [])
+    )
     if deselected and config.getoption("markexpr") == "not engines and not slow":
         terminalreporter.write_line(
             f"{deselected} tests of the engines and slow tiers deselected: "

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_CONFIGS, recipe_exit, run_recipe
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -343,3 +344,49 @@ def test_push_errors_are_scrubbed_of_the_token(tmp_path, monkeypatch):
     message = str(caught.value)
     assert FAKE_TOKEN not in message and "Bearer ***" in message
     assert "\n" not in message and caught.value.__cause__ is None
+
+
+def test_lora_on_a_lora_adapter_folder_is_refused_before_any_model_loads(tiny_model_dir, tmp_path, capsys):
+    """A LoRA stage on an SFT *adapter* folder trains on base + SFT merged in memory, but PEFT would record the raw
+    base as `base_model_name_or_path`, and every later merge would build another model. Refused at once instead."""
+    sft = tmp_path / "sft-lora"
+    brief = ["--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", "--max_samples", "64"]
+    run_recipe(
+        "sft",
+        "sft.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--use_peft",
+        "true",
+        "--output_dir",
+        str(sft),
+        *brief,
+    )
+    capsys.readouterr()
+    # PPO's policy adapter would merge silently into the raw base; stage 2 crashed loading the SFT adapter.
+    cases = [
+        ("reward", "reward.yaml", []),
+        ("sft", "sft.yaml", []),
+        ("ppo", "ppo.yaml", ["--reward_model_path", str(sft)]),
+    ]
+    for recipe, config, extra in cases:
+        out = tmp_path / recipe
+        code = recipe_exit(
+            recipe,
+            TINY_CONFIGS / config,
+            "--model_name_or_path",
+            str(sft),
+            "--init_tiny",
+            "false",
+            "--use_peft",
+            "true",
+            "--output_dir",
+            str(out),
+            *extra,
+        )
+        lines = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert f"{sft} is a LoRA adapter folder" in lines[0] and f"kochat-trl merge --adapter {sft}" in lines[0]
+        assert not out.exists()

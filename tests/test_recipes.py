@@ -227,3 +227,43 @@ def test_recipe_refuses_non_empty_output_dir(tmp_path, tiny_model_dir):
             str(tmp_path / "out"),
         )
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+
+
+def test_lora_reward_model_on_a_4bit_base_trains_in_float32(tiny_model_dir, tmp_path):
+    """Stage 2 as QLoRA with bf16: false (a CPU, or a GPU without bf16): TRL's RewardTrainer casts the adapter and
+    the score head to bf16, which crashed the first step ("expected m1 and m2 to have the same dtype")."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm-4bit"
+    metrics = run_recipe(
+        "reward",
+        "reward.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--use_peft",
+        "true",
+        "--load_in_4bit",
+        "true",
+        "--bf16",
+        "false",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--max_samples",
+        "256",
+        "--output_dir",
+        str(out),
+    )
+    losses = [entry["loss"] for entry in json.loads((out / "log_history.json").read_text()) if "loss" in entry]
+    assert len(losses) == 4 and all(0 < loss < 2 for loss in losses), losses
+    assert metrics["adapter"] is True and metrics["global_step"] == 4
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
