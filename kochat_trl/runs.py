@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -29,18 +30,19 @@ def user_errors():
     128 + signal."""
     from kochat_trl.resume import StoppedAtOnce, TrainingInterrupted
 
+    # Every launched process checks the same settings and data and stops with the same line: one machine's
+    # console shows it once (its first process), not once per GPU.
+    say = print_error_line if os.environ.get("LOCAL_RANK", "0") == "0" else lambda line: None
     try:
         yield
     except KochatError as error:
-        print_error_line(f"error: {error}")
+        say(f"error: {error}")
         sys.exit(EXIT_USER_ERROR)
     except (TrainingInterrupted, StoppedAtOnce) as error:
-        print_error_line(f"stopped: {error}")
+        say(f"stopped: {error}")
         sys.exit(error.exit_code)
     except KeyboardInterrupt:  # outside training: nothing to save, and the stage is not marked finished
-        print_error_line(
-            "stopped: interrupted by SIGINT before training started or after it ended; rerun to finish the stage"
-        )
+        say("stopped: interrupted by SIGINT before training started or after it ended; rerun to finish the stage")
         sys.exit(128 + 2)
 
 
