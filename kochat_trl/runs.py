@@ -71,6 +71,11 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
     from kochat_trl.resume import resume_checkpoint
 
     validate_run(kochat_args, training_args, model_args, stage)
+    if getattr(training_args, "ddp_find_unused_parameters", False) is None:
+        # Every parameter that trains (a full model, LoRA adapters, a score head) is used in every forward of these
+        # stages; the Trainer's default for a PEFT model or one without checkpointing, True, costs a traversal of
+        # the autograd graph per step and a warning from every rank. A value the user set is kept.
+        training_args.ddp_find_unused_parameters = False
     resuming = resume_checkpoint(training_args) is not None
     output_dir = Path(training_args.output_dir)
     # Seed before any model is built: a new reward/value head is drawn from the global generator

@@ -138,7 +138,7 @@ def train(stage: str, base_model: Path, work: Path, processes: int, *extra: str)
     result = run([*launcher, str(work / "recorder.py"), *recipe_args])
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank*.json"))]
-    return SimpleNamespace(output_dir=output_dir, ranks=ranks)
+    return SimpleNamespace(output_dir=output_dir, ranks=ranks, stderr=result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +181,9 @@ def test_two_processes_train_as_one_ddp_group(runs):
     assert [rank["wrapped_in"] for rank in ranks] == ["DistributedDataParallel"] * 2
     # Synchronised gradients give bit-identical weights on every rank.
     assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
+    # Every parameter that trains is used in every forward: DDP is not asked to search for unused ones (the
+    # Trainer's default for a PEFT model or one without checkpointing), which warned on every rank.
+    assert "find_unused_parameters=True was specified" not in runs[2].stderr
 
 
 @pytest.mark.engines
@@ -423,7 +426,7 @@ def train_ppo(tiny_stages: dict, work: Path, processes: int) -> SimpleNamespace:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank*.json"))]
-    return SimpleNamespace(output_dir=output_dir, ranks=ranks)
+    return SimpleNamespace(output_dir=output_dir, ranks=ranks, stderr=result.stderr)
 
 
 @pytest.fixture(scope="module")
