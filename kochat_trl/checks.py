@@ -104,11 +104,12 @@ def _verify_model_named(model_args: Any) -> None:
 
 
 def _verify_lora_trains_on_a_full_model(model_args: Any) -> None:
+    from kochat_trl.modeling import adapter_base
+
     path = model_args.model_name_or_path
-    adapter_config = Path(path) / "adapter_config.json" if path else None
-    if not model_args.use_peft or adapter_config is None or not adapter_config.is_file():
+    base = adapter_base(path) if path and model_args.use_peft else None
+    if base is None:
         return
-    base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     # The adapter would be trained on `path` merged into `base` (modeling._from_pretrained), but PEFT records
     # `base` alone, so a later merge (kochat-trl merge, the pipeline's merged/) would build a different model.
     raise ConfigError(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from kochat_trl.errors import ConfigError
@@ -393,15 +394,17 @@ def trainable_parameter_share(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def keep_float32_adapters(model: nn.Module, training_args: Any) -> int:
-    """Undo TRL's bf16 cast of a quantized model's trainable parameters when the run trains in float32; returns
-    how many were cast back. TRL 1.12's RewardTrainer casts them unconditionally (the QLoRA paper's choice); without
-    bf16 autocast the float32 activations then meet a bf16 score head ("expected m1 and m2 to have the same dtype")."""
-    if not _is_quantized(model) or getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False):
-        return 0
-    cast = [
-        parameter for parameter in model.parameters() if parameter.requires_grad and parameter.dtype == torch.bfloat16
-    ]
-    for parameter in cast:
-        parameter.data = parameter.data.float()
-    return len(cast)
+class Float32Adapters(TrainerCallback):
+    """Undo TRL's bf16 cast of a quantized model's trainable parameters when the run trains in float32.
+
+    TRL 1.12's SFT, reward, DPO, KTO, GRPO and RLOO trainers cast them in `__init__`, before `Trainer.__init__`,
+    whatever `bf16` says (the QLoRA paper's choice); without bf16 autocast the float32 activations then meet a bf16
+    head kept in `modules_to_save` ("expected m1 and m2 to have the same dtype"). `on_init_end` runs after that cast
+    and before `train()` builds the optimizer."""
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **_: Any) -> None:
+        if model is None or not _is_quantized(model) or getattr(args, "bf16", False) or getattr(args, "fp16", False):
+            return
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+                parameter.data = parameter.data.float()

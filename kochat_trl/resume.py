@@ -189,7 +189,9 @@ class NoPickleCheckpoints(TrainerCallback):
 
 def training_callbacks() -> list[TrainerCallback]:
     """Callbacks every recipe's trainer gets (order matters: the pickle goes before an interrupt raises)."""
-    return [NoPickleCheckpoints(), InterruptCallback()]
+    from kochat_trl.modeling import Float32Adapters
+
+    return [Float32Adapters(), NoPickleCheckpoints(), InterruptCallback()]
 
 
 # ---------------------------------------------------------------------------------------------

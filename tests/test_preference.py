@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIGS, load_recipe, write_json
+from conftest import TINY_CONFIGS, load_recipe, recipe_exit, run_recipe, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.cli import main
@@ -148,8 +148,6 @@ def test_pipeline_with_methods_shows_the_table(dpo_run, tmp_path):
 
 def test_dpo_trains_briefly_and_writes_what_every_stage_writes(tiny_stages, tmp_path):
     """The DPO stage end to end at a smoke size (its 300-step learning run is the slow tier's `dpo_run`)."""
-    from conftest import run_recipe
-
     out = tmp_path / "dpo"
     brief = ["--max_steps", "20", "--logging_steps", "5", "--save_steps", "10", "--max_samples", "512"]
     brief += ["--eval_prompts", "8", "--eval_samples_per_prompt", "2"]
@@ -244,18 +242,15 @@ def test_with_lora_the_reference_is_the_sft_model_at_step_zero(tiny_stages, tmp_
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_nothing_written(tiny_stages, tmp_path, capsys, extra, message):
-    from kochat_trl.runs import run_recipe as recipe_entry
-
     ties = [
         {"prompt": prompt, "completion_0": "네.", "completion_1": "아니요.", "ranking": [0, 0]}
         for prompt in ("김치는?", "서울은?")
     ]  # every record ties its answers: no preference left
     write_json(tmp_path / "ties.json", ties)
-    recipe = load_recipe("dpo")
     output = tmp_path / "out"
-    argv = [
-        "--config",
-        str(TINY_CONFIGS / "dpo.yaml"),
+    code = recipe_exit(
+        "dpo",
+        TINY_CONFIGS / "dpo.yaml",
         "--model_name_or_path",
         str(tiny_stages["sft"]),
         "--reward_model_path",
@@ -263,11 +258,9 @@ def test_bad_input_exits_2_with_one_line_and_nothing_written(tiny_stages, tmp_pa
         "--output_dir",
         str(output),
         *(value.replace("{tmp}", str(tmp_path)) for value in extra),
-    ]
-    with pytest.raises(SystemExit) as stopped:
-        recipe_entry(recipe.make_parser, recipe.main, argv)
+    )
     error = capsys.readouterr().err
-    assert stopped.value.code == 2 and message in error and error.count("\n") == 1, error
+    assert code == 2 and message in error and error.count("\n") == 1, error
     assert not output.exists()
 
 

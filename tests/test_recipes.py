@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, TINY_CONFIGS, load_recipe, plain_reward, run_recipe
+from conftest import REPO, TINY_CONFIGS, plain_reward, recipe_exit, run_recipe
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -157,29 +157,21 @@ def test_lora_sft_trains_only_the_adapter(tiny_model_dir, tmp_path):
 )
 def test_recipe_bad_config_exits_2_with_one_line(tmp_path, tiny_model_dir, overrides, message, monkeypatch, capsys):
     """What `python recipes/sft.py ...` does (its entry point, run_recipe), in this process."""
-    from kochat_trl.runs import run_recipe as recipe_entry
-
-    recipe = load_recipe("sft")
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "out"
-    with pytest.raises(SystemExit) as stopped:
-        recipe_entry(
-            recipe.make_parser,
-            recipe.main,
-            [
-                "--config",
-                str(TINY_CONFIGS / "sft.yaml"),
-                "--model_name_or_path",
-                str(tiny_model_dir),
-                "--init_tiny",
-                "false",
-                "--output_dir",
-                str(output),
-                *overrides,
-            ],
-        )
+    code = recipe_exit(
+        "sft",
+        TINY_CONFIGS / "sft.yaml",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--init_tiny",
+        "false",
+        "--output_dir",
+        str(output),
+        *overrides,
+    )
     error = capsys.readouterr().err
-    assert stopped.value.code == 2 and message in error and error.count("\n") == 1, error
+    assert code == 2 and message in error and error.count("\n") == 1, error
     assert not (output / "metrics.json").exists()
 
 

@@ -37,7 +37,6 @@ def main(script_args, training_args, model_args):
         peft_config=modeling.build_peft_config(model_args, model, "SEQ_CLS"),
         callbacks=resume.training_callbacks(),
     )
-    modeling.keep_float32_adapters(trainer.model, training_args)  # before train() builds the optimizer
     progress.attach_progress(trainer, "rm", ["loss", "eval_accuracy"], script_args.verbose)
     trainer.train(resume_from_checkpoint=resume.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
