@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -27,6 +29,7 @@ from kochat_trl.errors import KochatError
 from kochat_trl.judge import flags, judge_answer
 from kochat_trl.run_folder import held_out_prompts, open_run, stage_datasets
 from kochat_trl.ui import views
+from kochat_trl.ui.limits import check_rows
 from kochat_trl.ui.models import EMPTY_MESSAGE, EMPTY_PROMPT, ModelCache, chat_reply, compare, parse_options
 
 PROMPT = "김치에 대해 알려 주세요."
@@ -36,6 +39,7 @@ MODELS = ["base", "sft", "ppo"]
 KOCHAT = str(Path(sys.executable).parent / "kochat-trl")
 OFFLINE = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
 READY_TIMEOUT_S = 120
+QUEUE_SIZE = 4  # the served app's bound on waiting requests (the default, 16, needs more requests to fill)
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +246,123 @@ def test_generate_options_parse_like_gen_flags():
         "do_sample": True,
     }
     assert parse_options("") == {}
-    with pytest.raises(KochatError, match="'speed' is not a transformers GenerationConfig option"):
+    with pytest.raises(
+        KochatError, match="^generate option 'speed' is not one this page passes on; it takes do_sample, "
+    ):
         parse_options("speed=2")
     assert views.options_markdown("beam", {"top_k": 5}, 32) == (
         '`generate(**{"max_new_tokens": 32, "do_sample": false, "num_beams": 4, "no_repeat_ngram_size": 2, '
         '"early_stopping": true, "top_k": 5})`'
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds on one request (kochat_trl.ui.limits): refused before any model loads
+
+LONG = "가" * 200_000
+REFUSALS = {
+    "prompt 200,000 characters": (
+        {"prompt": LONG},
+        "the prompt has 200,000 characters; this page takes at most 2,000 (shorten it, or use kochat-trl generate "
+        "on your own machine)",
+    ),
+    "max_new_tokens 100000": ({"max_new_tokens": 100_000}, "max new tokens must be in 1..512, got 100000"),
+    "max_new_tokens 0": ({"max_new_tokens": 0}, "max new tokens must be in 1..512, got 0"),
+    "max_new_tokens 1.5": ({"max_new_tokens": 1.5}, "max new tokens must be a whole number in 1..512, got 1.5"),
+    "seed -1": ({"seed": -1}, "seed must be in 0..4294967295, got -1"),
+    "9 options": (
+        {"options": "\n".join(f"top_k={k}" for k in range(9))},
+        "9 generate options given; this page takes at most 8",
+    ),
+    "options 5,000 characters": (
+        {"options": "top_k=" + "1" * 5_000},
+        "the generate options have 5,006 characters; this page takes at most 1,000",
+    ),
+    "custom_generate (loads code)": (
+        {"options": "custom_generate=evil/repo"},
+        "generate option 'custom_generate' is not one this page passes on; it takes do_sample, temperature, top_k, "
+        "top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, num_beams, length_penalty, "
+        "early_stopping, min_new_tokens",
+    ),
+    "max_length (beats max_new_tokens)": (
+        {"options": "max_length=100000"},
+        "generate option 'max_length' is not one this page passes on; it takes do_sample, temperature, top_k, "
+        "top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, num_beams, length_penalty, "
+        "early_stopping, min_new_tokens",
+    ),
+    "num_beams 1000": ({"options": "num_beams=1000"}, "generate option num_beams must be in 1..8, got 1000"),
+    "top_p a list": ({"options": "top_p=[1]"}, "generate option top_p=[1] must be a number in 0..1"),
+    "top_p text": ({"options": "top_p=high"}, "generate option top_p='high' must be a number in 0..1"),
+    "do_sample a number": ({"options": "do_sample=1"}, "generate option do_sample=1 must be true or false"),
+    "not KEY=VALUE": (
+        {"options": "greedy"},
+        "generate option 'greedy': expected KEY=VALUE, e.g. repetition_penalty=1.2",
+    ),
+}
+DEFAULTS = {"prompt": PROMPT, "strategy": "greedy", "options": "", "max_new_tokens": 64, "seed": 0}
+
+
+@pytest.fixture
+def no_loading(run) -> ModelCache:
+    """A cache whose models must never load: a refused request generates nothing."""
+
+    def refuse(*args):
+        raise AssertionError("a model was loaded for a refused request")
+
+    return ModelCache(run, load_generator=refuse, load_reward=refuse)
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_each_bound_refuses_compare_and_chat_with_one_line_before_any_model_loads(no_loading, case):
+    changes, message = REFUSALS[case]
+    request = {**DEFAULTS, **changes}
+    with pytest.raises(KochatError) as refused:
+        compare(
+            no_loading,
+            request["prompt"],
+            request["strategy"],
+            parse_options(request["options"]),
+            request["max_new_tokens"],
+            request["seed"],
+        )
+    assert str(refused.value) == message
+    with pytest.raises(KochatError) as refused:
+        chat_reply(
+            no_loading,
+            "sft",
+            [],
+            request["prompt"],
+            request["strategy"],
+            parse_options(request["options"]),
+            request["max_new_tokens"],
+            request["seed"],
+        )
+    assert str(refused.value) == message.replace("the prompt has", "the message has")
+    assert not no_loading.loads
+
+
+def test_options_given_as_a_dict_are_bounded_too(no_loading):
+    with pytest.raises(KochatError, match="^generate option 'streamer' is not one this page passes on"):
+        compare(no_loading, PROMPT, overrides={"streamer": "x"})
+    with pytest.raises(KochatError, match=r"^generate option temperature=nan must be a number in 0.01..10$"):
+        chat_reply(no_loading, "sft", [], PROMPT, overrides={"temperature": float("nan")})
+    assert check_rows(50) == 50
+    with pytest.raises(KochatError, match=r"^rows per stage must be in 1..50, got 1000000$"):
+        check_rows(1_000_000)
+
+
+def test_a_page_reachable_from_other_machines_says_so():
+    from kochat_trl.cli.ui import exposure_warning
+
+    assert exposure_warning("127.0.0.1", False) is None
+    assert exposure_warning("localhost", False) is None
+    assert exposure_warning("::1", False) is None
+    assert exposure_warning("0.0.0.0", False) == (
+        "ui: --host 0.0.0.0 serves this page beyond this machine: anyone who can reach it can use the models and "
+        "read the run folder's files (each request is bounded, not authenticated)"
+    )
+    assert exposure_warning("127.0.0.1", True).startswith("ui: a public gradio.live link serves this page beyond")
+    assert exposure_warning("myhost.example", False).startswith("ui: --host myhost.example serves")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +392,7 @@ def server(pipeline_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui") / "server.log"
     with open(log, "w", encoding="utf-8") as output:
         process = subprocess.Popen(
-            [KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port)],
+            [KOCHAT, "ui", "--run", str(pipeline_run.dir), "--port", str(port), "--queue-size", str(QUEUE_SIZE)],
             cwd=REPO,
             env=OFFLINE,
             stdout=output,
@@ -329,6 +444,56 @@ def test_the_compare_api_gives_each_model_s_kochat_trl_generate_answer(server, r
     assert greedy == results and first == last and first != greedy
     with pytest.raises(AppError, match=EMPTY_PROMPT.replace("(", r"\(").replace(")", r"\)")):
         client.predict("", "greedy", api_name="/compare")
+
+
+@pytest.mark.parametrize(
+    "case", ["prompt 200,000 characters", "max_new_tokens 100000", "9 options", "custom_generate (loads code)"]
+)
+def test_the_compare_api_answers_a_request_beyond_a_bound_with_its_message(server, case):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    changes, message = REFUSALS[case]
+    request = {**DEFAULTS, **changes}
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError, match=f"^{re.escape(message)}$"):
+        client.predict(*request.values(), api_name="/compare")
+
+
+def test_requests_beyond_the_queue_are_refused_and_the_others_answered(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    # 12 at once, each 3 models x 64 tokens: the first runs, QUEUE_SIZE wait, the rest find the queue full.
+    jobs = [client.submit(PROMPT, "sampling", "min_new_tokens=64", 64, seed, api_name="/compare") for seed in range(12)]
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(len(job.result(timeout=300)))
+        except Exception as error:  # gradio_client's error for a refused join
+            outcomes.append(str(error))
+    answered = [outcome for outcome in outcomes if outcome == len(MODELS)]
+    refused = [outcome for outcome in outcomes if outcome != len(MODELS)]
+    assert 1 <= len(answered) <= QUEUE_SIZE + 1 and len(answered) + len(refused) == 12, outcomes
+    assert all("Queue is full" in str(outcome) for outcome in refused), refused
+    # ...and the queue drained: the next request is answered.
+    assert len(client.predict(PROMPT, api_name="/compare")) == len(MODELS)
+
+
+def test_the_server_reads_no_file_outside_the_run_folder(server, pipeline_run):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def status(path: str) -> int:
+        try:
+            with opener.open(f"{server}gradio_api/file={urllib.parse.quote(path)}", timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    run = pipeline_run.dir.resolve()
+    assert status(str(run / "report.md")) == 200  # the run's own files are served (its curves are shown so)
+    for outside in ("/etc/passwd", str(REPO / "pyproject.toml"), f"{run}/../../etc/passwd", str(run.parent)):
+        assert status(outside) in (403, 404), outside
 
 
 def test_a_busy_port_is_one_line_and_exit_2(server, pipeline_run, capsys):

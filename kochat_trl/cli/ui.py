@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from kochat_trl.ui.limits import DEFAULT_QUEUE_SIZE
+
 INSTALL_HINT = "pip install 'kochat-trl[ui]'"
 
 
@@ -28,6 +30,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--share", action="store_true", help="also create a public gradio.live link (off by default; needs internet)"
     )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        metavar="N",
+        help=f"requests that may wait for their turn (default {DEFAULT_QUEUE_SIZE}); one more is refused with "
+        "'Queue is full'",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -47,6 +57,23 @@ def _check_address(host: str, port: int) -> None:
             raise KochatError(f"cannot serve on {host}:{port} ({error.strerror or error}); check --host") from None
 
 
+def exposure_warning(host: str, share: bool) -> str | None:
+    """The warning for a page that other machines can reach (a non-loopback --host, or --share), else None."""
+    import ipaddress
+
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        local = False
+    if local and not share:
+        return None
+    where = "a public gradio.live link" if share else f"--host {host}"
+    return (
+        f"ui: {where} serves this page beyond this machine: anyone who can reach it can use the models and read "
+        "the run folder's files (each request is bounded, not authenticated)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from kochat_trl.errors import KochatError
     from kochat_trl.run_folder import open_run
@@ -54,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     open_run(args.run)  # a wrong folder, a missing gradio or a busy port fail in a second, before torch loads
     if not 0 < args.port < 65536:
         raise KochatError(f"--port must be in 1..65535, got {args.port}")
+    if not 1 <= args.queue_size <= 1000:
+        raise KochatError(f"--queue-size must be in 1..1000, got {args.queue_size}")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
     try:
         import gradio  # noqa: F401
@@ -62,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
     _check_address(args.host, args.port)
     from transformers.utils import logging as hf_logging
 
+    from kochat_trl.console import note
     from kochat_trl.ui.app import serve
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on the server console at each first answer
-    serve(args.run, args.host, args.port, args.share)
+    warning = exposure_warning(args.host, args.share)
+    if warning:
+        note(warning)
+    serve(args.run, args.host, args.port, args.share, queue_size=args.queue_size)
     return 0

@@ -3,7 +3,9 @@
 Offline by design: no share link unless asked, no analytics (`kochat_trl.cli.ui` sets GRADIO_ANALYTICS_ENABLED=False
 before gradio is imported, and the Blocks say so too), the default theme's fonts are served by the app itself.
 Every generation event (the page's Compare and Chat, the `/compare` API) shares one queue slot
-(`concurrency_id="generation"`, limit 1), and `ModelCache.generation_lock` serialises direct calls too.
+(`concurrency_id="generation"`, limit 1), and `ModelCache.generation_lock` serialises direct calls too. The queue
+holds at most `queue_size` waiting requests (gradio refuses the rest with "Queue is full"); what one request may ask
+is bounded by `kochat_trl.ui.limits`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kochat_trl.errors import KochatError
 from kochat_trl.generation import DECODING_PRESETS, DEFAULT_MAX_NEW_TOKENS
 from kochat_trl.run_folder import RunFolder, held_out_prompts, open_run, stage_datasets
 from kochat_trl.ui import views
+from kochat_trl.ui.limits import DEFAULT_QUEUE_SIZE, MAX_DATA_ROWS, MAX_NEW_TOKENS, check_rows
 from kochat_trl.ui.models import DEFAULT_SEED, ModelCache, chat_reply, compare, parse_options, template_info
 
 GENERATION = {"concurrency_limit": 1, "concurrency_id": "generation"}
@@ -87,7 +90,9 @@ def _run_tab(page: RunPage) -> gr.Button:
 def _decoding_controls() -> tuple[gr.Dropdown, gr.Number, gr.Number, gr.Textbox, gr.Markdown]:
     with gr.Row():
         strategy = gr.Dropdown(list(DECODING_PRESETS), value="greedy", label="Decoding strategy", scale=1)
-        max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, label="max new tokens", scale=1)
+        max_new_tokens = gr.Number(
+            DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, maximum=MAX_NEW_TOKENS, label="max new tokens", scale=1
+        )
         seed = gr.Number(DEFAULT_SEED, precision=0, label="seed", scale=1)
         options = gr.Textbox(
             label="generate options (KEY=VALUE, one per line, like --gen)",
@@ -195,7 +200,7 @@ def _data_tab(page: RunPage) -> None:
         "The data each stage trained on, read as its recipe read it (`dataset_name` of its config.yaml), with "
         "the counts of rows read, kept and dropped (empty, duplicate, tied ranking pairs)."
     )
-    rows = gr.Slider(1, 50, value=DATA_ROWS, step=1, label="rows per stage")
+    rows = gr.Slider(1, MAX_DATA_ROWS, value=DATA_ROWS, step=1, label="rows per stage")
     text = gr.Markdown(
         views.datasets_markdown(stage_datasets(page.run, DATA_ROWS)),
         elem_id="kochat-data",
@@ -203,7 +208,7 @@ def _data_tab(page: RunPage) -> None:
     )
     rows.release(
         _guarded(
-            lambda count: views.datasets_markdown(stage_datasets(page.run, int(count))),
+            lambda count: views.datasets_markdown(stage_datasets(page.run, check_rows(count))),
             lambda message: f"**{message}**",
         ),
         rows,
@@ -212,8 +217,9 @@ def _data_tab(page: RunPage) -> None:
     )
 
 
-def build_app(run_dir: str | os.PathLike) -> tuple[gr.Blocks, RunPage]:
-    """The page over `run_dir` (KochatError when it is not a run folder) and the state behind it."""
+def build_app(run_dir: str | os.PathLike, queue_size: int = DEFAULT_QUEUE_SIZE) -> tuple[gr.Blocks, RunPage]:
+    """The page over `run_dir` (KochatError when it is not a run folder) and the state behind it; at most
+    `queue_size` requests wait for their turn."""
     page = RunPage(open_run(run_dir))
     prompts = held_out_prompts(page.run)
     with gr.Blocks(title=f"kochat-trl: {page.run.path.name}", analytics_enabled=False) as demo:
@@ -228,25 +234,37 @@ def build_app(run_dir: str | os.PathLike) -> tuple[gr.Blocks, RunPage]:
             with gr.Tab("Data", id="data"):
                 _data_tab(page)
 
-        def compare_api(prompt: str, strategy: str = "greedy") -> list[dict]:
-            """Every model's greedy (or `strategy`) answer: [{model, answer, reward, judge}]."""
+        def compare_api(
+            prompt: str,
+            strategy: str = "greedy",
+            options: str = "",
+            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+            seed: int = DEFAULT_SEED,
+        ) -> list[dict]:
+            """Every model's greedy (or `strategy`) answer: [{model, answer, reward, judge}]. `options` are generate
+            options as the page takes them (KEY=VALUE, one per line)."""
             try:
-                return compare(page.cache, prompt, strategy)
+                return compare(page.cache, prompt, strategy, parse_options(options), max_new_tokens, seed)
             except KochatError as error:
                 raise gr.Error(str(error), print_exception=False) from None  # a user error: no traceback
 
         gr.api(compare_api, api_name="compare", **GENERATION)
         # After a reload the run may hold more models (a stage finished): the chat offers them too.
         reload.click(lambda: gr.update(choices=page.run.model_names()), None, chat_model, api_visibility="private")
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
     return demo, page
 
 
 def serve(
-    run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True
+    run_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    block: bool = True,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
 ) -> gr.Blocks:
     """Build and launch the page; with `block` until Ctrl-C, else it keeps serving until `demo.close()`."""
-    demo, page = build_app(run_dir)
+    demo, page = build_app(run_dir, queue_size)
     try:
         demo.launch(
             server_name=host,

@@ -3,7 +3,8 @@
 Every prompt is formatted by the model's own chat template through `Generator` (`apply_chat_template`); answers
 are generated exactly as `kochat-trl generate` generates them (same defaults: max_new_tokens 64, seed 0), each
 scored by the run's reward model as compare-decoding scores (prompt, answer) and judged by `kochat_trl.judge`.
-One lock serialises generation: seeding is global, so two requests must not interleave.
+One lock serialises generation: seeding is global, so two requests must not interleave. Every request is
+bounded by `kochat_trl.ui.limits` before anything is generated: the page is reachable by whoever reaches its port.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kochat_trl.generation import DEFAULT_MAX_NEW_TOKENS, Generator, check_strat
 from kochat_trl.judge import flags, judge_answer
 from kochat_trl.run_folder import RunFolder
 from kochat_trl.templates import Message
+from kochat_trl.ui.limits import MAX_HISTORY_MESSAGES, check_numbers, check_options, check_options_text, check_text
 
 EMPTY_PROMPT = "Type a prompt first (or pick one of the held-out prompts)."
 EMPTY_MESSAGE = "Type a message first."
@@ -71,17 +73,16 @@ class ModelCache:
 
 
 def parse_options(text: str | None) -> dict[str, Any]:
-    """The page's generate options: `KEY=VALUE` per line (or comma-separated), as `--gen` parses them."""
-    items = [item.strip() for line in (text or "").splitlines() for item in line.split(",") if item.strip()]
-    return parse_generate_overrides(items)
+    """The page's generate options: `KEY=VALUE` per line (or comma-separated), as `--gen` parses them, limited to
+    the keywords and ranges of `limits.GENERATE_OPTIONS`."""
+    return check_options(parse_generate_overrides(check_options_text(text or "")))
 
 
 def _checked(strategy: str, max_new_tokens: int | float | None, seed: int | float | None) -> tuple[int, int]:
     check_strategies([strategy])
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else int(max_new_tokens)
-    if max_new_tokens < 1:
-        raise KochatError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    return max_new_tokens, DEFAULT_SEED if seed is None else int(seed)
+    return check_numbers(
+        DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, DEFAULT_SEED if seed is None else seed
+    )
 
 
 def compare(
@@ -97,10 +98,11 @@ def compare(
 
     `reward` is the run's reward-model score of (prompt, answer), None without rm/; `judge` the rule-based flags.
     """
-    prompt = (prompt or "").strip()
+    prompt = check_text(prompt or "", "prompt")
     if not prompt:
         raise KochatError(EMPTY_PROMPT)
     max_new_tokens, seed = _checked(strategy, max_new_tokens, seed)
+    overrides = check_options(dict(overrides or {}))
     names = list(models) if models is not None else cache.run.model_names()
     if not names:
         raise KochatError(f"{cache.run.path}: no trained model to answer yet; run the pipeline first")
@@ -137,11 +139,12 @@ def chat_reply(
     (the conversation rendered by its chat template, oldest turns dropped while it would overflow the context)."""
     from kochat_trl.chat import _fit_history
 
-    message = (message or "").strip()
+    message = check_text(message or "", "message")
     if not message:
         raise KochatError(EMPTY_MESSAGE)
     max_new_tokens, seed = _checked(strategy, max_new_tokens, seed)
-    turns = [{"role": turn["role"], "content": turn["content"]} for turn in history]
+    overrides = check_options(dict(overrides or {}))
+    turns = [{"role": turn["role"], "content": turn["content"]} for turn in history[-MAX_HISTORY_MESSAGES:]]
     turns.append({"role": "user", "content": message})
     with cache.generation_lock:
         generator = cache.generator(model)
