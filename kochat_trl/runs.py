@@ -13,6 +13,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,31 @@ def run_recipe(make_parser: Callable[[], Any], main: Callable[..., Any], argv: S
         main(*parse_recipe_args(make_parser(), args))
 
 
+class _ChecksPassed(Exception):
+    """Raised by prepare_run under `check_recipe`: every check passed, and nothing is to be loaded or written."""
+
+
+_CHECK_ONLY = ContextVar("check_only", default=False)
+
+
+def check_recipe(make_parser: Callable[[], Any], main: Callable[..., Any], argv: Sequence[str]) -> tuple[Any, ...]:
+    """Parse `argv` and run the recipe's main() up to the end of prepare_run's checks, in this process: the same
+    one-line errors a run gives, with nothing loaded or written. Returns the parsed (script, training, model)
+    arguments. Each recipe calls prepare_run before it loads anything."""
+    from kochat_trl.console import quiet_libraries
+
+    quiet_libraries(verbose_requested(argv))
+    parsed = parse_recipe_args(make_parser(), list(argv))
+    token = _CHECK_ONLY.set(True)
+    try:
+        main(*parsed)
+    except _ChecksPassed:
+        return parsed
+    finally:
+        _CHECK_ONLY.reset(token)
+    raise RuntimeError(f"{main.__module__}.main returned without calling prepare_run")
+
+
 def is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -71,6 +97,8 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
     from kochat_trl.resume import resume_checkpoint
 
     validate_run(kochat_args, training_args, model_args, stage)
+    if _CHECK_ONLY.get():
+        raise _ChecksPassed
     if getattr(training_args, "ddp_find_unused_parameters", False) is None:
         # Every parameter that trains (a full model, LoRA adapters, a score head) is used in every forward of these
         # stages; the Trainer's default for a PEFT model or one without checkpointing, True, costs a traversal of

@@ -29,15 +29,19 @@ def recipe_module(command: str) -> ModuleType:
     return importlib.import_module(f"kochat_trl.recipes.{RECIPES[command][0]}")
 
 
+def recipe_arguments(command: str, argv: Sequence[str]) -> list[str]:
+    """`argv` plus what the command adds (`--trainer rloo` for `kochat-trl rloo`) unless `argv` says otherwise."""
+    args = list(argv)
+    if not any(arg == "--trainer" or arg.startswith("--trainer=") for arg in args):
+        args += RECIPES[command][2]
+    return args
+
+
 def launch(command: str, argv: Sequence[str] | None = None) -> None:
     """Parse `argv` (default: the command line) and run the recipe, as its script's `__main__` does."""
     import sys
 
     from kochat_trl.runs import run_recipe
 
-    added = RECIPES[command][2]
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not any(arg == "--trainer" or arg.startswith("--trainer=") for arg in args):
-        args += added
     module = recipe_module(command)
-    run_recipe(module.make_parser, module.main, args)
+    run_recipe(module.make_parser, module.main, recipe_arguments(command, sys.argv[1:] if argv is None else argv))

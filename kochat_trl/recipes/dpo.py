@@ -51,8 +51,8 @@ def main(script_args, training_args, model_args):
     from kochat_trl.training_data import held_out_prompts
 
     preference.check_settings(script_args.trainer, script_args, training_args)
-    runs.prepare_run(script_args, training_args, model_args, stage="rm")  # the ranking data, read as the RM reads it
     checks.check_model_path("reward_model_path", script_args.reward_model_path)
+    runs.prepare_run(script_args, training_args, model_args, stage="rm")  # the ranking data, read as the RM reads it
     tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
     dataset = preference.preference_dataset(
         script_args.trainer,
