@@ -132,6 +132,11 @@ def test_not_a_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_queue_size_out_of_range_is_one_line_and_exit_2(pipeline_run, capsys):
+    assert main(["ui", "--run", str(pipeline_run.dir), "--queue-size", "0"]) == 2
+    assert capsys.readouterr().err == "kochat-trl: error: --queue-size must be in 1..1000, got 0\n"
+
+
 def test_without_gradio_the_command_says_how_to_install_it(pipeline_run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
     assert main(["ui", "--run", str(pipeline_run.dir)]) == 2
