@@ -92,9 +92,12 @@ def _text(record: RawRecord, source: str, key: str, required: bool = True) -> st
     if value is None:
         if not required:
             return ""
+        if isinstance(record.data, dict) and key in record.data:
+            raise DataError(f"{source}: {record.where}: '{key}' is null; give it a string")
         raise DataError(f"{source}: {record.where}: missing key '{key}'")
     if not isinstance(value, str):
-        raise DataError(f"{source}: {record.where}: '{key}' must be a string, got {type(value).__name__}")
+        got = f"{type(value).__name__} {json.dumps(value, ensure_ascii=False)[:40]}"
+        raise DataError(f"{source}: {record.where}: '{key}' must be a string, got {got}; give it one string")
     return normalize_text(value)
 
 
@@ -134,8 +137,8 @@ def _ranked_completions(record: RawRecord, source: str) -> tuple[str, list[str],
         or not all(0 <= rank < count for rank in ranking)
     ):
         raise DataError(
-            f"{source}: {record.where}: bad ranking {ranking!r}; need {count} integers in 0..{count - 1}, "
-            "ranking[i] = rank of completion_i, 0 = best"
+            f"{source}: {record.where}: bad ranking {ranking!r}; it must be a permutation of 0..{count - 1} such as "
+            f"{list(range(count))} (ranking[i] = rank of completion_i, 0 = best; equal ranks mark a tie, skipped)"
         )
     return prompt, completions, ranking
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import unicodedata
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ BUNDLED_PREFIX = "bundled:"
 CONVERSATION_MARKER = "<<start conversation>>"
 _TURN_RE = re.compile(r"^<(사람|챗봇)>\s*:\s?(.*)$")
 _ROLE_OF_SPEAKER = {"사람": "user", "챗봇": "assistant"}
+# C0 control characters other than tab, newline and carriage return: NUL and the rest are never text (a binary
+# file read as text, a broken export) and would reach the tokenizer as invisible tokens.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# No text field may be longer: about 25,000+ tokens, beyond the context of every model these recipes train, so
+# the trainer would keep only its first max_length tokens; refused up front because tokenising a 10 MB text
+# (for the length checks and PPO's prompt ids) takes minutes, and such a record is nearly always a broken export.
+MAX_TEXT_CHARS = 100_000
 
 
 @dataclass
@@ -44,9 +52,50 @@ def _decode(path: Path) -> str:
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory; pass a data file (JSON, JSON Lines or text)") from None
     try:
-        return raw.decode("utf-8-sig")  # KoChatGPT's seed file starts with a BOM
+        text = raw.decode("utf-8-sig")  # KoChatGPT's seed file starts with a BOM
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: byte {error.start}: not UTF-8 text; re-save the file as UTF-8") from None
+        line = raw.count(b"\n", 0, error.start) + 1
+        bad = raw[error.start : error.end].hex(" ")
+        raise DataError(
+            f"{path}: line {line} (byte {error.start}: {bad}): not UTF-8 text; re-save the file as UTF-8 "
+            "(Korean files from Windows are often CP949: iconv -f cp949 -t utf-8)"
+        ) from None
+    if match := _CONTROL_RE.search(text):
+        line, column = _line_column(text, match.start())
+        raise DataError(
+            f"{path}: line {line} column {column}: control character U+{ord(match[0]):04X} in the text; "
+            "remove it (only tab, newline and carriage return may appear)"
+        )
+    return text
+
+
+def _line_column(text: str, position: int) -> tuple[int, int]:
+    return text.count("\n", 0, position) + 1, position - text.rfind("\n", 0, position)
+
+
+def _check_strings(source: str | os.PathLike, record: RawRecord) -> None:
+    """Every string in a record (JSON escapes such as \\u0000 included): no control character, no giant text."""
+    # A conversation-text record is its list of turns: named `messages[1].content` as in the messages layout.
+    pending = deque([("messages" if isinstance(record.data, list) else "", record.data)])
+    while pending:
+        name, value = pending.popleft()
+        if isinstance(value, dict):
+            pending.extend((f"{name}.{key}" if name else str(key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            pending.extend((f"{name}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            field = f"'{name}'" if name else "the text"
+            if len(value) > MAX_TEXT_CHARS:
+                raise DataError(
+                    f"{source}: {record.where}: {field} is {len(value):,} characters long, over the "
+                    f"{MAX_TEXT_CHARS:,} a text may hold (beyond any model's context; training keeps only max_length "
+                    "tokens); shorten the record or drop it"
+                )
+            if match := _CONTROL_RE.search(value):
+                raise DataError(
+                    f"{source}: {record.where}: {field} holds control character U+{ord(match[0]):04X}; "
+                    "remove it (only tab, newline and carriage return may appear)"
+                )
 
 
 def bundled_data_path(name: str) -> Path:
@@ -71,6 +120,13 @@ def read_records(source: str | os.PathLike) -> tuple[list[RawRecord], str]:
     Container kinds: "json_array", "json_lines", "conversation_text", "text_lines", "hub".
     """
     source = resolve_source(source)
+    records, container = _read_container(source)
+    for record in records:
+        _check_strings(source, record)
+    return records, container
+
+
+def _read_container(source: str | os.PathLike) -> tuple[list[RawRecord], str]:
     path = Path(source)
     if not path.exists() and _looks_like_hub_id(str(source)):
         return _read_hub(str(source)), "hub"
@@ -108,7 +164,8 @@ def _read_json_array(path: Path, text: str) -> list[RawRecord]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: line {error.lineno} column {error.colno}: invalid JSON ({error.msg})") from None
+        line, column, problem = _json_problem(error)
+        raise DataError(f"{path}: line {line} column {column}: invalid JSON ({problem})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON array of records")
     return [RawRecord(record, f"record {index}") for index, record in enumerate(records)]
@@ -122,11 +179,22 @@ def _read_json_lines(path: Path, text: str) -> list[RawRecord]:
         try:
             records.append(RawRecord(json.loads(line), f"line {number}"))
         except json.JSONDecodeError as error:
+            _, column, problem = _json_problem(error)
             raise DataError(
-                f"{path}: line {number}: invalid JSON ({error.msg} at column {error.colno}); "
-                "each line must be one JSON object"
+                f"{path}: line {number}: invalid JSON ({problem} at column {column}); each line must be one JSON object"
             ) from None
     return records
+
+
+def _json_problem(error: json.JSONDecodeError) -> tuple[int, int, str]:
+    """Line, column and wording of a JSON error; a trailing comma (which JSON forbids, and Python 3.11 reports as
+    "Expecting value") is named as such, at the comma."""
+    before = error.doc[: error.pos].rstrip()
+    after = error.doc[error.pos : error.pos + 1]
+    if before.endswith(",") and after in ("]", "}"):
+        line, column = _line_column(error.doc, len(before) - 1)
+        return line, column, f"trailing comma before '{after}'; remove the comma"
+    return error.lineno, error.colno, error.msg
 
 
 def _read_conversations(path: Path, text: str) -> list[RawRecord]:

@@ -62,9 +62,13 @@ def preference_parser(script_arguments: type, trainer: str | None = None) -> Any
 
 
 def check_settings(name: str, script_args: Any, training_args: Any) -> None:
-    """What TRL would only refuse after the models are loaded, or never: the judging reward model, loss_type."""
+    """What TRL would only refuse after the models are loaded, or never: the judging reward model, loss_type, and
+    the judged prompts (`prompts_dataset`, read here: before prepare_run builds or deletes anything)."""
+    from kochat_trl.data import load_stage_data
+
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder (it judges the answers)")
+    load_stage_data(script_args.prompts_dataset, "ppo")
     # beta's and the judging settings' ranges are checked before parsing (kochat_trl.ranges)
     loss_types = getattr(training_args, "loss_type", None)
     allowed = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(name)
