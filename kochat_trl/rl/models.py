@@ -63,7 +63,8 @@ def _loading_draws_nothing() -> Iterator[None]:
     forked generator, so the value model's new LoRA (drawn next) starts the same under every engine."""
     import torch
 
-    with torch.random.fork_rng():
+    # This process's GPU only: forking every visible one would open a CUDA context on each, from every rank.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         yield
 
 
