@@ -120,7 +120,17 @@ def describe(accelerator: Any, model: Any, optimizer: Any = None) -> dict[str, A
 
 
 class DeepSpeedPPOFixes:
-    """Mixed into TRL 1.12's PPOTrainer (kochat_trl.rl): the two places it breaks under DeepSpeed."""
+    """Mixed into TRL 1.12's PPOTrainer (kochat_trl.rl): where it breaks, or trains differently, under DeepSpeed."""
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        # Called by PPOTrainer.__init__ after it made its Accelerator, before it prepares the engine. TRL's PPO loop
+        # never clips gradients (max_grad_norm is not read), but accelerate fills DeepSpeed's "auto" clipping with
+        # 1.0: ZeRO runs clipped and drifted from DDP from the first update. Clip as the DDP loop does: not at all.
+        # A number set in the DeepSpeed config (not "auto") is the user's and stays.
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            plugin.deepspeed_config["gradient_clipping"] = 0.0
+        super().create_optimizer_and_scheduler(num_training_steps)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         # Trainer makes a weight-decay and a no-decay group; with LoRA the no-decay one is empty. DeepSpeed

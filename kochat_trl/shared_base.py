@@ -1,7 +1,7 @@
 """Shared-base PPO: policy, reference, reward and value as LoRA adapters on one frozen copy of the SFT model.
 
     policy    = base + "default" adapter (trained; PEFT's and TRL's name for the policy adapter)
-    reference = base with no adapter
+    reference = base with no adapter (PPO, RLOO and GRPO alike: no "ref" copy of the policy adapter)
     reward    = base + "reward" adapter (stage 2's, frozen) + its score head (frozen)
     value     = base + "value" adapter (starts as the reward adapter, trained) + a copy of the score head (trained)
 
@@ -191,11 +191,13 @@ class SharedBase:
         self.set_trainable()
 
     @contextmanager
-    def copies_draw_nothing(self) -> Iterator[None]:
-        """Inside: adapters added to the policy draw their initial weights from a forked generator. RLOO/GRPO given a
-        PEFT model add a "ref" adapter and overwrite it with a copy of the policy's at once; drawing for it would
-        shift every later sample away from what a separate-model run draws."""
-        add_adapter = self.policy.add_adapter
+    def trainer_adds_no_adapter(self) -> Iterator[None]:
+        """Around building TRL's RLOO/GRPOTrainer: given a PEFT model, it adds a "ref" adapter, a copy of the policy's,
+        and computes the reference with it. Here the reference is the base with no adapter routed, as PPO's
+        (`reference`; TRL falls back to `disable_adapter` when "ref" is gone): every adapter added inside is deleted
+        on the way out (a copy of the policy adapter, its lm_head included, no longer trains beside it). It drew its
+        weights from a forked generator, so every later sample is the one a separate-model run draws."""
+        added_before, add_adapter = set(self.policy.peft_config), self.policy.add_adapter
 
         def add_without_drawing(*args: Any, **kwargs: Any) -> Any:
             with torch.random.fork_rng():
@@ -206,6 +208,10 @@ class SharedBase:
             yield
         finally:
             del self.policy.add_adapter
+        for name in set(self.policy.peft_config) - added_before:
+            self.policy.delete_adapter(name)
+        self.router.refresh()
+        self.set_trainable()
 
     def reference(self) -> Any:
         """Context in which the policy computes the reference: no adapter, `requires_grad` untouched."""
@@ -271,6 +277,9 @@ def build(
     if with_value:
         shared.value = AdapterScoreModel(shared, VALUE, _score_head(head, dtype, device), tokenizer.pad_token_id)
     shared.set_trainable()
+    # Whoever disables the policy's adapters (TRL's RLOO/GRPO reference forward, the held-out KL) gets the reference
+    # route: PEFT's own disable_adapter would rewrite requires_grad on exit (the value adapter frozen).
+    policy.disable_adapter = shared.reference
     # Left in eval mode, as from_pretrained leaves a separate model: the held-out scoring before training switches
     # only the reward head to eval, and the base's dropout would change the scores (and the generator's state).
     policy.eval()

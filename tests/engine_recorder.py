@@ -5,7 +5,9 @@
 After training (Trainer.train for SFT/RM/DPO/RLOO/GRPO, the PPO seam's train for PPO) each rank writes
 RECORD_DIR/rank{R}.json: the engine facts read from inside the process (`kochat_trl.engines.describe`: the
 accelerator's distributed type, the ZeRO stage, this rank's share of the parameters and of the optimizer
-state), the wrapper type, the world size, the trainable parameter count, and the metrics main() returned.
+state), the wrapper type, the world size, the trainable parameter count, the metrics main() returned, and after
+every update the norms of the trained parameters (`norms`: PPO's policy and value model apart, ZeRO-3's shards
+gathered).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.argv = [recipe, *sys.argv[3:]]
 # recipes/NAME.py names the packaged recipe kochat_trl.recipes.NAME (its __main__ block does not run on import).
 recipe_module = importlib.import_module(f"kochat_trl.recipes.{Path(recipe).stem}")
 
-from transformers import Trainer, set_seed  # noqa: E402
+from transformers import Trainer, TrainerCallback, set_seed  # noqa: E402
 
 from kochat_trl import engines  # noqa: E402
 from kochat_trl.rl import ppo as rl_ppo  # noqa: E402
@@ -30,8 +32,22 @@ from kochat_trl.runs import run_recipe  # noqa: E402
 seen: dict = {}
 
 
+class ParameterNorms(TrainerCallback):
+    """After every update: the L2 norm of the trained parameters, in float64 (every rank calls it: ZeRO-3 gathers)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        squares: dict[str, float] = {}
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        with engines.gathered(model):
+            for name, parameter in trained:
+                part = "value" if name.startswith("value_model.") else "policy"  # PPO's PolicyAndValueWrapper
+                squares[part] = squares.get(part, 0.0) + float(parameter.detach().double().square().sum())
+        seen.setdefault("norms", []).append({"step": state.global_step, **{k: v**0.5 for k, v in squares.items()}})
+
+
 def recording(train):
     def train_and_record(self, *args, **kwargs):
+        self.add_callback(ParameterNorms())
         result = train(self, *args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
         seen.update(engines.describe(self.accelerator, model, self.optimizer))

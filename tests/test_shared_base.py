@@ -384,7 +384,7 @@ CRITIC_FREE_LOGGED = ("loss", "grad_norm", "kl", "reward", "reward_std", "entrop
 @pytest.mark.parametrize("trainer", ["rloo", "grpo"])
 def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_model_logs(lora_stages, trainer):
     """RLOO/GRPO with the reward model as an adapter on the policy's base: the same completions, rewards, KL and
-    gradients as with stage 2's adapter merged into a separate model (TRL's extra "ref" adapter draws nothing)."""
+    gradients as with stage 2's adapter merged into a separate model (TRL's "ref" adapter, deleted, draws nothing)."""
 
     def run(shared: str) -> tuple[list[dict], dict]:
         output = lora_stages["root"] / f"{trainer}-shared-{shared}"
@@ -457,3 +457,88 @@ def test_shared_base_trains_on_a_4bit_base_with_gradient_checkpointing(lora_stag
     assert metrics["params"]["shared_base"] is True
     assert (output / "adapter_model.safetensors").is_file()
     assert (output / "value" / "adapter_model.safetensors").is_file()
+
+
+def random_reward_adapter(base: Path, folder: Path) -> Path:
+    """A stage-2-shaped LoRA reward adapter (SEQ_CLS, score head saved) on `base`, untrained: nonzero lora_B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, config)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("trainer", ["rloo", "grpo"])
+def test_critic_free_shared_base_reference_is_the_base_not_a_ref_adapter(tiny_model_dir, tmp_path, trainer):
+    """RLOO/GRPO under shared_base compute the reference as PPO does, the base with no adapter: TRL's "ref" copy of
+    the policy adapter (294,912 parameters, lm_head included, on the tiny default) is not kept, and TRL's own
+    reference forward gives the base model's log-probs while the policy adapter has moved."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import ModelConfig
+    from trl.trainer.utils import use_adapter
+
+    from kochat_trl.modeling import load_tokenizer
+    from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer, critic_free_classes
+    from kochat_trl.rl.models import load_critic_free_models
+
+    rm = random_reward_adapter(tiny_model_dir, tmp_path / "rm")
+    model_args = ModelConfig(
+        model_name_or_path=str(tiny_model_dir),
+        use_peft=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        lora_modules_to_save=["lm_head"],
+    )
+    tokenizer = load_tokenizer(model_args, padding_side="left", announce=False)
+    config_class, _ = critic_free_classes(trainer)
+    args = config_class(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        beta=0.05,
+    )
+    script_args = SimpleNamespace(shared_base=True, reward_model_path=str(rm))
+    models = load_critic_free_models(script_args, args, model_args, tokenizer)
+    chat = [{"role": "user", "content": PROMPT}]
+    built = build_critic_free_trainer(
+        trainer,
+        args,
+        tokenizer,
+        models.policy,
+        RewardModelReward(models.reward, tokenizer),
+        Dataset.from_dict({"prompt": [chat] * 4}),
+        shared_base=models.shared,
+    )
+    policy = built.accelerator.unwrap_model(built.model)
+    assert sorted(policy.peft_config) == ["default", "reward"]  # no "ref"
+    counts = models.shared.parameter_counts()
+    assert (counts["policy_adapter"], counts["reward_adapter"]) == (294912, 4096)
+    assert sum(p.numel() for p in policy.parameters()) == counts["base"] + 294912 + 4096
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B.default" in name:  # the policy as training leaves it: no longer the base
+                parameter.normal_(std=0.05)
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = torch.cat([ids["input_ids"], torch.tensor([[5, 6, 7, 8, 9]])], 1)
+        # Exactly TRL's reference forward (RLOOTrainer and GRPOTrainer `_generate_and_score_completions`).
+        with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
+            reference = torch.log_softmax(built.model(ids).logits, -1)
+        trained = torch.log_softmax(built.model(ids).logits, -1)
+        base = torch.log_softmax(AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits, -1)
+    assert (reference - base).abs().max() < 1e-6
+    assert (trained - base).abs().max() > 0.1
+    assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable  # untouched

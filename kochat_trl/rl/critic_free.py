@@ -80,12 +80,12 @@ def build_critic_free_trainer(
 ) -> Any:
     """TRL's RLOOTrainer or GRPOTrainer on conversational prompts, rewarded by `reward`. With a LoRA `peft_config`
     the reference is the policy with its adapter disabled (no copy). With `shared_base` the policy is its PEFT model
-    (the reward model an adapter on it) and `peft_config` is None; TRL then keeps the reference as a "ref" copy of
-    the new policy adapter."""
+    (the reward model an adapter on it) and `peft_config` is None; the reference is its base with no adapter, as
+    PPO's (`SharedBase.trainer_adds_no_adapter`: TRL's "ref" copy of the policy adapter is deleted)."""
     _, trainer_class = critic_free_classes(name)
     if shared_base is not None:
         shared_base.draw_policy_adapter()  # what TRL's get_peft_model would draw here
-    with shared_base.copies_draw_nothing() if shared_base is not None else nullcontext():
+    with shared_base.trainer_adds_no_adapter() if shared_base is not None else nullcontext():
         trainer = trainer_class(
             model=policy,
             reward_funcs=[reward],

@@ -7,6 +7,8 @@ and value models are adapters on the policy's frozen base too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,19 +39,33 @@ def _load(
     script_args: Any, training_args: Any, model_args: Any, tokenizer: Any, reward_path: str, with_value: bool
 ) -> RLModels:
     gradient_checkpointing = training_args.gradient_checkpointing
-    policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
+    with _loading_draws_nothing():
+        policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
     policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
     if getattr(script_args, "shared_base", False):
         from kochat_trl import shared_base
 
         shared = shared_base.build(policy, policy_lora, reward_path, tokenizer, gradient_checkpointing, with_value)
         return RLModels(shared.policy, shared.reward, shared.value, None, shared)
-    reward = modeling.load_reward_model(modeling.at_path(model_args, reward_path), tokenizer)
+    with _loading_draws_nothing():
+        reward = modeling.load_reward_model(modeling.at_path(model_args, reward_path), tokenizer)
     value = None
     if with_value:
         value_path = getattr(script_args, "value_model_path", None) or reward_path
         value = _value_model(model_args, value_path, tokenizer, gradient_checkpointing)
     return RLModels(policy, reward, value, policy_lora)
+
+
+@contextmanager
+def _loading_draws_nothing() -> Iterator[None]:
+    """Loading a finished model draws nothing from the global generator on one process or under DDP; under ZeRO-3
+    (zero.Init) transformers initialises every weight before loading it and draws. Inside, the draws come from a
+    forked generator, so the value model's new LoRA (drawn next) starts the same under every engine."""
+    import torch
+
+    # This process's GPU only: forking every visible one would open a CUDA context on each, from every rank.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        yield
 
 
 def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpointing: bool) -> Any:
@@ -59,9 +75,11 @@ def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpoint
         from peft import PeftModel
 
         base_args = modeling.at_path(model_args, modeling.adapter_base(path))
-        base = modeling.load_reward_model(base_args, tokenizer, 1, gradient_checkpointing)
+        with _loading_draws_nothing():
+            base = modeling.load_reward_model(base_args, tokenizer, 1, gradient_checkpointing)
         return PeftModel.from_pretrained(base, path, is_trainable=True)
-    value = modeling.load_reward_model(modeling.at_path(model_args, path), tokenizer, 1, gradient_checkpointing)
+    with _loading_draws_nothing():
+        value = modeling.load_reward_model(modeling.at_path(model_args, path), tokenizer, 1, gradient_checkpointing)
     if model_args.use_peft:
         from peft import get_peft_model
 
