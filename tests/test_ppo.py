@@ -84,7 +84,7 @@ def test_gold_against_proxy_curve(ppo_run):
     assert [point["step"] for point in curve] == [0, 6, 12, 18, 24, 30] and metrics["curve_answers"] == 120
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6) and curve[-1]["kl"] > 0.1
     assert curve[-1]["reward"] > curve[0]["reward"] and curve[-1]["good_rate"] > curve[0]["good_rate"]
-    assert metrics["reward_hacking"] is None and 0 < metrics["curve_seconds"] < 30
+    assert metrics["reward_hacking"] is None and metrics["curve_seconds"] > 0  # its cost: a figure, never a bound
     assert (output / "overoptimization.png").stat().st_size > 10_000
 
 
