@@ -153,8 +153,8 @@ def tokenizer_flags(folder: Path) -> dict[str, bool]:
 
 def tokenizer_gaps(tokenizer_json: dict[str, Any]) -> list[str]:
     """What GGUF readers cannot do as our tokenizer does. llama.cpp's SPM and transformers' GGUF reader only turn
-    spaces into `▁` and merge by the vocabulary: a normalizer has no GGUF key, and a split is only kept when it
-    isolates a literal that no longer token contains (no merge can then cross it)."""
+    spaces into `▁` and merge by the vocabulary: a normalizer has no GGUF key, and a split survives only where
+    the vocabulary itself keeps it (no token crosses it, so no merge can)."""
     gaps = []
     if tokenizer_json.get("normalizer"):
         gaps.append(f"normalizer {_describe(tokenizer_json['normalizer'])}")
@@ -165,9 +165,8 @@ def tokenizer_gaps(tokenizer_json: dict[str, Any]) -> list[str]:
         if step.get("type") == "Metaspace":
             continue
         literal = (step.get("pattern") or {}).get("String")
-        if step.get("type") == "Split" and literal and step.get("behavior") == "Isolated":
-            if not any(literal in token and token != literal for token in tokens):
-                continue
+        if step.get("type") == "Split" and literal and _split_kept(literal, step.get("behavior"), tokens):
+            continue
         gaps.append(f"pre-tokenizer {_describe(step)}")
     return gaps
 
@@ -268,6 +267,20 @@ def _convert(model_class: Any, folder: Path, out: Path, quant: str) -> None:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _split_kept(literal: str, behavior: str | None, tokens: Any) -> bool:
+    """Whether every token respects a split on `literal`: isolated -> no longer token holds it; merged with the
+    previous piece -> only once, at a token's end; merged with the next -> only once, at its start."""
+    for token in tokens:
+        if literal not in token or token == literal:
+            continue
+        if behavior == "MergedWithPrevious" and token.find(literal) == len(token) - len(literal):
+            continue
+        if behavior == "MergedWithNext" and token.startswith(literal) and token.find(literal, len(literal)) == -1:
+            continue
+        return False
+    return True
 
 
 def _describe(step: dict[str, Any]) -> str:

@@ -156,3 +156,21 @@ def test_export_reads_back_in_gguf_and_transformers(tmp_path, tiny_model_dir, ca
     with torch.no_grad():
         difference = (theirs(ids).logits - reference(ids).logits).abs().max().item()
     assert difference < LOGIT_BOUNDS[quant]
+
+
+def test_tokenizer_gaps_names_what_no_gguf_reader_reproduces():
+    from kochat_trl.export_gguf import tokenizer_gaps
+
+    def tokenizer(vocab, *steps, normalizer=None):
+        pre = {"type": "Sequence", "pretokenizers": [{"type": "Metaspace", "prepend_scheme": "first"}, *steps]}
+        return {"normalizer": normalizer, "pre_tokenizer": pre, "model": {"vocab": dict.fromkeys(vocab, 0)}}
+
+    newline = {"type": "Split", "pattern": {"String": "\n"}, "behavior": "Isolated"}
+    suffix = {"type": "Split", "pattern": {"String": "\u2581"}, "behavior": "MergedWithPrevious"}
+    # The vocabulary keeps both splits (▁ only ending a token, \n alone): readers that merge by it agree.
+    assert tokenizer_gaps(tokenizer(["\n", "김치", "김치\u2581", "\u2581"], newline, suffix)) == []
+    # One token joining across either split is a merge a reader can make and we cannot.
+    assert tokenizer_gaps(tokenizer(["\n", "\u2581김치"], newline, suffix)) == ["pre-tokenizer Split('▁')"]
+    assert tokenizer_gaps(tokenizer(["\n김"], newline)) == ["pre-tokenizer Split('\\n')"]
+    replace = {"type": "Replace", "pattern": {"String": "\n"}, "content": "\n\u2581"}
+    assert tokenizer_gaps(tokenizer([], normalizer=replace)) == ["normalizer Replace('\\n' -> '\\n▁')"]
