@@ -60,8 +60,9 @@ def export_gguf(
     if vocab is not None:
         vocab.update(tokenizer_flags(folder))
         model_class = _with_vocab(model_class, vocab)
-    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    _convert(model_class, folder, temporary, quant, metadata_only=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         _convert(model_class, folder, temporary, quant)
         os.replace(temporary, out)
@@ -249,21 +250,28 @@ def _with_vocab(model_class: Any, vocab: dict[str, Any]) -> Any:
     )
 
 
-def _convert(model_class: Any, folder: Path, out: Path, quant: str) -> None:
+def _convert(model_class: Any, folder: Path, out: Path, quant: str, metadata_only: bool = False) -> None:
+    """Run the converter; `metadata_only` builds the header (hyperparameters, tokenizer) in memory and writes
+    nothing, so what the converter cannot take is refused before any tensor is read."""
     import gguf
     import torch
 
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     loggers = [logging.getLogger(name) for name in ("hf-to-gguf", "gguf")]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:  # the converter logs every tensor and the whole chat template at INFO
-        logger.setLevel(logging.WARNING)
+    for logger in loggers:  # it logs every tensor at INFO and a 12-line banner before its errors: ours is one line
+        logger.setLevel(logging.ERROR)
     try:
         with torch.inference_mode():
-            model_class(folder, file_type, out).write()
+            converter = model_class(folder, file_type, out)
+            if metadata_only:
+                converter.prepare_metadata(vocab_only=True)
+            else:
+                converter.write()
     except (NotImplementedError, ValueError, KeyError, AssertionError) as error:
         # e.g. "BPE pre-tokenizer was not recognized": the converter knows BPE tokenizers by a hash of their output
-        raise KochatError(f"{folder}: llama.cpp's converter failed: {_first_line(error)}") from None
+        detail = f"missing {error}" if isinstance(error, KeyError) else _first_line(error)
+        raise KochatError(f"{folder}: llama.cpp's converter cannot take this model: {detail}") from None
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)

