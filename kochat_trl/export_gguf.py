@@ -11,6 +11,7 @@ our tokenizer behaves. A normalizer or an extra pre-tokenizer split has no GGUF 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from kochat_trl.templates import TEMPLATES, saved_template_name
 QUANTS = ("f16", "q8_0")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _SPACE = "\u2581"
+# The embedded default's normalizer (kochat_trl/tiny.py): a word after a newline gets `▁` like one after a space.
+NEWLINE_SPACE = {"type": "Replace", "pattern": {"String": "\n"}, "content": "\n" + _SPACE}
 # GGUF token types (gguf.TokenType): what llama.cpp matches whole (CONTROL) or spells as bytes (BYTE).
 _NORMAL, _CONTROL, _BYTE = 1, 3, 6
 
@@ -57,8 +60,14 @@ def export_gguf(
     model_class = converter_class(config["architectures"][0])
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = spm_tokenizer_metadata(tokenizer_json)
+    spaced = None
     if vocab is not None:
-        vocab.update(tokenizer_flags(folder))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        vocab.update(tokenizer_flags(tokenizer))
+        spaced = spaced_template(tokenizer) if tokenizer_json.get("normalizer") == NEWLINE_SPACE else None
+        vocab["chat_template"] = spaced
         model_class = _with_vocab(model_class, vocab)
     temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _convert(model_class, folder, temporary, quant, metadata_only=True)
@@ -68,8 +77,11 @@ def export_gguf(
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)
-    modelfile = write_text_atomic(ollama_modelfile(folder, out), out.with_name(f"{out.stem}.Modelfile"))
-    return GGUFExport(out, modelfile, out.stat().st_size, tokenizer_gaps(tokenizer_json))
+    modelfile = write_text_atomic(
+        ollama_modelfile(folder, out, spaced is not None), out.with_name(f"{out.stem}.Modelfile")
+    )
+    gaps = tokenizer_gaps(tokenizer_json, newline_space_in_template=spaced is not None)
+    return GGUFExport(out, modelfile, out.stat().st_size, gaps)
 
 
 def check_merged_folder(folder: str | os.PathLike) -> dict[str, Any]:
@@ -136,12 +148,9 @@ def spm_tokenizer_metadata(tokenizer_json: dict[str, Any]) -> dict[str, Any] | N
     }
 
 
-def tokenizer_flags(folder: Path) -> dict[str, bool]:
+def tokenizer_flags(tokenizer: Any) -> dict[str, bool]:
     """add_bos / add_eos / add_space_prefix as our tokenizer behaves (measured on one syllable, not read from
     configs, which may not say)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     with_special = tokenizer("가")["input_ids"]
     plain = tokenizer("가", add_special_tokens=False)["input_ids"]
     first = tokenizer.convert_ids_to_tokens(plain[:1])[0] if plain else ""
@@ -152,12 +161,30 @@ def tokenizer_flags(folder: Path) -> dict[str, bool]:
     }
 
 
-def tokenizer_gaps(tokenizer_json: dict[str, Any]) -> list[str]:
+def spaced_template(tokenizer: Any) -> str | None:
+    """The chat template for a tokenizer whose normalizer writes `▁` after every newline (the embedded default's),
+    which no GGUF reader can do: the same kochat-trl template writing a space there instead, in its own text and
+    in every message. Both readers turn that space into the same `▁`, so they give our ids. None for a template
+    that is not kochat-trl's (it cannot be rewritten safely)."""
+    name = saved_template_name(tokenizer)
+    if name not in TEMPLATES:
+        return None
+    template = TEMPLATES[name]
+    fields = ("user_format", "generation_prompt", "preamble", "turn_separator", "answer_prefix")
+    spaced = dataclasses.replace(template, **{key: getattr(template, key).replace("\n", "\n ") for key in fields})
+    text = spaced.chat_template(with_bos=tokenizer.chat_template == template.chat_template(True))
+    for content in ("messages[0]['content']", "message['content']"):
+        text = text.replace(content, f"({content} | replace('\\n', '\\n '))")
+    return text
+
+
+def tokenizer_gaps(tokenizer_json: dict[str, Any], newline_space_in_template: bool = False) -> list[str]:
     """What GGUF readers cannot do as our tokenizer does. llama.cpp's SPM and transformers' GGUF reader only turn
     spaces into `▁` and merge by the vocabulary: a normalizer has no GGUF key, and a split survives only where
     the vocabulary itself keeps it (no token crosses it, so no merge can)."""
     gaps = []
-    if tokenizer_json.get("normalizer"):
+    handled = newline_space_in_template and tokenizer_json.get("normalizer") == NEWLINE_SPACE
+    if tokenizer_json.get("normalizer") and not handled:
         gaps.append(f"normalizer {_describe(tokenizer_json['normalizer'])}")
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -172,7 +199,7 @@ def tokenizer_gaps(tokenizer_json: dict[str, Any]) -> list[str]:
     return gaps
 
 
-def ollama_modelfile(folder: Path, gguf_file: Path) -> str:
+def ollama_modelfile(folder: Path, gguf_file: Path, spaced: bool = False) -> str:
     """FROM, the chat template in Ollama's Go syntax (kochat-trl templates), stop tokens and sampling parameters
     from generation_config.json."""
     from transformers import AutoTokenizer
@@ -181,7 +208,14 @@ def ollama_modelfile(folder: Path, gguf_file: Path) -> str:
     lines = [f"FROM ./{gguf_file.name}", ""]
     name = saved_template_name(tokenizer)
     if name in TEMPLATES:
-        lines += [f'TEMPLATE """{_go_template(TEMPLATES[name], tokenizer.eos_token or "")}"""', ""]
+        template = TEMPLATES[name]
+        if spaced:  # as spaced_template; Go templates cannot rewrite a message's own newlines
+            fields = ("user_format", "generation_prompt", "preamble", "turn_separator", "answer_prefix")
+            template = dataclasses.replace(
+                template, **{key: getattr(template, key).replace("\n", "\n ") for key in fields}
+            )
+            lines.insert(0, "# A newline inside a message is tokenized as kochat-trl does only in llama.cpp --jinja.")
+        lines += [f'TEMPLATE """{_go_template(template, tokenizer.eos_token or "")}"""', ""]
     if tokenizer.eos_token:
         lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token, ensure_ascii=False)}")
     for key, value in _sampling_parameters(folder / "generation_config.json").items():
@@ -242,6 +276,8 @@ def _with_vocab(model_class: Any, vocab: dict[str, Any]) -> Any:
         writer.add_add_space_prefix(vocab["add_space_prefix"])
         special = gguf.SpecialVocab(self.dir_model, load_merges=False, n_vocab=len(vocab["tokens"]))
         special.add_special_token = {}  # the flags above are measured; tokenizer_config.json may not state them
+        if vocab.get("chat_template"):
+            special.chat_template = vocab["chat_template"]
         special.add_to_gguf(writer)  # bos/eos/unk/pad ids and tokenizer.chat_template
 
     # The converter's registry demands model_arch on every subclass.
