@@ -17,7 +17,7 @@ from kochat_trl.recipes import RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kochat_trl.cli import data, fitcheck, generate, merge, methods, pipeline, tiny, train, ui
+    from kochat_trl.cli import data, export, fitcheck, generate, merge, methods, pipeline, tiny, train, ui
 
     parser = argparse.ArgumentParser(
         prog="kochat-trl",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kochat-trl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (pipeline, train, methods, data, tiny, merge, generate, fitcheck, ui):
+    for module in (pipeline, train, methods, data, tiny, merge, export, generate, fitcheck, ui):
         module.register(commands)
     return parser
 

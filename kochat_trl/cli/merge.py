@@ -33,12 +33,24 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="REPO_ID",
         help="also upload OUTDIR to this hub model repo (token from HF_TOKEN or `hf auth login`)",
     )
+    parser.add_argument(
+        "--gguf",
+        choices=["f16", "q8_0"],
+        metavar="QUANT",
+        help="also write OUTDIR/OUTDIR-QUANT.gguf and its Modelfile (f16 or q8_0; pip install 'kochat-trl[gguf]')",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from kochat_trl.export import merge_adapter
+    from kochat_trl.export import merge_adapter, read_adapter_config
 
+    if args.gguf:  # refused before minutes of merging, not after
+        from kochat_trl.export_gguf import require_converter
+
+        if read_adapter_config(args.adapter)["task_type"] != "CAUSAL_LM":
+            raise KochatError(f"{args.adapter}: --gguf exports a chat model; this adapter is a reward model")
+        require_converter()
     output = merge_adapter(
         args.adapter,
         args.output,
@@ -51,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged {args.adapter} into its base ({args.dtype}); saved to {output}")
     if args.push_to_hub:
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+    if args.gguf:
+        from kochat_trl.cli.export import report
+        from kochat_trl.export_gguf import export_gguf
+
+        report(export_gguf(output, Path(output) / f"{Path(output).name}-{args.gguf}.gguf", args.gguf), args.gguf)
     return 0
 
 
