@@ -307,6 +307,8 @@ def _convert(model_class: Any, folder: Path, out: Path, quant: str, metadata_onl
     try:
         with torch.inference_mode():
             converter = model_class(folder, file_type, out)
+            write_tensors = converter.gguf_writer.write_tensors_to_file  # called with a tqdm bar: ours is one line
+            converter.gguf_writer.write_tensors_to_file = lambda progress=False: write_tensors(progress=False)
             if metadata_only:
                 converter.prepare_metadata(vocab_only=True)
             else:

@@ -37,4 +37,7 @@ def report(result: GGUFExport, quant: str) -> None:
     """What was written, and one warning line per part of the tokenizer no GGUF reader reproduces."""
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {quant}) and {result.modelfile}")
     for gap in result.tokenizer_gaps:
-        print_error_line(f"kochat-trl: warning: GGUF readers tokenize differently from this tokenizer: {gap}")
+        print_error_line(
+            f"kochat-trl: warning: GGUF has no key for this tokenizer's {gap}; llama.cpp and other GGUF readers "
+            "tokenize the text it applies to differently (the answers may differ there)"
+        )
