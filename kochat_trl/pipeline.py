@@ -22,11 +22,15 @@ from typing import Any
 
 from kochat_trl.config_files import bundled_config, resolve_config
 from kochat_trl.console import say
+from kochat_trl.disk import writing_to
 from kochat_trl.errors import ConfigError, KochatError
 from kochat_trl.outputs import (
     METRICS_FILE,
+    atomic_output_dir,
     check_output_dir,
     read_json,
+    remove_leftovers,
+    remove_tree,
     stage_finished,
     write_json_atomic,
     write_text_atomic,
@@ -148,9 +152,22 @@ def _run_in_process(stage: str, recipe: ModuleType, arguments: list[str], run_di
     from kochat_trl.parsing import parse_recipe_args
 
     try:
-        recipe.main(*parse_recipe_args(recipe.make_parser(), arguments))
+        with writing_to(run_dir / stage):
+            recipe.main(*parse_recipe_args(recipe.make_parser(), arguments))
     except KochatError as error:
         raise KochatError(f"stage {stage}: {error}; finished stages in {run_dir} are kept") from None
+
+
+def _invalidate_after(stage: str, run_dir: Path, config: PipelineConfig) -> None:
+    """Before `stage` trains: delete what was built on it (the later stages; the other methods, trained from SFT and
+    the RM; the report). Deleted before, not after: a rerun after a kill in between would take them as finished."""
+    later = list(TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1 :])
+    if stage in ("sft", "rm"):
+        later += config.methods
+    for name in later:
+        remove_tree(run_dir / name)
+    for name in ("report.json", "report.md"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _export(run_dir: Path) -> str:
@@ -162,12 +179,13 @@ def _export(run_dir: Path) -> str:
     exported = {}
     for name, stage in (("policy", "ppo"), ("reward", "rm")):
         source, target = run_dir / stage, merged / name
-        if target.is_dir():
-            shutil.rmtree(target)
         if adapter_base(source) is not None:
             merge_adapter(source, target, overwrite=True)
         else:
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "*.bin"))
+            with atomic_output_dir(target, overwrite=True) as staging:  # a kill mid-copy leaves no partial model
+                shutil.copytree(
+                    source, staging, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "*.bin"), dirs_exist_ok=True
+                )
         exported[name] = str(target)
     return f"{exported['policy']} and {exported['reward']} load with plain transformers"
 
@@ -374,8 +392,15 @@ def run_pipeline(
         check_output_dir(run_dir, overwrite=False)  # not a pipeline folder: refuse to write into it
     if overwrite and run_dir.exists():
         check_output_dir(run_dir, overwrite=True)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        remove_tree(run_dir)
+    with writing_to(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _continue_pipeline(config, run_dir, verbose)
+
+
+def _continue_pipeline(config: PipelineConfig, run_dir: Path, verbose: bool) -> dict[str, Any]:
+    for folder in (run_dir, run_dir / "merged", *(run_dir / stage for stage in (*TRAINING_STAGES, *config.methods))):
+        remove_leftovers(folder)  # what a killed run left half-written: staging folders, temporary files
     state = read_json(run_dir / STATE_FILE) or {"wall_time_s": {}}
     write_json_atomic(state, run_dir / STATE_FILE)  # marks the folder as a pipeline run
     wall_time: dict[str, float] = state["wall_time_s"]
@@ -397,13 +422,11 @@ def run_pipeline(
         checkpoint = None if redo_after else last_complete_checkpoint(run_dir / stage)
         if checkpoint is not None:
             say(f"{stage}: unfinished, resuming from {checkpoint}")
+        _invalidate_after(stage, run_dir, config)
         started = time.perf_counter()
         run_stage(stage, config, run_dir, base, resume=checkpoint is not None, verbose=verbose)
         wall_time[stage] = round(time.perf_counter() - started, 2)
         redo_after = True
-        if stage in ("sft", "rm"):  # the other methods were trained from these: redo them too
-            for method in config.methods:
-                shutil.rmtree(run_dir / method, ignore_errors=True)
         write_json_atomic(state, run_dir / STATE_FILE)
     if config.methods:
         from kochat_trl.methods import compare_methods
