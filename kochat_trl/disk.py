@@ -17,13 +17,13 @@ from pathlib import Path
 
 from kochat_trl.errors import KochatError
 
-# errno -> (what a person reads, the fix)
+# errno -> (what a person reads, the fix; {option} is the command's output option)
 _CAUSES = {
-    errno.ENOSPC: ("no space left on device", "free space or choose another --output_dir"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --output_dir"),
-    errno.EROFS: ("read-only file system", "choose a writable --output_dir"),
-    errno.EACCES: ("permission denied", "choose a writable --output_dir"),
-    errno.EPERM: ("operation not permitted", "choose a writable --output_dir"),
+    errno.ENOSPC: ("no space left on device", "free space or choose another {option}"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another {option}"),
+    errno.EROFS: ("read-only file system", "choose a writable {option}"),
+    errno.EACCES: ("permission denied", "choose a writable {option}"),
+    errno.EPERM: ("operation not permitted", "choose a writable {option}"),
 }
 _STRERRORS = {os.strerror(code): code for code in _CAUSES}
 # torch.save's stream writer reports a short write without its errno; below this much free space it is a full disk.
@@ -76,14 +76,14 @@ def disk_errno(error: BaseException, folder: str | os.PathLike) -> int | None:
     return None
 
 
-def disk_message(folder: str | os.PathLike, code: int) -> str:
+def disk_message(folder: str | os.PathLike, code: int, option: str = "--output_dir") -> str:
     """`<folder>: no space left on device (ENOSPC); free space or choose another --output_dir`."""
     what, fix = _CAUSES[code]
-    return f"{folder}: {what} ({errno.errorcode[code]}); {fix}"
+    return f"{folder}: {what} ({errno.errorcode[code]}); {fix.format(option=option)}"
 
 
 @contextmanager
-def writing_to(folder: str | os.PathLike) -> Iterator[None]:
+def writing_to(folder: str | os.PathLike, option: str = "--output_dir") -> Iterator[None]:
     """Turn a disk failure while writing into `folder` into a `KochatError` naming it (one line, exit 2, from the
     entry points); what was written before, earlier checkpoints and finished stages included, is not touched."""
     try:
@@ -92,4 +92,4 @@ def writing_to(folder: str | os.PathLike) -> Iterator[None]:
         code = disk_errno(error, folder)
         if code is None:
             raise
-        raise KochatError(disk_message(folder, code)) from error
+        raise KochatError(disk_message(folder, code, option)) from error

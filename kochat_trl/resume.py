@@ -53,7 +53,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
         return False
     # The Trainer writes trainer_state.json in place (not atomically): a kill during that write leaves half of it.
     try:
-        return "global_step" in json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        return isinstance(json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8")), dict)
     except (ValueError, UnicodeDecodeError):
         return False
 

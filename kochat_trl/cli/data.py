@@ -44,7 +44,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise KochatError(f"{output}: already exists; pass --overwrite to replace it")
     loaded = load_stage_data(args.input, args.stage)
-    with writing_to(output):  # a full or read-only disk: one line naming the file, exit 2
+    with writing_to(output, "--output"):  # a full or read-only disk: one line naming the file, exit 2
         count = write_jsonl(loaded.rows, output)
     print(loaded.summary())
     print(f"wrote {count} {args.stage} rows to {output}")
