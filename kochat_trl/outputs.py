@@ -37,11 +37,52 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     try:
         yield staging
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+            # Moved aside, not deleted in place: a kill mid-delete would leave a partial folder under the final name.
+            old = final.with_name(f".{final.name}.deleting-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a folder so that it is gone at once: renamed to a hidden sibling first, then deleted. A kill during
+    `shutil.rmtree` in place leaves part of it, perhaps its metrics.json or a checkpoint's trainer_state.json,
+    looking finished."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for earlier in path.parent.glob(f".{path.name}.deleting-*"):  # what a killed remove_tree left
+        shutil.rmtree(earlier, ignore_errors=True)
+    trash = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# What a killed process leaves behind: atomic_output_dir's staging folders, write_text_atomic's temporary files,
+# remove_tree's half-deleted folders. Hidden names, never read as results.
+_LEFTOVER_MARKERS = (".tmp-", ".deleting-")
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete what an earlier, killed writer left in `folder` (not below it); the removed paths. Only for a folder
+    no other process is writing to (a pipeline run folder being continued)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for child in folder.iterdir():
+        if child.name.startswith(".") and any(marker in child.name for marker in _LEFTOVER_MARKERS):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from kochat_trl.held_out import HeldOutEvaluation
 from kochat_trl.reporting import save_figure
@@ -34,7 +35,7 @@ def curve_steps(max_steps: int, points: int) -> list[int]:
     return sorted({round(max_steps * index / (points - 1)) for index in range(points)})
 
 
-class GoldProxyCurve(TrainerCallback):
+class GoldProxyCurve(TrainerCallback, ExportableState):
     """Measures `evaluation` (a reduced held-out set) at `curve_steps`: KL, reward and the judge's rates.
 
     `models()` returns (the policy being trained, the reference model, the context factory in which the
@@ -54,9 +55,19 @@ class GoldProxyCurve(TrainerCallback):
         self.curve.append({"step": step, **self.evaluation.measure(*self.models())})
         self.seconds += time.perf_counter() - started
 
+    def state(self) -> dict[str, Any]:
+        """Saved in each checkpoint's trainer_state.json: a resumed run continues the curve, not starts it again."""
+        return {"args": {}, "attributes": {"curve": self.curve, "seconds": self.seconds}}
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._steps = set(curve_steps(state.max_steps, self.points))
-        if state.global_step in self._steps:  # 0, unless resumed: the points before it are the earlier run's
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if state.global_step and isinstance(saved, dict):  # resumed: the earlier run's points, up to its checkpoint
+            self.curve = [point for point in saved["attributes"]["curve"] if point["step"] <= state.global_step]
+            self.seconds = saved["attributes"]["seconds"]
+        # TRL's PPO trainer built its state before this callback was added: the checkpoint save expects an entry.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        if state.global_step in self._steps:  # 0, unless resumed: then measured already, unless saved before 0.1
             self._measure(state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

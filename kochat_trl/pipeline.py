@@ -22,11 +22,14 @@ from typing import Any
 
 from kochat_trl.config_files import bundled_config, resolve_config
 from kochat_trl.console import say
+from kochat_trl.disk import writing_to
 from kochat_trl.errors import ConfigError, KochatError
 from kochat_trl.outputs import (
-    METRICS_FILE,
+    atomic_output_dir,
     check_output_dir,
     read_json,
+    remove_leftovers,
+    remove_tree,
     stage_finished,
     write_json_atomic,
     write_text_atomic,
@@ -148,9 +151,22 @@ def _run_in_process(stage: str, recipe: ModuleType, arguments: list[str], run_di
     from kochat_trl.parsing import parse_recipe_args
 
     try:
-        recipe.main(*parse_recipe_args(recipe.make_parser(), arguments))
+        with writing_to(run_dir / stage):
+            recipe.main(*parse_recipe_args(recipe.make_parser(), arguments))
     except KochatError as error:
         raise KochatError(f"stage {stage}: {error}; finished stages in {run_dir} are kept") from None
+
+
+def _invalidate_after(stage: str, run_dir: Path, config: PipelineConfig) -> None:
+    """Before `stage` trains: delete what was built on it (the later stages; the other methods, trained from SFT and
+    the RM; the report). Deleted before, not after: a rerun after a kill in between would take them as finished."""
+    later = list(TRAINING_STAGES[TRAINING_STAGES.index(stage) + 1 :])
+    if stage in ("sft", "rm"):
+        later += config.methods
+    for name in later:
+        remove_tree(run_dir / name)
+    for name in ("report.json", "report.md"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _export(run_dir: Path) -> str:
@@ -162,12 +178,13 @@ def _export(run_dir: Path) -> str:
     exported = {}
     for name, stage in (("policy", "ppo"), ("reward", "rm")):
         source, target = run_dir / stage, merged / name
-        if target.is_dir():
-            shutil.rmtree(target)
         if adapter_base(source) is not None:
             merge_adapter(source, target, overwrite=True)
         else:
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "*.bin"))
+            with atomic_output_dir(target, overwrite=True) as staging:  # a kill mid-copy leaves no partial model
+                shutil.copytree(
+                    source, staging, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "*.bin"), dirs_exist_ok=True
+                )
         exported[name] = str(target)
     return f"{exported['policy']} and {exported['reward']} load with plain transformers"
 
@@ -186,181 +203,6 @@ def _decoding(run_dir: Path, config: PipelineConfig) -> str:
     return f"{len(result.results)} strategies on {len(result.prompts)} prompts in {run_dir / 'decoding.md'}"
 
 
-def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
-    """report.json: the numbers other tools read (keys nested: report["sft"]["eval_loss_start"])."""
-    sft, rm, ppo = (read_json(run_dir / stage / METRICS_FILE) for stage in TRAINING_STAGES)
-    return {
-        "sft": {"eval_loss_start": sft["eval_loss_start"], "eval_loss_end": sft["eval_loss_end"]},
-        "rm": {"accuracy": rm["accuracy"], "mean_margin": rm["mean_margin"]},
-        "ppo": {
-            "reward_before": ppo["reward_before"],
-            "reward_after": ppo["reward_after"],
-            "reward_gain_se": ppo.get("reward_gain_se"),  # absent from runs before 0.1
-            "kl": ppo["kl"],
-            "win_rate": ppo["win_rate"],
-            "samples": ppo["samples"],
-            "judge_flips": ppo.get("judge_flips"),
-            "curve": ppo.get("curve"),
-            "reward_hacking": ppo.get("reward_hacking"),
-        },
-        # The rule-based judge on the answers PPO's held-out reward is measured on (SFT policy, then PPO policy).
-        "judge": {"sft": _judge_rates(ppo["judge_before"]), "ppo": _judge_rates(ppo["judge_after"])},
-        "methods": read_json(run_dir / "methods" / "methods.json"),
-        "wall_time_s": wall_time,
-        "output_dir": str(run_dir),
-    }
-
-
-def _judge_rates(judged: dict[str, Any]) -> dict[str, Any]:
-    """The headline rates (topics SFT saw) and, apart, the same rates on the topics held out of SFT."""
-    from kochat_trl.judge import JUDGE_KEYS
-
-    unseen = judged.get("unseen")
-    return {
-        **{key: judged.get(key) for key in JUDGE_KEYS},
-        "answers": judged.get("answers"),
-        "unseen": None if unseen is None else {key: unseen[key] for key in (*JUDGE_KEYS, "answers")},
-    }
-
-
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _judge_rows(judge: dict[str, Any], ppo: dict[str, Any]) -> list[str]:
-    from kochat_trl.judge import JUDGE_KEYS
-
-    rows = []
-    for name, reward, rates in (
-        ("SFT", ppo["reward_before"], judge["sft"]),
-        ("PPO", ppo["reward_after"], judge["ppo"]),
-    ):
-        unseen = rates.get("unseen") or {}
-        rows.append(
-            f"| {name} | {reward:.3f} | "
-            + " | ".join(_rate(rates.get(key)) for key in JUDGE_KEYS)
-            + f" | {_rate(unseen.get('on_topic_rate'))} |"
-        )
-    return rows
-
-
-def _sample_lines(samples: list[dict[str, Any]]) -> list[str]:
-    from kochat_trl.judge import verdict
-
-    lines = []
-    for sample in samples:
-        label = "" if sample.get("seen", True) else " (a topic SFT never saw: no model here can know it)"
-        lines += [f"**{sample['prompt']}**{label}", ""]
-        for name, text, score, judged in (
-            ("SFT", sample["before"], sample["score_before"], sample.get("judge_before") or {}),
-            ("PPO", sample["after"], sample["score_after"], sample.get("judge_after") or {}),
-        ):
-            lines.append(f"- {name} (RM {score:.2f}; judge: {verdict(judged) if judged else 'n/a'}): {text}")
-        lines.append("")
-    return lines
-
-
-def render_report(report: dict[str, Any]) -> str:
-    from kochat_trl.overoptimization import hacking_summary
-
-    sft, rm, ppo, judge = report["sft"], report["rm"], report["ppo"], report["judge"]
-    flips = ppo.get("judge_flips") or {}
-    good_before, good_after = judge["sft"].get("good_rate"), judge["ppo"].get("good_rate")
-    lines = [
-        "# kochat-trl pipeline report",
-        "",
-        f"**Good answers (the rule-based judge, held-out prompts of topics SFT saw): SFT {_rate(good_before)} → "
-        f"PPO {_rate(good_after)}.** Polite (합니다체) {_rate(judge['sft'].get('polite_rate'))} → "
-        f"{_rate(judge['ppo'].get('polite_rate'))}.",
-        *(
-            [
-                "",
-                f"Of {flips['answers']} paired answers (same prompt, same seed), PPO changed {flips['changed']}: "
-                f"{flips['became_good']} became good, {flips['stopped_being_good']} stopped being good"
-                + (
-                    f" (good rate {flips['good_gain']:+.3f} ± {flips['good_gain_se']:.3f}, paired standard error)."
-                    if "good_gain_se" in flips
-                    else "."
-                ),
-            ]
-            if flips
-            else []
-        ),
-        *(["", f"**{line}.**"] if (line := hacking_summary("PPO", ppo.get("reward_hacking"))) else []),
-        "",
-        "## What PPO changed: held-out answers, SFT → PPO",
-        "",
-        *_sample_lines(ppo["samples"]),
-        "## Held-out answers: reward model (proxy) and rule-based judge (gold)",
-        "",
-        "The same held-out answers, scored by the reward model and by `kochat_trl.judge`: good = polite (합니다체) "
-        "and on topic and faithful (every sentence is one the topic table says about the asked topic) with no "
-        "broken character and no repeated word bigram. The rates count the topics SFT saw; the topics held out of "
-        "SFT can never be answered faithfully and have their own column. RM reward up with the judge's rates down "
-        "would be reward hacking.",
-        "",
-        "| policy | RM reward | good | polite (합니다체) | on topic | faithful | broken | Hangul share | repeats "
-        "| on topic, unseen topics |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *_judge_rows(judge, ppo),
-        "",
-        "| stage | metric | value |",
-        "|---|---|---:|",
-        f"| SFT | eval loss (start → end) | {sft['eval_loss_start']:.3f} → {sft['eval_loss_end']:.3f} |",
-        f"| RM | held-out pairwise accuracy | {rm['accuracy']:.3f} |",
-        f"| RM | mean margin | {rm['mean_margin']:.3f} |",
-        f"| PPO | RM reward (SFT → PPO) | {ppo['reward_before']:.3f} → {ppo['reward_after']:.3f} |",
-        f"| PPO | standard error of the reward gain (paired answers) | {_rate(ppo['reward_gain_se'])} |",
-        f"| PPO | KL to the SFT policy | {ppo['kl']:.3f} |",
-        f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
-        "",
-    ]
-    if ppo.get("curve"):
-        lines += [
-            "## Gold against proxy over PPO",
-            "",
-            "| step | KL | RM reward (proxy) | good (gold) | polite | on topic | faithful |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-            *(
-                f"| {point['step']} | {point['kl']:.3f} | {point['reward']:.3f} | {_rate(point['good_rate'])} | "
-                f"{_rate(point['polite_rate'])} | {_rate(point['on_topic_rate'])} | {_rate(point['faithful_rate'])} |"
-                for point in ppo["curve"]
-            ),
-            "",
-            "![gold against proxy](ppo/overoptimization.png)",
-            "",
-        ]
-    lines += [
-        "## Wall time (s)",
-        "",
-        "| stage | seconds |",
-        "|---|---:|",
-        *(f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()),
-        "",
-    ]
-    if report.get("methods"):
-        table = (Path(report["output_dir"]) / "methods" / "methods.md").read_text(encoding="utf-8")
-        lines += [
-            "## Alignment methods (same SFT model, same held-out answers)",
-            "",
-            *[line for line in table.splitlines() if line.startswith("|")],
-            "",
-            "Details and the reward-KL plot: [methods/methods.md](methods/methods.md).",
-            "",
-        ]
-    lines += [
-        "## Curves",
-        "",
-        "![SFT](sft/curves.png)",
-        "![RM](rm/curves.png)",
-        "![PPO](ppo/curves.png)",
-        "",
-        "Decoding strategies compared: [decoding.md](decoding.md).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def run_pipeline(
     config_path: str | os.PathLike | None = None,
     output_dir: str | None = None,
@@ -374,8 +216,15 @@ def run_pipeline(
         check_output_dir(run_dir, overwrite=False)  # not a pipeline folder: refuse to write into it
     if overwrite and run_dir.exists():
         check_output_dir(run_dir, overwrite=True)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        remove_tree(run_dir)
+    with writing_to(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _continue_pipeline(config, run_dir, verbose)
+
+
+def _continue_pipeline(config: PipelineConfig, run_dir: Path, verbose: bool) -> dict[str, Any]:
+    for folder in (run_dir, run_dir / "merged", *(run_dir / stage for stage in (*TRAINING_STAGES, *config.methods))):
+        remove_leftovers(folder)  # what a killed run left half-written: staging folders, temporary files
     state = read_json(run_dir / STATE_FILE) or {"wall_time_s": {}}
     write_json_atomic(state, run_dir / STATE_FILE)  # marks the folder as a pipeline run
     wall_time: dict[str, float] = state["wall_time_s"]
@@ -397,13 +246,11 @@ def run_pipeline(
         checkpoint = None if redo_after else last_complete_checkpoint(run_dir / stage)
         if checkpoint is not None:
             say(f"{stage}: unfinished, resuming from {checkpoint}")
+        _invalidate_after(stage, run_dir, config)
         started = time.perf_counter()
         run_stage(stage, config, run_dir, base, resume=checkpoint is not None, verbose=verbose)
         wall_time[stage] = round(time.perf_counter() - started, 2)
         redo_after = True
-        if stage in ("sft", "rm"):  # the other methods were trained from these: redo them too
-            for method in config.methods:
-                shutil.rmtree(run_dir / method, ignore_errors=True)
         write_json_atomic(state, run_dir / STATE_FILE)
     if config.methods:
         from kochat_trl.methods import compare_methods
@@ -417,6 +264,8 @@ def run_pipeline(
         wall_time[step] = round(time.perf_counter() - started, 2)
         say(f"{step}: {done}")
     write_json_atomic(state, run_dir / STATE_FILE)
+
+    from kochat_trl.pipeline_report import build_report, render_report
 
     report = build_report(run_dir, wall_time)
     write_text_atomic(render_report(report), run_dir / "report.md")

@@ -46,9 +46,16 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """A checkpoint the Trainer finished writing (a kill during the save leaves one without trainer_state.json)."""
+    """A checkpoint the Trainer finished writing: a kill during the save leaves one without trainer_state.json (the
+    last file written) or with half of it."""
     path = Path(path)
-    return (path / TRAINER_STATE_FILE).is_file() and not (path / "checkpoint-is-incomplete.txt").exists()
+    if not (path / TRAINER_STATE_FILE).is_file() or (path / "checkpoint-is-incomplete.txt").exists():
+        return False
+    # The Trainer writes trainer_state.json in place (not atomically): a kill during that write leaves half of it.
+    try:
+        return isinstance(json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8")), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -91,6 +98,19 @@ def resume_checkpoint(training_args: Any) -> str | None:
             "resume from an earlier checkpoint"
         )
     return str(value)
+
+
+def train(trainer: Any, checkpoint: str | os.PathLike | None) -> None:
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint at max_steps (a run killed after
+    its last checkpoint, before the stage finished): the Trainer would train one more step when max_steps ends
+    mid-epoch (it checks the limit only after a step), so the checkpoint is loaded and nothing trained."""
+    if checkpoint is not None and 0 < trainer.args.max_steps <= read_trainer_state(checkpoint)["global_step"]:
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_FILE))
+        return
+    trainer.train(resume_from_checkpoint=checkpoint)
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -261,6 +281,7 @@ class ContinueFromCheckpoint(TrainerCallback):
         state.global_step = self.saved["global_step"]
         state.episode = self.saved.get("episode", 0)
         state.log_history = list(self.saved["log_history"])
+        state.stateful_callbacks.update(self.saved.get("stateful_callbacks") or {})  # e.g. the gold-proxy curve
         state.max_steps = self.max_steps
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -19,8 +18,9 @@ from typing import Any
 
 from kochat_trl.arguments import KochatArguments
 from kochat_trl.checks import validate_run
+from kochat_trl.disk import writing_to
 from kochat_trl.errors import EXIT_USER_ERROR, KochatError, print_error_line
-from kochat_trl.outputs import METRICS_FILE, write_json_atomic, write_text_atomic
+from kochat_trl.outputs import METRICS_FILE, remove_tree, write_json_atomic, write_text_atomic
 from kochat_trl.parsing import parse_recipe_args, verbose_requested
 
 
@@ -54,7 +54,10 @@ def run_recipe(make_parser: Callable[[], Any], main: Callable[..., Any], argv: S
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries(verbose_requested(args))  # before parsing: building TRL's config already warns
     with user_errors():
-        main(*parse_recipe_args(make_parser(), args))
+        parsed = parse_recipe_args(make_parser(), args)
+        output_dir = next(group.output_dir for group in parsed if getattr(group, "output_dir", None))
+        with writing_to(output_dir):  # a full or read-only disk: one line naming the folder, exit 2
+            main(*parsed)
 
 
 class _ChecksPassed(Exception):
@@ -113,7 +116,7 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
     with state.main_process_first():
         if state.is_main_process:
             if output_dir.is_dir() and not resuming and kochat_args.overwrite:
-                shutil.rmtree(output_dir)
+                remove_tree(output_dir)
             if kochat_args.init_tiny:
                 from kochat_trl.tiny import ensure_tiny
 
@@ -156,6 +159,18 @@ def finish_run(trainer: Any, metrics: dict[str, Any], curve_keys: Sequence[str],
 def last_logged(log_history: list[dict[str, Any]], key: str) -> Any:
     """The most recent value of `key` in a trainer's log history (None if never logged)."""
     return next((entry[key] for entry in reversed(log_history) if key in entry), None)
+
+
+def train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The mean training loss over every logged step. Not the Trainer's `train_loss`: that averages only the steps
+    of the last `train()` call, so a resumed run reported another number than the same run uninterrupted."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
 
 
 def shared_metrics(trainer: Any, tokenizer: Any) -> dict[str, Any]:

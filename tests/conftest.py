@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 SHARED_KOCHATGPT = Path(__file__).resolve().parents[2] / "shared" / "kochatgpt"
 
@@ -87,6 +88,59 @@ def pipeline_run(tmp_path_factory) -> SimpleNamespace:
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return SimpleNamespace(dir=run_dir, stdout=result.stdout, stderr=result.stderr)
+
+
+# Short stages with a checkpoint every 2 steps (PPO: every update) so that every kill point comes round in seconds.
+SHORT_PIPELINE = {
+    "stages": {"sft": "tiny/sft.yaml", "rm": "tiny/reward.yaml", "ppo": "tiny/ppo.yaml"},
+    "overrides": {
+        "sft": {"max_steps": 8, "eval_steps": 4, "save_steps": 2, "logging_steps": 1, "max_samples": 160},
+        "rm": {"max_steps": 6, "eval_steps": 3, "save_steps": 2, "logging_steps": 1, "max_samples": 120},
+        "ppo": {
+            "total_episodes": 64,
+            "eval_prompts": 4,
+            "eval_samples_per_prompt": 1,
+            "save_strategy": "steps",
+            "save_steps": 1,
+            "curve_points": 2,
+            "curve_prompts": 2,
+            "curve_samples_per_prompt": 1,
+        },
+    },
+    "decoding_strategies": ["greedy", "sampling"],
+    "decoding_prompts": 2,
+}
+
+
+def short_pipeline_config(folder: Path) -> Path:
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(SHORT_PIPELINE))
+    return path
+
+
+def pipeline_command(config: Path, run_dir: Path) -> list[str]:
+    # `python -m kochat_trl` from the repository: the checkout under test, whatever is installed.
+    return [sys.executable, "-m", "kochat_trl", "pipeline", "--config", str(config), "--output_dir", str(run_dir)]
+
+
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def short_pipeline_run(tmp_path_factory) -> Path:
+    """SHORT_PIPELINE run to the end once per session (~30 s alone): what the kill and disk tests compare with."""
+    folder = tmp_path_factory.mktemp("short-pipeline")
+    run_dir = folder / "run"
+    result = subprocess.run(
+        pipeline_command(short_pipeline_config(folder), run_dir),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=CHILD_ENV,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
 
 
 @pytest.fixture(scope="session")

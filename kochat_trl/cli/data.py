@@ -38,12 +38,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from kochat_trl.data import load_stage_data, write_jsonl
+    from kochat_trl.disk import writing_to
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise KochatError(f"{output}: already exists; pass --overwrite to replace it")
     loaded = load_stage_data(args.input, args.stage)
-    count = write_jsonl(loaded.rows, output)
+    with writing_to(output, "--output"):  # a full or read-only disk: one line naming the file, exit 2
+        count = write_jsonl(loaded.rows, output)
     print(loaded.summary())
     print(f"wrote {count} {args.stage} rows to {output}")
     return 0

@@ -99,7 +99,7 @@ def main(script_args, training_args, model_args):
         callbacks=resume.training_callbacks(),
     )
     progress.attach_progress(trainer, script_args.trainer, ["loss", "rewards/margins"], script_args.verbose)
-    trainer.train(resume_from_checkpoint=resume.resume_checkpoint(training_args))
+    resume.train(trainer, resume.resume_checkpoint(training_args))
     held_out_pairs = trainer.evaluate() if "eval" in dataset else {}
     trainer.save_model(training_args.output_dir)
 

@@ -38,7 +38,7 @@ def main(script_args, training_args, model_args):
         callbacks=resume.training_callbacks(),
     )
     progress.attach_progress(trainer, "rm", ["loss", "eval_accuracy"], script_args.verbose)
-    trainer.train(resume_from_checkpoint=resume.resume_checkpoint(training_args))
+    resume.train(trainer, resume.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
     # Scored the way PPO will score: formatted prompt + answer + eos, on every held-out pair.
@@ -48,7 +48,7 @@ def main(script_args, training_args, model_args):
         "mean_margin": held_out.get("mean_margin"),
         "eval_pairs": held_out.get("pairs", 0),
         "train_pairs": len(dataset["train"]),
-        "train_loss": runs.last_logged(trainer.state.log_history, "train_loss"),
+        "train_loss": runs.train_loss(trainer.state.log_history),
         **runs.parameter_metrics(trainer.model, model_args),
         **runs.shared_metrics(trainer, tokenizer),
     }

@@ -95,7 +95,7 @@ def main(script_args, training_args, model_args):
         trainer, evaluation, script_args, lambda: trained_and_reference(trainer, sft_copy)
     )
     progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
-    trainer.train(resume_from_checkpoint=resume.resume_checkpoint(training_args))
+    resume.train(trainer, resume.resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
 
     trained, reference, reference_ctx = trained_and_reference(trainer, sft_copy)

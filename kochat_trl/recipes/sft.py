@@ -41,7 +41,7 @@ def main(script_args, training_args, model_args):
     # a trainer.evaluate() before train() prepares the model for evaluation only, and train() then
     # skips the DDP wrapper, so ranks would silently never average their gradients.
     trainer.args.eval_on_start = checkpoint is None and trainer.eval_dataset is not None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    resume.train(trainer, checkpoint)
     end = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(training_args.output_dir)
 
@@ -50,7 +50,7 @@ def main(script_args, training_args, model_args):
     metrics = {
         "eval_loss_start": start.get("eval_loss"),
         "eval_loss_end": end.get("eval_loss"),
-        "train_loss": runs.last_logged(trainer.state.log_history, "train_loss"),
+        "train_loss": runs.train_loss(trainer.state.log_history),
         "train_rows": len(dataset["train"]),
         "eval_rows": len(dataset["eval"]) if "eval" in dataset else 0,
         **runs.parameter_metrics(trainer.model, model_args),
