@@ -55,7 +55,7 @@ def run_recipe(make_parser: Callable[[], Any], main: Callable[..., Any], argv: S
     quiet_libraries(verbose_requested(args))  # before parsing: building TRL's config already warns
     with user_errors():
         parsed = parse_recipe_args(make_parser(), args)
-        output_dir = next(group.output_dir for group in parsed if getattr(group, "output_dir", None))
+        output_dir = next((group.output_dir for group in parsed if getattr(group, "output_dir", None)), ".")
         with writing_to(output_dir):  # a full or read-only disk: one line naming the folder, exit 2
             main(*parsed)
 
