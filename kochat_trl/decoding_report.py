@@ -205,6 +205,17 @@ def compare_decoding(
     )
 
 
+# One column per judge rate, in JUDGE_KEYS' order (the order summary_row writes them): (Markdown, terminal) labels.
+JUDGE_LABELS = {
+    "good_rate": ("good", "good"),
+    "polite_rate": ("polite", "polite"),
+    "on_topic_rate": ("on-topic", "topic"),
+    "faithful_rate": ("faithful", "faithful"),
+    "broken_rate": ("broken", "broken"),
+    "hangul_share": ("hangul", "hangul"),
+    "repeat_rate": ("repeats", "repeat"),
+}
+assert tuple(JUDGE_LABELS) == JUDGE_KEYS
 SUMMARY_COLUMNS = (
     "strategy",
     "mean reward",
@@ -214,7 +225,7 @@ SUMMARY_COLUMNS = (
     "mean tokens",
     "mean chars",
     "tokens/s",
-    *(f"judge: {name}" for name in ("broken", "hangul", "polite", "on-topic", "repeats")),
+    *(f"judge: {label}" for label, _ in JUDGE_LABELS.values()),
 )
 # The same columns, short enough for a terminal.
 SHORT_SUMMARY_COLUMNS = (
@@ -226,11 +237,7 @@ SHORT_SUMMARY_COLUMNS = (
     "tokens",
     "chars",
     "tok/s",
-    "broken",
-    "hangul",
-    "polite",
-    "topic",
-    "repeat",
+    *(short for _, short in JUDGE_LABELS.values()),
 )
 
 
