@@ -262,3 +262,38 @@ def test_merge_writes_the_gguf_alongside(tmp_path, tiny_model_dir, capsys):
         f"wrote {merged / 'merged-q8_0.gguf'} (0.98 MB, q8_0) and {merged / 'merged-q8_0.Modelfile'}"
     )
     assert AutoModelForCausalLM.from_pretrained(merged).config.architectures == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_held_out_prompts_as_kochat_trl_generate(pipeline_run, tmp_path, capsys):
+    """The default run's policy in llama.cpp itself (llama-cpp-python, extra `llama`; it compiles llama.cpp), through
+    the chat template in the file: its greedy answers equal `kochat-trl generate --strategy greedy`'s on ≥ 90 % of
+    the 60 held-out prompts (f16: a near tie between two tokens may go the other way)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("conversion")
+    from kochat_trl.generation import Generator
+    from kochat_trl.run_folder import held_out_prompts, open_run
+
+    policy = pipeline_run.dir / "merged" / "policy"
+    out = tmp_path / "policy.gguf"
+    assert export(policy, "-o", out) == 0
+    capsys.readouterr()
+    prompts = held_out_prompts(open_run(pipeline_run.dir))
+    generator = Generator.load(str(policy))
+    ours = [generator.answer(prompt, "greedy") for prompt in prompts]
+    model = llama_cpp.Llama(model_path=str(out), n_ctx=512, seed=0, verbose=False)
+    assert model.metadata["tokenizer.chat_template"]  # llama-cpp-python formats with the file's template
+    for prompt in prompts[:5]:  # the rendered prompt gives our token ids (the file's template writes the space
+        text = generator.format(prompt)  # our normalizer's `▁` after a newline stands for)
+        rendered = text.replace("\n", "\n ")
+        ids = model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+        assert ids == generator.tokenizer(text, add_special_tokens=False)["input_ids"], prompt
+    theirs = [
+        model.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], temperature=0.0, top_k=1, max_tokens=64
+        )["choices"][0]["message"]["content"].strip()
+        for prompt in prompts
+    ]
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    print(f"llama.cpp greedy = kochat-trl generate greedy on {same} of {len(prompts)} held-out prompts")
+    assert len(prompts) == 60 and same >= 54, [(a, b) for a, b in zip(ours, theirs, strict=True) if a != b][:5]
