@@ -223,18 +223,19 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
         assert metrics.mean_reward == pytest.approx(sum(scores) / 4, abs=1e-5)
         judge = rows[item.strategy][7:]  # good, polite, on-topic, faithful, broken, hangul, repeats
         assert judge == [f"{metrics.judge[key]:.2f}" for key in JUDGE_KEYS]
-    # Every row has a cell per column and the judge's columns are named for what they hold (they once said
-    # broken/hangul/polite/on-topic/repeats over good/polite/on_topic/faithful/broken/hangul/repeat's values).
-    header = markdown.split("## Summary", 1)[1].split("\n\n")[1].splitlines()[0]
-    columns = [cell.strip() for cell in header.strip("|").split("|")]
-    assert columns[8:] == [f"judge: {name}" for name in ("good", "polite", "on-topic", "faithful", "broken", "hangul", "repeats")]
-    assert all(len(cells) == len(columns) - 1 for cells in rows.values())
         assert metrics.distinct_1 == distinct_n(item.answers, 1)
         for answer in item.answers:
             cell = answer.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
             assert f"| {item.strategy} | {cell} |" in markdown
         assert item.strategy in printed
     assert f"wrote {output}" in printed
+    # Every row has a cell per column and the judge's columns are named for what they hold (they once said
+    # broken/hangul/polite/on-topic/repeats over good/polite/on_topic/faithful/broken/hangul/repeat's values).
+    header = markdown.split("## Summary", 1)[1].split("\n\n")[1].splitlines()[0]
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    judged = ("good", "polite", "on-topic", "faithful", "broken", "hangul", "repeats")
+    assert columns[8:] == [f"judge: {name}" for name in judged]
+    assert all(len(cells) == len(columns) - 1 for cells in rows.values())
 
     # An existing output is refused without --overwrite, and left as it was.
     assert main(args) == 2
