@@ -168,6 +168,12 @@ def tokenizer_flags(tokenizer: Any) -> dict[str, bool]:
     }
 
 
+def _newlines_spaced(template: Any) -> Any:
+    """A kochat-trl PromptTemplate whose own text writes a space after every newline (see spaced_template)."""
+    fields = ("user_format", "generation_prompt", "preamble", "turn_separator", "answer_prefix")
+    return dataclasses.replace(template, **{key: getattr(template, key).replace("\n", "\n ") for key in fields})
+
+
 def spaced_template(tokenizer: Any) -> str | None:
     """The chat template for a tokenizer whose normalizer writes `▁` after every newline (the embedded default's),
     which no GGUF reader can do: the same kochat-trl template writing a space there instead, in its own text and
@@ -177,8 +183,7 @@ def spaced_template(tokenizer: Any) -> str | None:
     if name not in TEMPLATES:
         return None
     template = TEMPLATES[name]
-    fields = ("user_format", "generation_prompt", "preamble", "turn_separator", "answer_prefix")
-    spaced = dataclasses.replace(template, **{key: getattr(template, key).replace("\n", "\n ") for key in fields})
+    spaced = _newlines_spaced(template)
     text = spaced.chat_template(with_bos=tokenizer.chat_template == template.chat_template(True))
     for content in ("messages[0]['content']", "message['content']"):
         text = text.replace(content, f"({content} | replace('\\n', '\\n '))")
@@ -217,10 +222,7 @@ def ollama_modelfile(folder: Path, gguf_file: Path, spaced: bool = False) -> str
     if name in TEMPLATES:
         template = TEMPLATES[name]
         if spaced:  # as spaced_template; Go templates cannot rewrite a message's own newlines
-            fields = ("user_format", "generation_prompt", "preamble", "turn_separator", "answer_prefix")
-            template = dataclasses.replace(
-                template, **{key: getattr(template, key).replace("\n", "\n ") for key in fields}
-            )
+            template = _newlines_spaced(template)
             lines.insert(0, "# A newline inside a message is tokenized as kochat-trl does only in llama.cpp --jinja.")
         lines += [f'TEMPLATE """{_go_template(template, tokenizer.eos_token or "")}"""', ""]
     if tokenizer.eos_token:
