@@ -12,7 +12,11 @@ from kochat_trl.recipes import RECIPES
 def register(commands: argparse._SubParsersAction) -> None:
     """List the recipes in `kochat-trl --help`; their arguments are the recipe's TrlParser's (`kochat-trl sft -h`)."""
     for command, (_, what, _) in RECIPES.items():
-        commands.add_parser(command, help=f"{what}; --config FILE", add_help=False)
+        commands.add_parser(
+            command,
+            help=f"{what}; --config FILE [--launch ACCELERATE_CONFIG: check, then accelerate launch]",
+            add_help=False,
+        )
 
 
 def run(command: str, argv: Sequence[str]) -> int:

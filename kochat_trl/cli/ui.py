@@ -17,7 +17,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Serve a Gradio page over RUN (a `kochat-trl pipeline` output folder) with four tabs: Run "
         "(report.json numbers, stage curves, wall times, judge table), Compare (one prompt, every model's answer "
         "with its reward-model score and judge flags; API /compare), Chat (multi-turn with one model) and Data (the "
-        "first rows of each stage's data with the drop counts). Binds to 127.0.0.1 and shares nothing unless asked. "
+        "first rows of each stage's data with the drop counts). Binds to 127.0.0.1 and shares nothing unless asked; "
+        "every request is bounded (prompt 2,000 characters, 512 new tokens, 8 allow-listed generate options, "
+        "--queue-size waiting requests). "
         f"Needs the ui extra: {INSTALL_HINT}.",
     )
     parser.add_argument("--run", required=True, metavar="DIR", help="a pipeline run folder (e.g. runs/tiny)")
