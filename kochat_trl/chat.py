@@ -16,15 +16,31 @@ from kochat_trl.templates import Message
 CHAT_HELP = "commands: /reset (clear history), /strategy NAME (switch decoding), /exit"
 
 
-def _fit_history(generator: Generator, history: list[Message], max_new_tokens: int) -> str:
-    """The formatted conversation, dropping the oldest turns while it would overflow the context."""
+def fit_history(generator: Generator, history: list[Message], max_new_tokens: int) -> tuple[str, str | None]:
+    """The conversation formatted for the model, and a note when it had to be shortened (else None).
+
+    While the text and `max_new_tokens` would overflow the model's context, the oldest turn is dropped from
+    `history` (in place): a question with every answer to it, never part of one, and never the question being
+    asked. A leading system turn stays.
+    """
     limit = generator.context_limit()
+    dropped = 0
     while True:
         text = generator.format(history)
         too_long = limit is not None and len(generator.tokenizer(text)["input_ids"]) + max_new_tokens > limit
-        if not too_long or len(history) <= 1:
-            return text
-        del history[:2]  # the oldest user turn and its answer
+        start = 1 if history and history[0]["role"] == "system" else 0
+        users = [index for index, message in enumerate(history) if index >= start and message["role"] == "user"]
+        if not too_long or len(users) <= 1:
+            break
+        del history[start : users[1]]  # the oldest question and its answers
+        dropped += 1
+    if not dropped:
+        return text, None
+    turns = len([message for message in history if message["role"] == "user"])
+    return text, (
+        f"(the conversation outgrew the model's context of {limit} tokens with {max_new_tokens} to answer in: "
+        f"dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}; the model sees the last {turns})"
+    )
 
 
 def chat_loop(
@@ -78,7 +94,9 @@ def chat_loop(
                 say(f"unknown command {text.split()[0]!r}; {CHAT_HELP}")
             else:
                 history.append({"role": "user", "content": text})
-                prompt = _fit_history(generator, history, max_new_tokens)
+                prompt, note = fit_history(generator, history, max_new_tokens)
+                if note:
+                    say(note)
                 answer = generator.generate([prompt], strategy, overrides, max_new_tokens).answers[0]
                 history.append({"role": "assistant", "content": answer})
                 answers += 1

@@ -17,6 +17,9 @@ Per answer:
 - good: polite, on topic, faithful, not broken and no repeat (on topic and faithful count as passed for a
   prompt that names no topic of the table).
 
+In a conversation the last answer is judged against its own question, the last user turn (`judge_conversation`):
+an answer about an earlier question is off topic.
+
 Rates are reported for the prompts about topics SFT saw (and prompts naming no topic): those are the headline.
 Topics held out of SFT can never be answered faithfully by a model that never saw their sentences, so their
 answers are rated apart, under `unseen`, and are never a headline.
@@ -134,6 +137,14 @@ def judge_answer(prompt: str, answer: str, names: Sequence[str] | None = None) -
         repeats=repeats_bigram(answer),
         seen=None if topic is None else not topic.held_out,
     )
+
+
+def judge_conversation(messages: Sequence[dict[str, str]], names: Sequence[str] | None = None) -> AnswerJudgement:
+    """A conversation's last answer judged against its own question (the last user turn), not an earlier one."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a conversation to judge ends with an answer")
+    question = next((message["content"] for message in reversed(messages) if message["role"] == "user"), "")
+    return judge_answer(question, messages[-1]["content"], names)
 
 
 def _rates(judged: Sequence[AnswerJudgement]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The whole of RLHF in one command: SFT → reward model → PPO → merge → decoding comparison → report.
+"""The whole of RLHF in one command: SFT → reward model → PPO → merge → decoding comparison → held-out
+conversations → report.
 
 Each training stage runs its recipe (`kochat_trl.recipes.<stage>`) with the stage's YAML plus the paths that chain
 the stages: the recipe's own `main()` in this process (imports paid once), or, when a `launcher` is
@@ -38,6 +39,7 @@ from kochat_trl.outputs import (
 DEFAULT_CONFIG = bundled_config("tiny/pipeline.yaml")
 TRAINING_STAGES = ("sft", "rm", "ppo")  # also the `kochat-trl` commands that train them
 STATE_FILE = "pipeline_state.json"
+CONVERSATIONS_FILE = "conversations.json"  # the held-out multi-turn answers and rates (kochat_trl.conversations)
 
 
 @dataclass
@@ -203,6 +205,20 @@ def _decoding(run_dir: Path, config: PipelineConfig) -> str:
     return f"{len(result.results)} strategies on {len(result.prompts)} prompts in {run_dir / 'decoding.md'}"
 
 
+def _conversations(run_dir: Path, config: PipelineConfig) -> str:
+    from kochat_trl.conversations import evaluate_conversations
+
+    models = {"SFT": str(run_dir / "sft"), "PPO": str(run_dir / "merged" / "policy")}
+    result = evaluate_conversations(models, seed=config.seed)
+    write_json_atomic(result, run_dir / CONVERSATIONS_FILE)
+    sft, ppo = (result["models"][name]["rates"] for name in ("SFT", "PPO"))
+    return (
+        f"{len(result['questions'])} held-out conversations, the answer on its own question's topic at turn 2 "
+        f"{sft['turn_2']['on_topic_rate']:.2f} -> {ppo['turn_2']['on_topic_rate']:.2f}, turn 3 "
+        f"{sft['turn_3']['on_topic_rate']:.2f} -> {ppo['turn_3']['on_topic_rate']:.2f} (SFT -> PPO)"
+    )
+
+
 def run_pipeline(
     config_path: str | os.PathLike | None = None,
     output_dir: str | None = None,
@@ -258,7 +274,11 @@ def _continue_pipeline(config: PipelineConfig, run_dir: Path, verbose: bool) -> 
         started = time.perf_counter()
         compare_methods(run_dir, ["ppo", *config.methods], configs=Path(config.stages["ppo"]).parent, verbose=verbose)
         wall_time["methods"] = round(time.perf_counter() - started, 2)
-    for step, action in (("merge", lambda: _export(run_dir)), ("decoding", lambda: _decoding(run_dir, config))):
+    for step, action in (
+        ("merge", lambda: _export(run_dir)),
+        ("decoding", lambda: _decoding(run_dir, config)),
+        ("conversations", lambda: _conversations(run_dir, config)),
+    ):
         started = time.perf_counter()
         done = action()
         wall_time[step] = round(time.perf_counter() - started, 2)

@@ -27,6 +27,8 @@ def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
         },
         # The rule-based judge on the answers PPO's held-out reward is measured on (SFT policy, then PPO policy).
         "judge": {"sft": _judge_rates(ppo["judge_before"]), "ppo": _judge_rates(ppo["judge_after"])},
+        # The held-out multi-turn conversations, answered turn by turn (SFT policy, then PPO policy).
+        "conversations": _conversation_rates(read_json(run_dir / "conversations.json")),
         "methods": read_json(run_dir / "methods" / "methods.json"),
         "wall_time_s": wall_time,
         "output_dir": str(run_dir),
@@ -43,6 +45,12 @@ def _judge_rates(judged: dict[str, Any]) -> dict[str, Any]:
         "answers": judged.get("answers"),
         "unseen": None if unseen is None else {key: unseen[key] for key in (*JUDGE_KEYS, "answers")},
     }
+
+
+def _conversation_rates(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {name.lower(): model["rates"] for name, model in result["models"].items()}
 
 
 def _rate(value: float | None) -> str:
@@ -137,6 +145,20 @@ def render_report(report: dict[str, Any]) -> str:
         f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
         "",
     ]
+    conversations = read_json(Path(report["output_dir"]) / "conversations.json")
+    if conversations:
+        from kochat_trl.conversations import conversation_lines
+
+        lines += [
+            "## Conversations: held-out questions of 2 and 3 turns",
+            "",
+            f"{len(conversations['questions'])} held-out conversations about topics SFT saw, every question in a form "
+            "SFT never saw. Each model answers turn by turn, greedy, its own answers becoming the history; the judge "
+            "rates each answer against its own question (on topic: it names the asked topic, not an earlier one).",
+            "",
+            *conversation_lines(conversations),
+            "",
+        ]
     if ppo.get("curve"):
         lines += [
             "## Gold against proxy over PPO",

@@ -230,6 +230,11 @@ def prompt_ids(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
     return tokenizer.apply_chat_template(_conversation(prompt), tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
+def answered_text(tokenizer: Any, messages: list[Message]) -> str:
+    """A whole conversation (ending in an answer, and so in eos) as text."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False)
+
+
 def conversation_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
     """A whole conversation (ending in an answer, and so in eos) as token ids: what a reward model scores."""
     return tokenizer.apply_chat_template(list(messages), tokenize=True)["input_ids"]

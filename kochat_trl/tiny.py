@@ -23,8 +23,9 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 BYTE_TOKENS = [f"<0x{value:02X}>" for value in range(256)]  # ids 4..259: byte fallback
 SPACE = "\u2581"  # "▁", SentencePiece's word-start marker
 # A Korean particle (조사) closing a word is a token of its own: the topic is the same token whichever particle
-# a question or an answer puts after it (김치에 / 김치는 / 김치를 -> 김치 + particle).
-PARTICLE = r"(?<=[가-힣])(은|는|이|가|을|를|에|의|와|과|로|으로|도)(?=[.,?!]*$)"
+# a question or an answer puts after it (김치에 / 김치는 / 김치를 -> 김치 + particle), a follow-up's 은요/는요
+# included (그럼 비빔밥은요? -> 비빔밥 + 은 + 요?).
+PARTICLE = r"(?<=[가-힣])((은|는|이|가|을|를|에|의|와|과|로|으로|도)(?=[.,?!]*$)|(은|는)(?=요[.?!]*$))"
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,21 @@ def tokenizer_training_texts(template_name: str) -> list[str]:
     special token is matched before BPE runs, so merges across it (`니다.</s>`) could never be used."""
     template = get_template(template_name)
     texts: list[str] = []
-    for name in ("sft", "rm", "ppo"):
+    for name in ("sft", "rm", "ppo", "conversations"):
         for record in json.loads(bundled_data_path(name).read_text(encoding="utf-8")):
-            question = user_turn(record["prompt"])
-            answers = [value for key, value in record.items() if key.startswith("completion")]
-            texts.extend(
-                template.format_messages(answered(question, answer), "", add_generation_prompt=False)
-                for answer in answers
-            )
-            if not answers:
-                texts.append(template.format_messages(question, ""))
+            if "messages" in record:  # an SFT conversation, answered
+                texts.append(template.format_messages(record["messages"], "", add_generation_prompt=False))
+                continue
+            # the held-out conversations' questions are prompts, like PPO's
+            for prompt in record.get("questions", []) or [record["prompt"]]:
+                question = user_turn(prompt)
+                answers = [value for key, value in record.items() if key.startswith("completion")]
+                texts.extend(
+                    template.format_messages(answered(question, answer), "", add_generation_prompt=False)
+                    for answer in answers
+                )
+                if not answers:
+                    texts.append(template.format_messages(question, ""))
     return texts
 
 

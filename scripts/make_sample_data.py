@@ -2,23 +2,28 @@
 
 The data is written for this project (nothing is copied from elsewhere) in KoChatGPT's file layouts:
 
-- sft.json: ``[{"prompt", "completion"}]``: demonstrations of mixed quality, as if by several writers (see
-  ``SFT_WRITERS``): half answer in polite, complete 합니다체; the others answer on topic and truthfully but in curt
-  반말. SFT imitates the mix; the preference stages have to pick out the polite part.
+- sft.json: ``[{"messages": [{"role", "content"}, ...]}]`` (TRL's conversational layout): single questions and
+  conversations of 2 or 3 turns, where each later question is about another topic, asked in full or as a follow-up
+  ("그럼 비빔밥은요?"), and each answer is about its own question. Demonstrations of mixed quality, as if by
+  several writers (see ``SFT_WRITERS``): half answer in polite, complete 합니다체; the others answer on topic and
+  truthfully but in curt 반말. SFT imitates the mix; the preference stages have to pick out the polite part.
 - rm.json: ``[{"prompt", "completion_0", "completion_1", "completion_2", "ranking"}]`` where
   ``ranking[i]`` is the rank of ``completion_i`` (0 = best).
 - ppo.json: ``[{"prompt"}]``.
 - topics.json: ``[{"name", "category", "held_out", "sentences", "curt_sentences"}]``: the topic table, which
   `kochat_trl.judge` reads to tell whether an answer names the asked topic (on topic) and whether every sentence of
   it is one the table says about that topic, in either register (faithful).
+- conversations.json: ``[{"questions": [...]}]``: the held-out multi-turn set, 2- and 3-turn conversations about
+  topics SFT saw, every question in a form SFT never saw; the model answers each turn itself, and the judge rates
+  each answer against its own question.
 
 It is compositional so that a tiny model trained on a CPU in seconds can learn it: a hand-written table
 of everyday topics, each with a short Korean name and two or three short, true sentences in polite
 합니다체, crossed with a handful of question forms. Particles (은/는, 이/가, 을/를, 이야/야) are chosen
 from the final consonant (batchim) of the word they attach to.
 
-Held out of SFT entirely: some question forms (``HELD_OUT_FORMS``) and about 15% of the topics (drawn
-per category), so PPO prompts include questions the policy has not been fine-tuned on.
+Held out of SFT entirely: some question forms (``HELD_OUT_FORMS``, ``HELD_OUT_FOLLOW_UPS``) and about 15% of the
+topics (drawn per category), so PPO prompts include questions the policy has not been fine-tuned on.
 
 Reward-model records rank three completions consistently, by tier:
 
@@ -31,7 +36,7 @@ model learns the style it ranks rather than the table's templates.
 
 Run from the repository root (stdlib only, deterministic for a given seed)::
 
-    python scripts/make_sample_data.py            # writes kochat_trl/resources/{sft,rm,ppo,topics}.json
+    python scripts/make_sample_data.py            # writes kochat_trl/resources/{sft,rm,ppo,topics,conversations}.json
     python scripts/make_sample_data.py --seed 0 --out-dir /tmp/sample
 """
 
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import unicodedata
 from pathlib import Path
 
@@ -618,6 +624,16 @@ FORMS: list[str] = [
     "{X}에 관해 무엇을 알고 있나요?",
 ]
 HELD_OUT_FORMS = (5, 6, 7)  # indices into FORMS never used for SFT
+# A later turn of a conversation asks about another topic, in full (a form above) or as a follow-up that leans on the
+# conversation ("그럼 비빔밥은요?"). Follow-ups never open a conversation.
+FOLLOW_UPS: list[str] = [
+    "그럼 {X}{은는}요?",
+    "{X}{은는} 어때요?",
+    "{X}도 알려 주세요.",
+    "그러면 {X}{은는}요?",
+    "{X}{은는} 어떤가요?",
+]
+HELD_OUT_FOLLOW_UPS = (3, 4)  # indices into FOLLOW_UPS never used for SFT
 SFT_FORMS_PER_TOPIC = 2  # of the 5 SFT forms, how many each SFT topic gets (each answered by every SFT writer)
 HELD_OUT_TOPIC_SHARE = 0.15
 RM_RECORDS_PER_TOPIC = 6
@@ -625,6 +641,11 @@ RM_RECORDS_PER_TOPIC = 6
 # and gave it to every question (on topic 0.99 -> 0.78 at lr 6e-4).
 OTHER_TOPIC_ANSWERS = 2
 PPO_PROMPTS_PER_TOPIC = 3
+# Multi-turn SFT: conversations of 2 or 3 turns (half each), one opening on every SFT topic, each answered by every
+# SFT writer, as the single questions are. Every answer is about its own question, never an earlier one.
+SFT_CONVERSATIONS_PER_TOPIC = 3
+# The held-out multi-turn set (conversations.json): topics SFT saw, every question in a form SFT never saw.
+HELD_OUT_CONVERSATIONS = {2: 30, 3: 30}  # turns: conversations
 MAX_ANSWER_CHARS = 90
 MAX_SENTENCE_CHARS = 32
 # Every SFT question is answered twice, as instruction data collected from several writers is: once in polite,
@@ -849,6 +870,41 @@ def question(topic: Topic, form: int) -> str:
     return fill(template, name)
 
 
+def follow_up(topic: Topic, form: int) -> str:
+    return fill(FOLLOW_UPS[form], topic[1])
+
+
+def later_question(topic: Topic, forms: list[int], follow_ups: list[int], rng: random.Random) -> str:
+    """A later turn's question: in full or as a follow-up, half each."""
+    if rng.random() < 0.5:
+        return follow_up(topic, rng.choice(follow_ups))
+    return question(topic, rng.choice(forms))
+
+
+def conversation_questions(
+    opener: Topic, turns: int, pool: list[Topic], forms: list[int], follow_ups: list[int], rng: random.Random
+) -> list[tuple[Topic, str]]:
+    """One conversation's topics and questions: `opener` first, then `turns - 1` other topics of `pool`, all
+    distinct."""
+    topics = [opener, *rng.sample([topic for topic in pool if topic[1] != opener[1]], turns - 1)]
+    questions = [question(opener, rng.choice(forms)), *(later_question(t, forms, follow_ups, rng) for t in topics[1:])]
+    return list(zip(topics, questions, strict=True))
+
+
+def answer_as(writer: str, topic: Topic, rng: random.Random) -> str:
+    answer = rng.choice(good_answers(topic))
+    return banmal(answer) if writer == "banmal" else answer
+
+
+def messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """(question, answer) turns as chat messages."""
+    return [
+        message
+        for question_text, answer in turns
+        for message in ({"role": "user", "content": question_text}, {"role": "assistant", "content": answer})
+    ]
+
+
 def first_sentence(topic: Topic) -> str:
     _, name, _, predicate, _, _ = topic
     return f"{name}{particles(name)['은는']} {predicate}"
@@ -970,13 +1026,32 @@ def build(seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
     for topic in TOPICS:
         if topic[1] in held_topics:
             continue
-        answers = good_answers(topic)
         for form in sorted(rng.sample(sft_forms, SFT_FORMS_PER_TOPIC)):
             for writer in SFT_WRITERS:
-                answer = rng.choice(answers)
-                completion = banmal(answer) if writer == "banmal" else answer
-                sft.append({"prompt": question(topic, form), "completion": completion})
+                sft.append({"messages": messages([(question(topic, form), answer_as(writer, topic, rng))])})
     rng.shuffle(sft)
+
+    # Conversations (their own generator: the single questions above are as before).
+    seen_topics = [topic for topic in TOPICS if topic[1] not in held_topics]
+    sft_follow_ups = [i for i in range(len(FOLLOW_UPS)) if i not in HELD_OUT_FOLLOW_UPS]
+    talk_rng = random.Random(f"{seed}:conversations")
+    conversations = []
+    for index, opener in enumerate(seen_topics * SFT_CONVERSATIONS_PER_TOPIC):
+        turns = conversation_questions(opener, 2 + index % 2, seen_topics, sft_forms, sft_follow_ups, talk_rng)
+        for writer in SFT_WRITERS:
+            answered_turns = [(text, answer_as(writer, topic, talk_rng)) for topic, text in turns]
+            conversations.append({"messages": messages(answered_turns)})
+    sft += conversations
+    talk_rng.shuffle(sft)
+
+    held_rng = random.Random(f"{seed}:held-out conversations")
+    held_out_conversations = []
+    for turns, count in HELD_OUT_CONVERSATIONS.items():
+        for opener in held_rng.sample(seen_topics, count):
+            questions = conversation_questions(
+                opener, turns, seen_topics, list(HELD_OUT_FORMS), list(HELD_OUT_FOLLOW_UPS), held_rng
+            )
+            held_out_conversations.append({"questions": [text for _, text in questions]})
 
     kinds, weights = zip(*THIRD_ANSWER_WEIGHT.items(), strict=True)
     rm = []
@@ -1010,6 +1085,9 @@ def build(seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
         "held_out_topics": sorted(held_topics, key=[t[1] for t in TOPICS].index),
         "held_out_forms": [FORMS[i] for i in HELD_OUT_FORMS],
         "sft_forms": [FORMS[i] for i in sft_forms],
+        "held_out_follow_ups": [FOLLOW_UPS[i] for i in HELD_OUT_FOLLOW_UPS],
+        "sft_follow_ups": [FOLLOW_UPS[i] for i in sft_follow_ups],
+        "conversations": held_out_conversations,
     }
     return sft, rm, ppo, info
 
@@ -1023,7 +1101,15 @@ def _check_text(text: str, where: str) -> None:
         raise AssertionError(f"{where}: empty, not NFC or not stripped: {text!r}")
 
 
-def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
+def _turns(row: dict) -> list[tuple[str, str]]:
+    """An SFT record's (question, answer) turns."""
+    roles = [message["role"] for message in row["messages"]]
+    assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, row
+    texts = [message["content"] for message in row["messages"]]
+    return list(zip(texts[::2], texts[1::2], strict=True))
+
+
+def check(sft: list[dict], rm: list[dict], ppo: list[dict], conversations: list[dict]) -> None:
     names = [t[1] for t in TOPICS]
     assert len(set(names)) == len(names), "duplicate topic names"
     for topic in TOPICS:
@@ -1033,21 +1119,28 @@ def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
         assert good_answers(topic), f"no answer short enough for {topic[1]}"
         for sentence in topic_sentences(topic)[1]:
             assert not sentence.endswith("니다.") and sentence.endswith("."), sentence
-    for stage, rows in (("sft", sft), ("rm", rm), ("ppo", ppo)):
-        seen = set()
+    flat_sft = [{"turn": n, "question": q, "answer": a} for row in sft for n, (q, a) in enumerate(_turns(row))]
+    for stage, rows in (("sft", flat_sft), ("rm", rm), ("ppo", ppo)):
         for n, row in enumerate(rows):
             for key, value in row.items():
-                if key != "ranking":
+                if key not in ("ranking", "turn"):
                     _check_text(value, f"{stage} record {n} {key}")
-            frozen = json.dumps(row, ensure_ascii=False, sort_keys=True)
-            assert frozen not in seen, f"{stage}: duplicate record {row}"
-            seen.add(frozen)
-    assert len({r["prompt"] for r in sft}) * len(SFT_WRITERS) == len(sft), "sft: not every prompt once per writer"
+    for stage, rows in (("sft", sft), ("rm", rm), ("ppo", ppo), ("conversations", conversations)):
+        frozen = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows]
+        assert len(set(frozen)) == len(frozen), f"{stage}: duplicate records"
+    single = [_turns(row)[0] for row in sft if len(_turns(row)) == 1]
+    assert len({question for question, _ in single}) * len(SFT_WRITERS) == len(single), "sft: not once per writer"
     assert len({r["prompt"] for r in ppo}) == len(ppo), "ppo: prompts not distinct"
-    for row in sft:
-        assert len(row["completion"]) <= MAX_ANSWER_CHARS, row
-    polite = sum(row["completion"].endswith("니다.") for row in sft)
-    assert polite * len(SFT_WRITERS) == len(sft) * SFT_WRITERS.count("polite"), f"{polite} of {len(sft)} polite"
+    for row in flat_sft:
+        assert len(row["answer"]) <= MAX_ANSWER_CHARS, row
+        # Each answer is about its own question: it names the topic the question names, and no earlier one's.
+        assert row["answer"].startswith(asked_topic(row["question"])), row
+    polite = sum(row["answer"].endswith("니다.") for row in flat_sft)
+    assert polite * len(SFT_WRITERS) == len(flat_sft) * SFT_WRITERS.count("polite"), f"{polite} of {len(flat_sft)}"
+    lengths = [len(_turns(row)) for row in sft]
+    openers = len(single) // (SFT_FORMS_PER_TOPIC * len(SFT_WRITERS)) * SFT_CONVERSATIONS_PER_TOPIC
+    expected = {1: len(single), 2: (openers + 1) // 2 * len(SFT_WRITERS), 3: openers // 2 * len(SFT_WRITERS)}
+    assert {n: lengths.count(n) for n in expected} == expected and len(lengths) == sum(expected.values()), expected
     for row in rm:
         texts = [row[f"completion_{i}"] for i in range(len(row["ranking"]))]
         assert row["ranking"].count(0) == 1 and max(row["ranking"]) <= 2 and len(texts) == 2 + OTHER_TOPIC_ANSWERS, row
@@ -1055,6 +1148,25 @@ def check(sft: list[dict], rm: list[dict], ppo: list[dict]) -> None:
         assert texts[row["ranking"].index(0)].endswith("니다."), row
     best_positions = {row["ranking"].index(0) for row in rm}
     assert best_positions == set(range(2 + OTHER_TOPIC_ANSWERS)), "best answer is always in the same position"
+    sft_questions = {question for row in sft for question, _ in _turns(row)}
+    for row in conversations:
+        topics = [asked_topic(text) for text in row["questions"]]
+        assert len(set(topics)) == len(topics) and not any(text in sft_questions for text in row["questions"]), row
+        assert not set(topics) & held_topic_names(sft), row
+    lengths = [len(row["questions"]) for row in conversations]
+    assert {n: lengths.count(n) for n in HELD_OUT_CONVERSATIONS} == HELD_OUT_CONVERSATIONS, lengths
+
+
+def asked_topic(text: str) -> str:
+    """The topic a question names: the longest name at a word's start (떡볶이 before 떡, not 고래 inside 돌고래)."""
+    names = sorted((t[1] for t in TOPICS), key=len, reverse=True)
+    return next(name for name in names if re.search(rf"(?<![가-힣A-Za-z]){re.escape(name)}", text))
+
+
+def held_topic_names(sft: list[dict]) -> set[str]:
+    """The topics no SFT answer is about."""
+    answered = {asked_topic(question) for row in sft for question, _ in _turns(row)}
+    return {t[1] for t in TOPICS} - answered
 
 
 def write_json(path: Path, rows: list[dict]) -> None:
@@ -1073,7 +1185,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sft, rm, ppo, info = build(args.seed)
-    check(sft, rm, ppo)
+    check(sft, rm, ppo, info["conversations"])
     topics = [
         {
             "name": t[1],
@@ -1084,12 +1196,15 @@ def main(argv: list[str] | None = None) -> None:
         }
         for t in TOPICS
     ]
-    for name, rows in (("sft", sft), ("rm", rm), ("ppo", ppo), ("topics", topics)):
+    files = (("sft", sft), ("rm", rm), ("ppo", ppo), ("topics", topics), ("conversations", info["conversations"]))
+    for name, rows in files:
         write_json(args.out_dir / f"{name}.json", rows)
         print(f"{args.out_dir / (name + '.json')}: {len(rows)} records")
-    print(f"{len(TOPICS)} topics, {len(FORMS)} question forms")
-    print("SFT forms:", *info["sft_forms"], sep="\n  ")
-    print("held out of SFT, forms:", *info["held_out_forms"], sep="\n  ")
+    turns = [len(row["messages"]) // 2 for row in sft]
+    print("sft:", ", ".join(f"{turns.count(n)} of {n} turn{'s' if n > 1 else ''}" for n in sorted(set(turns))))
+    print(f"{len(TOPICS)} topics, {len(FORMS)} question forms, {len(FOLLOW_UPS)} follow-up forms")
+    print("SFT forms:", *info["sft_forms"], *info["sft_follow_ups"], sep="\n  ")
+    print("held out of SFT, forms:", *info["held_out_forms"], *info["held_out_follow_ups"], sep="\n  ")
     print("held out of SFT, topics:", ", ".join(info["held_out_topics"]))
 
 

@@ -288,13 +288,43 @@ def test_chat_keeps_history_switches_strategy_and_resets(generator):
 
 def test_chat_drops_oldest_turns_beyond_the_context(generator, monkeypatch):
     assert generator.context_limit() == 512  # the tiny Llama's max_position_embeddings
-    one_turn = len(generator.tokenizer(generator.format("세 번째 질문입니다"))["input_ids"])
-    limit = 2 * one_turn + 6  # room for about one earlier turn, never two
+    script = "첫 번째 질문입니다\n두 번째 질문입니다\n세 번째 질문입니다\n"
+    _, roomy, _ = scripted_chat(generator, script)
+    # One token short of the whole conversation at the third question: exactly the oldest turn has to go.
+    limit = len(generator.tokenizer(roomy[2][0])["input_ids"]) + 6 - 1
     monkeypatch.setattr(generator, "context_limit", lambda: limit)
-    count, seen, _ = scripted_chat(generator, "첫 번째 질문입니다\n두 번째 질문입니다\n세 번째 질문입니다\n")
-    assert count == 3
-    assert "첫 번째" not in seen[2][0] and seen[2][0].endswith(generator.format("세 번째 질문입니다"))
+    count, seen, out = scripted_chat(generator, script)
+    assert count == 3 and seen[:2] == roomy[:2]
     assert all(len(generator.tokenizer(prompt)["input_ids"]) + 6 <= limit for prompt, _ in seen)
+    # Whole turns go, oldest first: the model still sees the second question with its whole answer.
+    assert "첫 번째" not in seen[2][0] and roomy[2][0].endswith(seen[2][0].removeprefix(generator.tokenizer.bos_token))
+    assert seen[2][0].startswith("### Instruction(명령어):\n두 번째 질문입니다\n\n### Response(응답): ")
+    note = (
+        f"(the conversation outgrew the model's context of {limit} tokens with 6 to answer in: dropped the oldest 1 "
+        "turn; the model sees the last 2)"
+    )
+    lines = out.splitlines()
+    assert out.count("(the conversation outgrew") == 1 and lines[3] == f"> {note}", out
+
+
+def test_fit_history_never_cuts_a_turn_and_keeps_the_system_turn(generator, monkeypatch):
+    from kochat_trl.chat import fit_history
+
+    history = [
+        {"role": "system", "content": "친절하게 답하세요."},
+        {"role": "user", "content": "김치에 대해 알려 주세요."},
+        {"role": "assistant", "content": "김치는 한국의 발효 음식입니다."},
+        {"role": "assistant", "content": "오래 익히면 신맛이 강해집니다."},  # two answers to one question
+        {"role": "user", "content": "그럼 비빔밥은요?"},
+    ]
+    monkeypatch.setattr(generator, "context_limit", lambda: 10)  # not even the question fits
+    kept = list(history)
+    text, note = fit_history(generator, kept, 4)
+    assert kept == [history[0], history[4]] and text == generator.format(kept)  # the whole first turn went
+    assert note.endswith("dropped the oldest 1 turn; the model sees the last 1)")
+    monkeypatch.setattr(generator, "context_limit", lambda: 512)
+    kept = list(history)
+    assert fit_history(generator, kept, 4) == (generator.format(history), None) and kept == history
 
 
 def test_cli_generate_prints_the_greedy_answer(tiny_model_dir, generator, capsys):

@@ -135,3 +135,40 @@ def test_every_good_bundled_answer_passes_and_every_bad_one_fails_a_rule():
     # Before `faithful`, the rules missed polite answers that drift, splice or stop early (0.6 caught); now every
     # worse-ranked answer fails one.
     assert bad_caught == bad, (bad_caught, bad)
+
+
+def test_a_conversations_last_answer_is_judged_against_its_own_question():
+    """The multi-turn issue's failure: asked "그럼 비빔밥은요?" after 김치, the model answered about 김치 again."""
+    from kochat_trl.judge import judge_conversation
+
+    kimchi = "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다. 오래 익히면 신맛이 강해집니다."
+    bibimbap = "비빔밥은 밥에 나물과 고추장을 넣어 비벼 먹는 음식입니다. 여러 채소를 한 번에 먹을 수 있습니다."
+    opening = [{"role": "user", "content": "김치에 대해 알려 주세요."}, {"role": "assistant", "content": kimchi}]
+    follow_up = {"role": "user", "content": "그럼 비빔밥은요?"}
+    stuck = judge_conversation([*opening, follow_up, {"role": "assistant", "content": kimchi}])
+    assert (stuck.on_topic, stuck.faithful, stuck.good) == (False, False, False)
+    answered = judge_conversation([*opening, follow_up, {"role": "assistant", "content": bibimbap}])
+    assert (answered.on_topic, answered.faithful, answered.good) == (True, True, True)
+    half = judge_conversation([*opening, follow_up, {"role": "assistant", "content": "오래 익히면 신맛이 강해집니다."}])
+    assert (half.on_topic, half.faithful) == (False, False)  # the transcript's third answer: 김치's sentence alone
+    with pytest.raises(ValueError, match="ends with an answer"):
+        judge_conversation([*opening, follow_up])
+
+
+def test_the_held_out_conversations_are_new_questions_about_seen_topics():
+    """conversations.json: 30 conversations of 2 turns and 30 of 3, each turn a different topic SFT saw, asked in a
+    form no SFT question uses; per-turn rates count each answer against its own question."""
+    from kochat_trl.conversations import held_out_conversations, turn_rates
+    from kochat_trl.judge import asked_topic, topic_table
+
+    conversations = held_out_conversations()
+    assert sorted(len(questions) for questions in conversations) == [2] * 30 + [3] * 30
+    sft = json.loads(bundled_data_path("sft").read_text(encoding="utf-8"))
+    sft_questions = {message["content"] for row in sft for message in row["messages"] if message["role"] == "user"}
+    for questions in conversations:
+        topics = [asked_topic(question) for question in questions]
+        assert len(set(topics)) == len(topics) and not any(topic_table()[name].held_out for name in topics)
+        assert not sft_questions & set(questions)
+    two = [["김치에 대해 설명해 주시겠어요?", "그러면 비빔밥은요?"]]
+    rates = turn_rates(two, [[GOOD, GOOD]])  # the second answer is about the first question
+    assert (rates["turn_1"]["on_topic_rate"], rates["turn_2"]["on_topic_rate"], rates["last"]["answers"]) == (1, 0, 1)

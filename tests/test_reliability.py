@@ -898,10 +898,13 @@ def test_sft_ctrl_c_twice_stops_at_once_without_finishing_the_step(tmp_path, tin
 
 def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, tiny_model_dir, capfd):
 
+    from transformers import AutoTokenizer
+
     from kochat_trl.training_data import sft_dataset
 
-    split = {seed: sft_dataset("bundled:sft", 0.1, seed, 160)["eval"]["prompt"] for seed in (42, 7)}
-    assert split[42] == sft_dataset("bundled:sft", 0.1, 42, 160)["eval"]["prompt"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    split = {seed: sft_dataset("bundled:sft", tokenizer, 0.1, seed, 160)["eval"]["messages"] for seed in (42, 7)}
+    assert split[42] == sft_dataset("bundled:sft", tokenizer, 0.1, 42, 160)["eval"]["messages"]
     assert split[42] != split[7] and len(split[42]) == 16
 
     secret = "hf_kochatSECRETtoken123"

@@ -17,7 +17,11 @@ TIES = 1062  # tied pairs among the 3,600 of the bundled rankings (scripts/make_
 
 def test_bundled_data_sizes_and_layouts():
     sft, rm, ppo = (load_stage_data(f"bundled:{stage}", stage) for stage in ("sft", "rm", "ppo"))
-    assert (sft.layout, sft.kept, sft.dropped) == ("sft", 340, {"empty": 0, "duplicate": 0, "tie": 0})
+    assert (sft.layout, sft.kept, sft.dropped) == ("messages", 850, {"empty": 0, "duplicate": 0, "tie": 0})
+    # 340 single questions (85 topics SFT sees x 2 forms x 2 writers) and 255 conversations (3 opening on each of
+    # those topics) of 2 and 3 turns, each answered by both writers.
+    turns = [len(row["messages"]) // 2 for row in sft.rows]
+    assert (turns.count(1), turns.count(2), turns.count(3)) == (340, 256, 254)
     # 4 ranked completions -> C(4, 2) pairs each, minus the tied pairs: the two other topics' answers and a third
     # answer that is also wrong in content (drifting, spliced, repeated, truncated, a fragment) share a rank.
     assert (rm.layout, rm.read, rm.candidates, rm.dropped["tie"], rm.kept) == ("rm", 600, 3600, TIES, 3600 - TIES)
@@ -26,10 +30,13 @@ def test_bundled_data_sizes_and_layouts():
     assert all(record["ranking"].count(0) == 1 and set(record["ranking"]) <= {0, 1, 2} for record in records)
     best = [record[f"completion_{record['ranking'].index(0)}"] for record in records]
     assert all(answer.endswith("니다.") for answer in best)  # best answers are polite and complete
-    # The demonstrations are mixed on purpose: half polite, half the same facts in 반말 (two of four per topic).
-    polite = [row for row in sft.rows if row["completion"].endswith("니다.")]
-    curt = [row for row in sft.rows if row not in polite]
-    assert len(polite) == len(curt) == 170 and not any("니다" in row["completion"] for row in curt)
+    # The demonstrations are mixed on purpose: half polite, half the same facts in 반말 (each question, and each
+    # conversation, is answered by both writers), and a conversation keeps its writer's register.
+    registers = [{message["content"].endswith("니다.") for message in row["messages"][1::2]} for row in sft.rows]
+    assert all(len(register) == 1 for register in registers)
+    assert registers.count({True}) == registers.count({False}) == 425
+    curt = [row for row, register in zip(sft.rows, registers, strict=True) if register == {False}]
+    assert not any("니다" in message["content"] for row in curt for message in row["messages"][1::2])
 
 
 def test_init_tiny_is_deterministic_and_loads_by_path(tmp_path, tiny_model_dir):

@@ -70,7 +70,7 @@ def test_a_finished_run_lists_its_models_curves_and_times(run, pipeline_run):
         "rm training curves",
         "ppo training curves",
     ]
-    assert list(run.wall_times()) == ["sft", "rm", "ppo", "merge", "decoding"]
+    assert list(run.wall_times()) == ["sft", "rm", "ppo", "merge", "decoding", "conversations"]
     with pytest.raises(KochatError, match=r"no model 'dpo'; this run has base, sft, ppo"):
         run.model("dpo")
 
@@ -104,7 +104,7 @@ def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
     assert (rm.source, rm.layout, rm.read, rm.candidates, rm.kept) == ("bundled:rm", "rm", 600, 3600, 2538)
     assert rm.dropped == {"empty": 0, "duplicate": 0, "tie": 1062}
     assert list(rm.rows[0]) == ["prompt", "chosen", "rejected"] and len(rm.rows) == 3
-    assert (datasets["sft"].kept, datasets["ppo"].kept) == (340, 300)
+    assert (datasets["sft"].kept, datasets["ppo"].kept) == (850, 300)
     text = views.datasets_markdown(list(datasets.values()))
     assert (
         "layout rm: read 600 records, 3600 candidate pairs; kept 2538; dropped 1062 (empty 0, duplicate 0, tie 1062)"
@@ -202,18 +202,13 @@ def test_compare_answers_with_every_model_scores_and_judges_loading_each_once(ru
     results = compare(cache, PROMPT)
     assert [item["model"] for item in results] == MODELS
     assert all(set(item) == {"model", "answer", "reward", "judge"} for item in results)
-    sft = results[1]
+    sft, ppo = results[1], results[2]
     assert sft["answer"].startswith("김치는") and sft["judge"] == flags(judge_answer(PROMPT, sft["answer"]))
-    assert sft["judge"] == {
-        "broken": False,
-        "hangul_share": 1.0,
-        "polite": True,
-        "on_topic": True,
-        "faithful": True,
-        "repeats": False,
-        "seen": True,
-        "good": True,
-    }
+    # SFT's register is a coin toss (measured: 반말 here); PPO's answer is what the best writer would write.
+    expected = {"broken": False, "hangul_share": 1.0, "on_topic": True, "faithful": True, "repeats": False}
+    expected["seen"] = True
+    assert {key: sft["judge"][key] for key in expected} == expected
+    assert ppo["judge"] == {**expected, "polite": True, "good": True}, ppo
     model, tokenizer = _load_reward(str(run.reward_model))
     for item in results:  # the reward model's own score of the (prompt, answer) chat, as any client computes it
         assert abs(item["reward"] - plain_reward(model, tokenizer, PROMPT, item["answer"])) < 1e-5
@@ -230,18 +225,28 @@ def test_compare_answers_with_every_model_scores_and_judges_loading_each_once(ru
 
 def test_chat_is_multi_turn_formatted_by_the_chat_template(cache):
     generator = cache.generator("sft")
-    turns, given = chat_reply(cache, "sft", [], PROMPT)
+    turns, given, note = chat_reply(cache, "sft", [], PROMPT)
+    assert note is None
     assert given == generator.format(PROMPT) == f"### Instruction(명령어):\n{PROMPT}\n\n### Response(응답):"
     assert turns == [
         {"role": "user", "content": PROMPT},
         {"role": "assistant", "content": compare(cache, PROMPT, models=["sft"])[0]["answer"]},
     ]
-    turns, given = chat_reply(cache, "sft", turns, "서울을 소개해 주세요.")
+    turns, given, note = chat_reply(cache, "sft", turns, "서울을 소개해 주세요.")
     assert len(turns) == 4 and turns[2] == {"role": "user", "content": "서울을 소개해 주세요."}
     assert given == generator.tokenizer.apply_chat_template(turns[:3], tokenize=False, add_generation_prompt=True)
     assert given.startswith(f"### Instruction(명령어):\n{PROMPT}\n\n### Response(응답): {turns[1]['content']}")
     with pytest.raises(KochatError, match=f"^{EMPTY_MESSAGE}$"):
         chat_reply(cache, "sft", turns, " ")
+    # Past the context the oldest whole turn is left out of what the model sees, and the page says so; the page
+    # itself keeps every turn.
+    question = {"role": "user", "content": "부산이 궁금합니다."}
+    limit = len(generator.tokenizer(generator.format([*turns[2:], question]))["input_ids"]) + 64  # 64: max_new_tokens
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generator, "context_limit", lambda: limit)
+        longer, given, note = chat_reply(cache, "sft", turns, "부산이 궁금합니다.")
+    assert longer[:4] == turns and given.startswith("### Instruction(명령어):\n서울을 소개해 주세요.")
+    assert note.endswith("dropped the oldest 1 turn; the model sees the last 2)")
 
 
 def test_generate_options_parse_like_gen_flags():

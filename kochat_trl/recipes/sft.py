@@ -1,7 +1,7 @@
-"""Stage 1 of RLHF: supervised fine-tuning (SFT) of a Korean causal LM on prompt/answer pairs.
+"""Stage 1 of RLHF: supervised fine-tuning (SFT) of a Korean causal LM on questions and conversations.
 
-Loss is on the answer only (prompt tokens are labelled -100) and every answer ends with eos, so
-the model learns where to stop. LoRA and 8-bit/4-bit loading come from the model config.
+Loss is on every answer of a conversation (questions and markers are labelled -100) and every answer ends with
+eos, so the model learns where to stop. LoRA and 8-bit/4-bit loading come from the model config.
 
     kochat-trl sft --config tiny/sft.yaml
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m kochat_trl.recipes.sft \
@@ -22,8 +22,12 @@ def main(script_args, training_args, model_args):
     tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
         dataset = sft_dataset(
-            script_args.dataset_name, script_args.eval_fraction, training_args.seed, script_args.max_samples
+            script_args.dataset_name, tokenizer, script_args.eval_fraction, training_args.seed, script_args.max_samples
         )
+    # The rows come tokenized with their answers' mask, which TRL applies only with completion_only_loss: unset, it
+    # would guess "not prompt-completion data" and train on the questions too.
+    if training_args.completion_only_loss is None:
+        training_args.completion_only_loss = True
     model = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
 
     trainer = SFTTrainer(

@@ -174,8 +174,10 @@ def _chat_tab(page: RunPage, tab: gr.Tab) -> gr.Dropdown:
     ) -> tuple:
         if not name:
             raise KochatError("This run has no model to chat with yet.")
-        turns, given = chat_reply(page.cache, name, turns, text, strategy, parse_options(options), max_new_tokens, seed)
-        return "", turns, turns, given, ""
+        turns, given, note = chat_reply(
+            page.cache, name, turns, text, strategy, parse_options(options), max_new_tokens, seed
+        )
+        return "", turns, turns, given, note or ""
 
     def failed(text: str) -> tuple:
         return gr.update(), gr.update(), gr.update(), gr.update(), f"**{text}**"

@@ -134,10 +134,11 @@ def chat_reply(
     overrides: dict[str, Any] | None = None,
     max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS,
     seed: int | None = DEFAULT_SEED,
-) -> tuple[list[Message], str]:
-    """The conversation with `message` and the model's answer appended, and the exact text the model was given
-    (the conversation rendered by its chat template, oldest turns dropped while it would overflow the context)."""
-    from kochat_trl.chat import _fit_history
+) -> tuple[list[Message], str, str | None]:
+    """The conversation with `message` and the model's answer appended, the exact text the model was given (the
+    conversation rendered by its chat template, oldest turns dropped while it would overflow the context) and a
+    note saying what was dropped (None when nothing was)."""
+    from kochat_trl.chat import fit_history
 
     message = check_text(message or "", "message")
     if not message:
@@ -148,9 +149,9 @@ def chat_reply(
     turns.append({"role": "user", "content": message})
     with cache.generation_lock:
         generator = cache.generator(model)
-        text = _fit_history(generator, list(turns), max_new_tokens)  # a copy: the page keeps every turn
+        text, note = fit_history(generator, list(turns), max_new_tokens)  # a copy: the page keeps every turn
         answer = generator.generate([text], strategy, overrides, max_new_tokens, seed).answers[0]
-    return [*turns, {"role": "assistant", "content": answer}], text
+    return [*turns, {"role": "assistant", "content": answer}], text, note
 
 
 def template_info(cache: ModelCache, model: str) -> tuple[str, str]:
