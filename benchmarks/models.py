@@ -93,11 +93,12 @@ def stage_rows(stage: str, config: dict[str, Any], model_dir: Path) -> dict[str,
     from kochat_trl.training_data import prompt_dataset, reward_dataset, sft_dataset
 
     split = (config.get("eval_fraction", 0.1), config.get("seed", 42), config.get("max_samples"))
-    if stage == "ppo":
-        tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(model_dir)), "left", config.get("template"))
-        dataset = prompt_dataset(config["dataset_name"], tokenizer, *split)
-    else:  # conversations: the trainers render them with the model folder's chat template
-        dataset = {"sft": sft_dataset, "rm": reward_dataset}[stage](config["dataset_name"], *split)
+    if stage in ("ppo", "sft"):  # token ids rendered by the model folder's chat template (SFT: with the answer mask)
+        side = "left" if stage == "ppo" else "right"
+        tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(model_dir)), side, config.get("template"))
+        dataset = {"sft": sft_dataset, "ppo": prompt_dataset}[stage](config["dataset_name"], tokenizer, *split)
+    else:  # conversations: the trainer renders them with the model folder's chat template
+        dataset = reward_dataset(config["dataset_name"], *split)
     splits = {name: split.to_list() for name, split in dataset.items()}
     if stage == "ppo":  # PPOTrainer takes token ids only; the recipe scores the first eval_prompts held-out rows
         splits["eval"] = splits.get("eval", [])[: config.get("eval_prompts", 64)]

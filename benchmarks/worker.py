@@ -390,15 +390,15 @@ def kochatgpt_sft(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=_dtype(spec))
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
-        # KoChatGPT's SFT_dataset: source + target + eos (the chat template writes the eos), the source masked out
-        # of the loss with -100.
-        source = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-        encoded = tokenizer(text, max_length=pad_to, truncation=True, padding="max_length", add_special_tokens=False)
-        prompt_length = len(tokenizer(source, add_special_tokens=False)["input_ids"])
-        pairs = enumerate(zip(encoded["input_ids"], encoded["attention_mask"], strict=True))
-        encoded["labels"] = [token if index >= prompt_length and mask else -100 for index, (token, mask) in pairs]
-        return encoded
+        # KoChatGPT's SFT_dataset: the conversation as the chat template renders it (each answer ends in eos), padded
+        # to a fixed length, everything but the answers masked out of the loss with -100.
+        ids, mask = row["input_ids"][:pad_to], row["completion_mask"][:pad_to]
+        padding = pad_to - len(ids)
+        return {
+            "input_ids": ids + [tokenizer.pad_token_id] * padding,
+            "attention_mask": [1] * len(ids) + [0] * padding,
+            "labels": [token if learned else -100 for token, learned in zip(ids, mask, strict=True)] + [-100] * padding,
+        }
 
     rows = _rows(spec)
     train = rows.map(encode, remove_columns=rows.column_names)
