@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
+from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.cli import main
@@ -107,3 +110,13 @@ def test_init_tiny_cli_refuses_non_empty_dir(tmp_path, capsys):
     assert main(["init-tiny", str(target), "--overwrite"]) == 0
     assert (target / "model.safetensors").is_file() and not (target / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
+
+
+def test_the_sample_data_generator_rebuilds_the_bundled_files_byte_for_byte(tmp_path):
+    """scripts/make_sample_data.py (the rules) on scripts/topic_table.jsonl (the topics): deterministic, and what
+    ships in kochat_trl/resources is exactly what it writes."""
+    command = [sys.executable, str(REPO / "scripts" / "make_sample_data.py"), "--out-dir", str(tmp_path)]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "sft: 340 of 1 turn, 256 of 2 turns, 254 of 3 turns" in printed
+    for name in ("sft", "rm", "ppo", "topics", "conversations"):
+        assert (tmp_path / f"{name}.json").read_bytes() == bundled_data_path(name).read_bytes(), name
