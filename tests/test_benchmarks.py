@@ -43,6 +43,7 @@ def test_bench_pipeline_prints_every_stage_and_the_start_up(tmp_path):
         "ppo",
         "merge",
         "decoding",
+        "conversations",
         "start-up (imports, base)",
         "total (process)",
     }

@@ -196,6 +196,6 @@ def test_launch_trains_two_processes_as_one_group(tmp_path, tiny_model_dir):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((output / "log_history.json").read_text())
-    # 306 training rows, 32 per process: 2 processes take 64 a step, 5 steps an epoch; 1 process would be at 0.2.
-    assert history[-1]["epoch"] == pytest.approx(0.4)
+    # 765 training rows, 32 per process: 2 processes take 64 a step, 12 steps an epoch; 1 process would be at 2/24.
+    assert history[-1]["epoch"] == pytest.approx(2 / 12)
     assert json.loads((output / "metrics.json").read_text())["global_step"] == 2

@@ -407,7 +407,8 @@ def test_critic_free_reward_through_the_shared_base_logs_what_a_separate_reward_
     assert len(shared) == len(separate) == 6
     for mine, theirs in zip(shared, separate, strict=True):
         for key in CRITIC_FREE_LOGGED:
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (mine["step"], key)
+            # the same numbers up to summation order: measured within 1.1e-5 relative (RLOO's grad_norm, near 30)
+            assert mine[key] == pytest.approx(theirs[key], rel=3e-5, abs=1e-5), (mine["step"], key)
     assert shared_metrics["reward_after"] == pytest.approx(separate_metrics["reward_after"], abs=1e-5)
     assert shared_metrics["params"]["shared_base"] is True
     assert shared_metrics["params"]["reward"] == 69632 + 128  # adapter + head (the separate model: 590,592)
