@@ -1,4 +1,4 @@
-"""Every benchmark the README cites runs at its smallest size, so a config change cannot break one unseen.
+"""Every benchmark docs/performance.md cites runs at its smallest size, so a config change cannot break one unseen.
 
 Smoke runs, not measurements: one repeat, no waiting for a quiet machine, results written to a scratch folder (never
 over benchmarks/results). The slow tier: each takes from half a minute to a few minutes.
