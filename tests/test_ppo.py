@@ -61,11 +61,11 @@ def test_ppo_turns_banmal_into_hamnida_without_buying_reward_with_worse_answers(
     assert before["answers"] == after["answers"] == 848 and before["unseen"]["answers"] == 112
     gain, error = metrics["judge_flips"]["good_gain"], metrics["judge_flips"]["good_gain_se"]
     assert gain == pytest.approx(after["good_rate"] - before["good_rate"])
-    # Measured (seed 42, 2-core AMD EPYC): good 0.467 -> 0.748 (+0.28, 13 standard errors), polite 0.478 -> 0.787,
-    # on topic 0.995 -> 0.987, faithful 0.962 -> 0.941, repeats 0.006 -> 0.008. PPO seeds 1-4 on the same SFT and RM:
-    # +0.25, +0.16, +0.16, +0.20, each over 7 standard errors. The demo issue's bar, good >= 0.80 and polite >= 0.90,
-    # is not reached (the notes and ppo.yaml say why). The margins are wide: the previous config's good rate landed
-    # 0.1 apart on two machines (0.785 and 0.683).
+    # Measured (seed 42, 2-core AMD EPYC): good 0.479 -> 0.771 (+0.29, 15 standard errors), polite 0.480 -> 0.798,
+    # on topic 0.999 -> 1.000, faithful 0.988 -> 0.961, repeats 0.002 -> 0.011. Before the SFT data had conversations:
+    # 0.467 -> 0.748, and PPO seeds 1-4 on that SFT and RM gave +0.25, +0.16, +0.16, +0.20, each over 7 standard
+    # errors. The demo issue's bar, good >= 0.80 and polite >= 0.90, is not reached (the notes and ppo.yaml say why).
+    # The margins are wide: the previous config's good rate landed 0.1 apart on two machines (0.785 and 0.683).
     assert gain > 8 * error and gain > 0.2 and 0.25 <= before["good_rate"] <= 0.75, (before, after, error)
     assert after["good_rate"] >= 0.65, (before, after)
     assert 0.25 <= before["polite_rate"] <= 0.75 and after["polite_rate"] >= 0.7, (before, after)
