@@ -41,7 +41,7 @@ def launch(command: str, argv: Sequence[str] | None = None) -> None:
     """Parse `argv` (default: the command line) and run the recipe, as its script's `__main__` does."""
     import sys
 
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     module = recipe_module(command)
     run_recipe(module.make_parser, module.main, recipe_arguments(command, sys.argv[1:] if argv is None else argv))
