@@ -331,19 +331,20 @@ def test_ppo_under_zero_loses_no_held_out_reward(engine_run, engine):
 
 @pytest.mark.parametrize(("setting", "value"), [("save_strategy", "steps"), ("resume_from_checkpoint", "last")])
 def test_ppo_checkpoints_under_deepspeed_are_refused_in_one_line(monkeypatch, setting, value):
+    from kochat_trl.config.rl_checks import check_ppo_checkpoints
     from kochat_trl.errors import ConfigError
-    from kochat_trl.run.engines import check_ppo_checkpoints
+    from kochat_trl.run.engines import requested_engine
 
     args = SimpleNamespace(save_strategy="no", resume_from_checkpoint=None)
     setattr(args, setting, value)
-    check_ppo_checkpoints(args)  # no launcher: nothing to refuse
+    check_ppo_checkpoints(args, requested_engine())  # no launcher: nothing to refuse
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(
         ConfigError,
         match=rf"^PPO under DeepSpeed cannot checkpoint or resume \({setting} is set\); "
         r"set save_strategy: no .*accelerate_configs/multi_gpu.yaml",
     ):
-        check_ppo_checkpoints(args)
+        check_ppo_checkpoints(args, requested_engine())
 
 
 @pytest.mark.parametrize(("configured", "used"), [("auto", 0.0), (0.5, 0.5)])

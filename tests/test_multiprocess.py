@@ -325,13 +325,13 @@ def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, 
     ],
 )
 def test_parameter_sharding_reads_the_launcher(monkeypatch, environment, fsdp_argument, expected):
-    from kochat_trl.config.checks import parameter_sharding
+    from kochat_trl.run.engines import parameter_sharding, requested_engine
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    assert parameter_sharding(SimpleNamespace(fsdp=fsdp_argument)) == expected
+    assert parameter_sharding(SimpleNamespace(fsdp=fsdp_argument), requested_engine()) == expected
 
 
 # PPO with 2 processes. TRL's PPOTrainer runs its own loop (not Trainer.train), so this recorder wraps

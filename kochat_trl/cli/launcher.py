@@ -2,8 +2,8 @@
 `accelerate launch`.
 
 Launched directly, a mistake is found by every process at once: one error line per machine, then torchrun's own
-40-line report of the failed processes, exit 1. Here the recipe's own checks (`runs.check_recipe`: the recipe's
-main() up to the point where it would load a model) run first, under the engine the accelerate config asks for,
+40-line report of the failed processes, exit 1. Here the recipe's own checks (`recipes.steps.check_recipe`: the
+recipe's main() up to the point where it would load a model) run first, under the engine the accelerate config asks for,
 so a mistake is one line and exit 2 at any scale, and nothing is spawned. Only then does this process become
 `accelerate launch --config_file … -m kochat_trl.recipes.<stage> …` (exec: its exit code is the launch's).
 """

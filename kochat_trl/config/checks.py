@@ -1,8 +1,8 @@
 """The checks every recipe runs before it loads a model: one rule per `_verify_*` function, one-line errors.
 
 Numeric ranges were checked on the user's values before parsing (`kochat_trl.config.ranges`); what is left needs the
-parsed dataclasses, the filesystem, a model's config.json or the data. The PPO-only rules are in
-`kochat_trl.config.rl_checks`.
+parsed dataclasses, the filesystem, a model's config.json or the data. `kochat_trl.config.plan` runs these groups in
+order and adds the RL stages' rules (`kochat_trl.config.rl_checks`).
 """
 
 from __future__ import annotations
@@ -18,28 +18,63 @@ from kochat_trl.errors import ConfigError, DataError
 from kochat_trl.run.outputs import METRICS_FILE, stage_finished
 
 
-def validate_run(kochat_args: KochatArguments, training_args: Any, model_args: Any, stage: str | None = None) -> None:
-    """Every check that needs no model weights: settings, paths, output_dir, context lengths and, when
-    `stage` (sft, rm or ppo) is given, the data read in that stage's layout. One-line `KochatError`s."""
+def check_settings(kochat_args: KochatArguments, training_args: Any, model_args: Any, sharding: str | None) -> None:
+    """The settings on their own and against the launch (`sharding`: the engine's parameter sharding, or None)."""
     _verify_template(kochat_args)
     _verify_one_quantization(model_args)
     _verify_not_overwrite_and_resume(kochat_args, training_args)
-    _verify_sharding_without_quantization(training_args, model_args)
+    _verify_sharding_without_quantization(sharding, model_args)
     _verify_processes_joined(training_args)
-    _verify_fsdp_has_gpus(training_args)
+    _verify_fsdp_has_gpus(training_args, sharding)
     _verify_model_named(model_args)
-    _verify_output_dir(kochat_args, training_args)
+
+
+def check_output_dir(kochat_args: KochatArguments, training_args: Any) -> str | None:
+    """output_dir can be written, and is empty unless resumed or overwritten; returns the checkpoint to resume from
+    (resume_from_checkpoint resolved: a path, or the newest complete checkpoint for true/last), or None."""
+    from kochat_trl.run.resume import resume_checkpoint
+
+    # Every process checks (same filesystem), so a refusal never leaves the others waiting at a barrier.
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{output_dir}: output_dir exists and is not a folder; choose another output_dir")
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint is not None and stage_finished(output_dir):
+        raise ConfigError(
+            f"{output_dir}: the stage already finished ({METRICS_FILE} exists); nothing to resume. "
+            "Pass --overwrite true instead of --resume_from_checkpoint to train it again"
+        )
+    if output_dir.is_dir() and any(output_dir.iterdir()) and checkpoint is None and not kochat_args.overwrite:
+        raise ConfigError(
+            f"{output_dir}: output_dir is not empty; pass --overwrite true to replace it, "
+            "or --resume_from_checkpoint last to continue"
+        )
+    existing = next(parent for parent in (output_dir, *output_dir.absolute().parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{output_dir}: cannot write under {existing}; choose a writable output_dir")
+    return checkpoint
+
+
+def check_model(kochat_args: KochatArguments, training_args: Any, model_args: Any) -> int | None:
+    """The model path and what trains on it fit the settings; returns the model's context length (None: unknown)."""
     check_model_path("model_name_or_path", model_args.model_name_or_path, kochat_args.init_tiny)
     _verify_lora_trains_on_a_full_model(model_args)
     context = model_context_length(model_args.model_name_or_path)
     _verify_max_length_fits(training_args, model_args, context)
-    if stage is None:
-        return
-    rows = _verify_data_splits(kochat_args, stage)
-    if stage == "ppo":
-        from kochat_trl.config.rl_checks import validate_rl
+    return context
 
-        validate_rl(kochat_args, training_args, model_args, rows, context)
+
+def check_data(kochat_args: KochatArguments, stage: str) -> list[dict[str, Any]]:
+    """The stage's rows (read in its layout, which checks every record), at least two when some are held out."""
+    from kochat_trl.data.layouts import load_stage_data
+
+    rows = load_stage_data(kochat_args.dataset_name, stage).rows[: kochat_args.max_samples]
+    if kochat_args.eval_fraction > 0 and len(rows) < 2:
+        raise DataError(
+            f"{kochat_args.dataset_name}: {len(rows)} usable row(s) cannot be split into train and eval; "
+            "add data or set eval_fraction: 0"
+        )
+    return rows
 
 
 def _verify_template(kochat_args: KochatArguments) -> None:
@@ -65,8 +100,7 @@ def _verify_not_overwrite_and_resume(kochat_args: KochatArguments, training_args
         )
 
 
-def _verify_sharding_without_quantization(training_args: Any, model_args: Any) -> None:
-    sharding = parameter_sharding(training_args)
+def _verify_sharding_without_quantization(sharding: str | None, model_args: Any) -> None:
     if sharding and (model_args.load_in_8bit or model_args.load_in_4bit):
         # Caught here because the libraries' own errors name neither flag: ZeRO-3 fails in from_pretrained with
         # "DeepSpeed Zero-3 is not compatible with passing a `device_map`" (k-bit loads one whole model per GPU);
@@ -88,13 +122,13 @@ def _verify_processes_joined(training_args: Any) -> None:
         )
 
 
-def _verify_fsdp_has_gpus(training_args: Any) -> None:
+def _verify_fsdp_has_gpus(training_args: Any, sharding: str | None) -> None:
     import torch
 
     from kochat_trl.run.engines import FSDP_NEEDS_GPUS
 
     gpu = not getattr(training_args, "use_cpu", False) and torch.cuda.is_available()
-    if parameter_sharding(training_args) == "FSDP" and not gpu:
+    if sharding == "FSDP" and not gpu:
         raise ConfigError(FSDP_NEEDS_GPUS)
 
 
@@ -110,36 +144,13 @@ def _verify_lora_trains_on_a_full_model(model_args: Any) -> None:
     base = adapter_base(path) if path and model_args.use_peft else None
     if base is None:
         return
-    # The adapter would be trained on `path` merged into `base` (modeling._from_pretrained), but PEFT records
+    # The adapter would be trained on `path` merged into `base` (models.loading._from_pretrained), but PEFT records
     # `base` alone, so a later merge (kochat-trl merge, the pipeline's merged/) would build a different model.
     raise ConfigError(
         f"{path} is a LoRA adapter folder: a new LoRA adapter trained on it would name {base} as its base and "
         f"merge into the wrong model; merge it first (kochat-trl merge --adapter {path} -o {path}-merged) and set "
         f"model_name_or_path: {path}-merged, or set use_peft: false"
     )
-
-
-def _verify_output_dir(kochat_args: KochatArguments, training_args: Any) -> None:
-    from kochat_trl.run.resume import resume_checkpoint
-
-    # Every process checks (same filesystem), so a refusal never leaves the others waiting at a barrier.
-    output_dir = Path(training_args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"{output_dir}: output_dir exists and is not a folder; choose another output_dir")
-    resuming = resume_checkpoint(training_args) is not None
-    if resuming and stage_finished(output_dir):
-        raise ConfigError(
-            f"{output_dir}: the stage already finished ({METRICS_FILE} exists); nothing to resume. "
-            "Pass --overwrite true instead of --resume_from_checkpoint to train it again"
-        )
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not resuming and not kochat_args.overwrite:
-        raise ConfigError(
-            f"{output_dir}: output_dir is not empty; pass --overwrite true to replace it, "
-            "or --resume_from_checkpoint last to continue"
-        )
-    existing = next(parent for parent in (output_dir, *output_dir.absolute().parents) if parent.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{output_dir}: cannot write under {existing}; choose a writable output_dir")
 
 
 def _verify_max_length_fits(training_args: Any, model_args: Any, context: int | None) -> None:
@@ -149,31 +160,6 @@ def _verify_max_length_fits(training_args: Any, model_args: Any, context: int | 
             f"max_length {max_length} exceeds the context of {model_args.model_name_or_path} "
             f"({context} positions in config.json); set max_length <= {context}"
         )
-
-
-def _verify_data_splits(kochat_args: KochatArguments, stage: str) -> list[dict[str, Any]]:
-    """The stage's rows (read in its layout, which checks every record), at least two when some are held out."""
-    from kochat_trl.data.layouts import load_stage_data
-
-    rows = load_stage_data(kochat_args.dataset_name, stage).rows[: kochat_args.max_samples]
-    if kochat_args.eval_fraction > 0 and len(rows) < 2:
-        raise DataError(
-            f"{kochat_args.dataset_name}: {len(rows)} usable row(s) cannot be split into train and eval; "
-            "add data or set eval_fraction: 0"
-        )
-    return rows
-
-
-def parameter_sharding(training_args: Any) -> str | None:
-    """The launcher's parameter sharding across processes ("FSDP" or "DeepSpeed ZeRO-3"), or None."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    from kochat_trl.run.engines import requested_engine
-
-    if requested_engine() == "FSDP" or getattr(training_args, "fsdp", None):
-        return "FSDP"
-    zero3_launch = requested_engine() == "DEEPSPEED" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    return "DeepSpeed ZeRO-3" if zero3_launch or is_deepspeed_zero3_enabled() else None
 
 
 def check_model_path(name: str, path: str | None, will_build: bool = False) -> None:

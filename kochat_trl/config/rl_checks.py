@@ -11,16 +11,20 @@ from kochat_trl.errors import ConfigError, DataError
 
 
 def validate_rl(
-    kochat_args: Any, training_args: Any, model_args: Any, rows: list[dict[str, Any]], context: int | None
+    kochat_args: Any,
+    training_args: Any,
+    model_args: Any,
+    rows: list[dict[str, Any]],
+    context: int | None,
+    engine: str | None,
 ) -> None:
-    """PPO's, RLOO's and GRPO's rules on top of `kochat_trl.config.checks.validate_run`; `rows` are the prompts."""
+    """PPO's, RLOO's and GRPO's rules on top of `kochat_trl.config.checks`; `rows` are the prompts, `context` the
+    policy's context length, `engine` the launcher's engine (`kochat_trl.run.engines.requested_engine`)."""
     from kochat_trl.config.shared_base_checks import check_settings as check_shared_base
 
     _verify_held_out_prompts(kochat_args)
     if hasattr(training_args, "num_mini_batches"):  # TRL's PPOConfig (not RLOO/GRPO's configs)
-        from kochat_trl.run.engines import check_ppo_checkpoints
-
-        check_ppo_checkpoints(training_args)
+        check_ppo_checkpoints(training_args, engine)
         _verify_minibatches_divide_the_batch(training_args)
         _verify_whitening_has_enough_rollouts(training_args)
         _verify_one_stop_token(training_args)
@@ -28,7 +32,21 @@ def validate_rl(
         check_model_path("reward_model_path", training_args.reward_model_path)
         check_model_path("value_model_path", getattr(kochat_args, "value_model_path", None))
         _verify_prompt_and_response_fit(kochat_args, training_args, model_args, rows, context)
-    check_shared_base(kochat_args, training_args, model_args)
+    check_shared_base(kochat_args, training_args, model_args, engine)
+
+
+def check_ppo_checkpoints(training_args: Any, engine: str | None) -> None:
+    """PPO under DeepSpeed trains and saves its result, but cannot checkpoint: TRL 1.12's PPOTrainer leaves
+    the optimizer to DeepSpeed's own checkpoint format, which our resume does not read, and the value model
+    would be written from its ZeRO-3 shards. Refused before anything loads, with the configs that do work."""
+    saving = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    if engine == "DEEPSPEED" and (saving or training_args.resume_from_checkpoint):
+        what = "resume_from_checkpoint" if training_args.resume_from_checkpoint else "save_strategy"
+        raise ConfigError(
+            f"PPO under DeepSpeed cannot checkpoint or resume ({what} is set); set save_strategy: "
+            "no to train without checkpoints, or launch with accelerate_configs/multi_gpu.yaml (DDP) "
+            "to checkpoint and resume"
+        )
 
 
 def _verify_held_out_prompts(kochat_args: Any) -> None:

@@ -10,9 +10,9 @@ from kochat_trl.errors import ConfigError
 from kochat_trl.models.shared_base import ADAPTER_CONFIG
 
 
-def check_settings(script_args: Any, training_args: Any, model_args: Any) -> None:
+def check_settings(script_args: Any, training_args: Any, model_args: Any, engine: str | None) -> None:
     """shared_base: true needs LoRA, stage 2 as a LoRA adapter trained on this very SFT model, no separate value
-    model, and DDP (or one process)."""
+    model, and DDP or one process (`engine`: the launcher's, `kochat_trl.run.engines.requested_engine`)."""
     if not getattr(script_args, "shared_base", False):
         return
     # PPOConfig holds the reward model's path; the RLOO/GRPO recipe's own arguments do.
@@ -21,7 +21,7 @@ def check_settings(script_args: Any, training_args: Any, model_args: Any) -> Non
     _verify_reward_adapter(reward_path)
     _verify_same_base(reward_path, model_args.model_name_or_path)
     _verify_no_value_model_path(script_args)
-    _verify_engine()
+    _verify_engine(engine)
 
 
 def _verify_lora(model_args: Any) -> None:
@@ -72,10 +72,7 @@ def _verify_no_value_model_path(script_args: Any) -> None:
         )
 
 
-def _verify_engine() -> None:
-    from kochat_trl.run.engines import requested_engine
-
-    engine = requested_engine()
+def _verify_engine(engine: str | None) -> None:
     if engine:
         raise ConfigError(
             f"shared_base: true runs under DDP or one process, not {engine} (the reward and value "

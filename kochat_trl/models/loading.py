@@ -2,8 +2,8 @@
 
 Thin on purpose: trl's `ModelConfig` describes the model, `trl.get_quantization_config` and
 `trl.get_peft_config` build the bitsandbytes/LoRA configs, peft prepares k-bit models. This module
-adds what Korean checkpoints and a single 24 GB GPU need on top: LoRA targets per architecture,
-special-token fixes (kogpt2, polyglot-ko, pad == eos) and a guard against a bitsandbytes CPU trap.
+adds what Korean checkpoints and a single 24 GB GPU need on top: special-token fixes (kogpt2, polyglot-ko,
+pad == eos) and a guard against a bitsandbytes CPU trap; LoRA targets per architecture are in `models.lora`.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def _model_path(model_args: ModelConfig) -> str:
 
 
 def _trust_remote_code(model_args: ModelConfig) -> bool:
-    # trl 1.x moved trust_remote_code from ModelConfig to the trainer configs; runs.parse_recipe_args copies
-    # the trainer config's value onto model_args.
+    # trl 1.x moved trust_remote_code from ModelConfig to the trainer configs; config.parsing.parse_recipe_args
+    # copies the trainer config's value onto model_args.
     return bool(getattr(model_args, "trust_remote_code", False))
 
 

@@ -56,7 +56,9 @@ def main(script_args, training_args, model_args):
 
     preference.check_settings(script_args.trainer, script_args, training_args)
     checks.check_model_path("reward_model_path", script_args.reward_model_path)
-    steps.prepare_run(script_args, training_args, model_args, stage="rm")  # the ranking data, read as the RM reads it
+    plan = steps.prepare_run(
+        script_args, training_args, model_args, stage="rm"
+    )  # the ranking data, read as the RM reads it
     tokenizer = loading.load_tokenizer(model_args, template=script_args.template)
     dataset = preference.preference_dataset(
         script_args.trainer,
@@ -103,7 +105,7 @@ def main(script_args, training_args, model_args):
         callbacks=steps.training_callbacks(),
     )
     progress.attach_progress(trainer, script_args.trainer, ["loss", "rewards/margins"], script_args.verbose)
-    resume.train(trainer, resume.resume_checkpoint(training_args))
+    resume.train(trainer, plan.resume_from)
     held_out_pairs = trainer.evaluate() if "eval" in dataset else {}
     trainer.save_model(training_args.output_dir)
 

@@ -45,9 +45,9 @@ def main(script_args, training_args, model_args):
     from kochat_trl.recipes import steps
     from kochat_trl.rl import ppo
     from kochat_trl.rl.models import load_ppo_models, parameter_counts
-    from kochat_trl.run import console, progress, resume
+    from kochat_trl.run import console, progress
 
-    steps.prepare_run(script_args, training_args, model_args, stage="ppo")
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="ppo")
     tokenizer = loading.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
@@ -85,7 +85,7 @@ def main(script_args, training_args, model_args):
     # Gold (the judge) and proxy (the reward model) at points through training, on a reduced held-out set.
     curve = overoptimization.attach_curve(trainer, evaluation, script_args, lambda: ppo.policy_and_reference(trainer))
     progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
-    ppo.train_ppo(trainer, resume_from_checkpoint=resume.resume_checkpoint(training_args))
+    ppo.train_ppo(trainer, resume_from_checkpoint=plan.resume_from)
     trainer.save_model(training_args.output_dir)
     ppo.save_value_model(trainer, f"{training_args.output_dir}/value")
 

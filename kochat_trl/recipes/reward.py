@@ -22,7 +22,7 @@ def main(script_args, training_args, model_args):
     from kochat_trl.recipes import steps
     from kochat_trl.run import console, progress, resume
 
-    steps.prepare_run(script_args, training_args, model_args, stage="rm")
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="rm")
     tokenizer = loading.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
         dataset = reward_dataset(
@@ -40,7 +40,7 @@ def main(script_args, training_args, model_args):
         callbacks=steps.training_callbacks(),
     )
     progress.attach_progress(trainer, "rm", ["loss", "eval_accuracy"], script_args.verbose)
-    resume.train(trainer, resume.resume_checkpoint(training_args))
+    resume.train(trainer, plan.resume_from)
     trainer.save_model(training_args.output_dir)
 
     # Scored the way PPO will score: formatted prompt + answer + eos, on every held-out pair.

@@ -57,7 +57,7 @@ def main(script_args, training_args, model_args):
 
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder")
-    steps.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
     tokenizer = loading.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
@@ -98,7 +98,7 @@ def main(script_args, training_args, model_args):
         trainer, evaluation, script_args, lambda: trained_and_reference(trainer, sft_copy)
     )
     progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
-    resume.train(trainer, resume.resume_checkpoint(training_args))
+    resume.train(trainer, plan.resume_from)
     trainer.save_model(training_args.output_dir)
 
     trained, reference, reference_ctx = trained_and_reference(trainer, sft_copy)

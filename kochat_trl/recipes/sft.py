@@ -20,7 +20,7 @@ def main(script_args, training_args, model_args):
     from kochat_trl.recipes import steps
     from kochat_trl.run import console, progress, resume
 
-    steps.prepare_run(script_args, training_args, model_args, stage="sft")
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="sft")
     tokenizer = loading.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
         dataset = sft_dataset(
@@ -42,7 +42,7 @@ def main(script_args, training_args, model_args):
         callbacks=steps.training_callbacks(),
     )
     progress.attach_progress(trainer, "sft", ["loss", "eval_loss"], script_args.verbose)
-    checkpoint = resume.resume_checkpoint(training_args)
+    checkpoint = plan.resume_from
     # The step-0 eval loss is the baseline the fall is measured against. It runs inside train():
     # a trainer.evaluate() before train() prepares the model for evaluation only, and train() then
     # skips the DDP wrapper, so ranks would silently never average their gradients.

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kochat_trl.config.arguments import KochatArguments
-from kochat_trl.config.checks import validate_run
 from kochat_trl.config.parsing import parse_recipe_args, verbose_requested
+from kochat_trl.config.plan import RunPlan, check_run
 from kochat_trl.errors import EXIT_USER_ERROR, KochatError, print_error_line
 from kochat_trl.run.disk import writing_to
 from kochat_trl.run.outputs import METRICS_FILE, remove_tree, write_json_atomic, write_text_atomic
@@ -91,15 +91,13 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: Any, stage: str | None = None) -> None:
-    """Validate everything (`validate_run`), then build the tiny model if asked and clear output_dir for
-    --overwrite: nothing is loaded, deleted or written before every check passed."""
+def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: Any, stage: str | None = None) -> RunPlan:
+    """Check everything into the run's plan (`check_run`), then build the tiny model if asked and clear output_dir
+    for --overwrite: nothing is loaded, deleted or written before every check passed. Returns the plan."""
     from accelerate import PartialState
     from transformers import set_seed
 
-    from kochat_trl.run.resume import resume_checkpoint
-
-    validate_run(kochat_args, training_args, model_args, stage)
+    plan = check_run(kochat_args, training_args, model_args, stage)
     if _CHECK_ONLY.get():
         raise _ChecksPassed
     if getattr(training_args, "ddp_find_unused_parameters", False) is None:
@@ -107,20 +105,19 @@ def prepare_run(kochat_args: KochatArguments, training_args: Any, model_args: An
         # stages; the Trainer's default for a PEFT model or one without checkpointing, True, costs a traversal of
         # the autograd graph per step and a warning from every rank. A value the user set is kept.
         training_args.ddp_find_unused_parameters = False
-    resuming = resume_checkpoint(training_args) is not None
-    output_dir = Path(training_args.output_dir)
     # Seed before any model is built: a new reward/value head is drawn from the global generator
     # when the model loads, before the Trainer seeds anything (same seed -> same run).
     set_seed(training_args.seed)
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
-            if output_dir.is_dir() and not resuming and kochat_args.overwrite:
-                remove_tree(output_dir)
+            if plan.output_dir.is_dir() and plan.resume_from is None and kochat_args.overwrite:
+                remove_tree(plan.output_dir)
             if kochat_args.init_tiny:
                 from kochat_trl.models.tiny import ensure_tiny
 
                 ensure_tiny(model_args.model_name_or_path, seed=training_args.seed)
+    return plan
 
 
 def training_callbacks() -> list[Any]:

@@ -1,4 +1,4 @@
-"""Direct preference optimisation from ranked answers: TRL's DPO and KTO trainers, and ORPO (via kochat_trl.rl).
+"""Direct preference optimisation from ranked answers: TRL's DPO and KTO trainers, and ORPO (kochat_trl.rl.orpo).
 
 The same ranking data as the reward model (kochat_trl.data.layouts's rm layout: every ordered pair of a ranking, ties
 skipped) feeds DPO and ORPO as conversational preference pairs; KTO takes it unpaired: an answer that is

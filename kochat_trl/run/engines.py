@@ -25,6 +25,17 @@ def requested_engine() -> str | None:
     return None
 
 
+def parameter_sharding(training_args: Any, engine: str | None) -> str | None:
+    """How the run shards parameters across processes ("FSDP" or "DeepSpeed ZeRO-3"), or None: from the launcher's
+    `engine` (`requested_engine()`), a `--fsdp` setting, or a DeepSpeed config transformers already read."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if engine == "FSDP" or getattr(training_args, "fsdp", None):
+        return "FSDP"
+    zero3_launch = engine == "DEEPSPEED" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return "DeepSpeed ZeRO-3" if zero3_launch or is_deepspeed_zero3_enabled() else None
+
+
 # accelerate 1.15 reads ACCELERATE_USE_FSDP only for GPU-like process groups (AcceleratorState): CPU processes stay
 # MULTI_CPU and train as plain DDP, and fsdp_cpu_ram_efficient_loading leaves every rank but 0 with meta weights
 # (a new reward head then fails: "Cannot copy out of meta tensor").
@@ -151,19 +162,3 @@ class DeepSpeedPPOFixes:
         if self.args.should_save:
             self.processing_class.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
-
-
-def check_ppo_checkpoints(training_args: Any) -> None:
-    """PPO under DeepSpeed trains and saves its result, but cannot checkpoint: TRL 1.12's PPOTrainer leaves
-    the optimizer to DeepSpeed's own checkpoint format, which our resume does not read, and the value model
-    would be written from its ZeRO-3 shards. Refused before anything loads, with the configs that do work."""
-    from kochat_trl.errors import ConfigError
-
-    saving = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
-    if requested_engine() == "DEEPSPEED" and (saving or training_args.resume_from_checkpoint):
-        what = "resume_from_checkpoint" if training_args.resume_from_checkpoint else "save_strategy"
-        raise ConfigError(
-            f"PPO under DeepSpeed cannot checkpoint or resume ({what} is set); set save_strategy: "
-            "no to train without checkpoints, or launch with accelerate_configs/multi_gpu.yaml (DDP) "
-            "to checkpoint and resume"
-        )
