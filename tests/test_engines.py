@@ -451,11 +451,11 @@ def test_fsdp_without_a_gpu_is_refused_in_one_line(monkeypatch):
     """What fsdp.yaml's launcher sets (the launched test above, in the engines tier, runs it for real)."""
     from kochat_trl.config.checks import _verify_fsdp_has_gpus
     from kochat_trl.errors import ConfigError
-    from kochat_trl.run.engines import FSDP_NEEDS_GPUS
+    from kochat_trl.run.engines import FSDP_NEEDS_GPUS, parameter_sharding, requested_engine
 
     args = SimpleNamespace(use_cpu=True, fsdp="")
-    _verify_fsdp_has_gpus(args)  # no launcher: nothing to refuse
+    _verify_fsdp_has_gpus(args, parameter_sharding(args, requested_engine()))  # no launcher: nothing to refuse
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError) as refused:
-        _verify_fsdp_has_gpus(args)
+        _verify_fsdp_has_gpus(args, parameter_sharding(args, requested_engine()))
     assert str(refused.value) == FSDP_NEEDS_GPUS and "\n" not in FSDP_NEEDS_GPUS

@@ -357,10 +357,11 @@ def test_impossible_shared_base_settings_are_one_line_errors(quick_lora_stages, 
 def test_shared_base_under_deepspeed_is_refused(monkeypatch):
     from kochat_trl.config.shared_base_checks import _verify_engine
     from kochat_trl.errors import ConfigError
+    from kochat_trl.run.engines import requested_engine
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="runs under DDP or one process, not DEEPSPEED"):
-        _verify_engine()
+        _verify_engine(requested_engine())
 
 
 CRITIC_FREE_RUN = [

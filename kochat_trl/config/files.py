@@ -8,11 +8,12 @@ any folder after a plain `pip install`.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 from kochat_trl.errors import ConfigError
 
-BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+BUNDLED_CONFIGS = Path(str(resources.files("kochat_trl") / "configs"))
 # How the bundled configs are named in a source checkout and in the docs.
 _BUNDLED_PREFIXES = ("recipes/configs/", "kochat_trl/configs/")
 
