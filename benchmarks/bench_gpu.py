@@ -4,7 +4,7 @@ Each model is built from its real config (`kochat_trl.fitcheck.presets.resolve_m
 on the GPU, saved once to the scratch folder, and trained by the real recipes (`kochat_trl/recipes/sft.py`, `reward.py`,
 `ppo.py`) on rows of exactly `--seq-len` tokens, so the measured `torch.cuda.max_memory_allocated` (peak over the
 training loop) is comparable with `kochat_trl.fitcheck.estimate.estimate(...).tensor_bytes` for the same settings; the
-table prints the estimate's error. Generation runs `kochat_trl.generation.Generator` (greedy, bf16 weights).
+table prints the estimate's error. Generation runs `kochat_trl.eval.generation.Generator` (greedy, bf16 weights).
 A run that does not fit is reported as OOM next to the estimate (the estimate should say it does not fit too).
 
     python benchmarks/bench_gpu.py --device cuda                                   # the whole matrix

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = models.model_folder(args.model, scratch / "models", args.device)
     from transformers import AutoConfig
 
-    from kochat_trl.modeling import lora_target_modules
+    from kochat_trl.models.lora import lora_target_modules
 
     config = base_config(args, model_dir)
     rows_path = scratch / "sft-rows.json"

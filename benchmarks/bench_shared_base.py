@@ -83,7 +83,8 @@ def reward_adapter(model_dir: Path, folder: Path) -> Path:
     from transformers import AutoModelForSequenceClassification
     from trl import ModelConfig
 
-    from kochat_trl.modeling import build_peft_config, load_tokenizer
+    from kochat_trl.models.loading import load_tokenizer
+    from kochat_trl.models.lora import build_peft_config
 
     tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(model_dir)), announce=False)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
@@ -141,7 +142,7 @@ def worker(mode: str, setup_path: Path, result_path: Path) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
     from kochat_trl.rl import ppo as rl_ppo
 
     torch.set_num_threads(setup["threads"])

@@ -141,13 +141,13 @@ def stage_config(stage: str, args: argparse.Namespace, model_dir: Path) -> dict[
 def build_variants(stage: str, args: argparse.Namespace, model_dir: Path, scratch: Path) -> list[harness.Variant]:
     from transformers import AutoConfig
 
-    from kochat_trl.modeling import lora_target_modules
+    from kochat_trl.models.lora import lora_target_modules
 
     base = {"stage": stage, "device": args.device, "threads": args.threads, "model_dir": str(model_dir), "warmup": 1}
     if stage == "generate":
         settings = PROFILES[args.profile]["generate"]
         template = harness.load_stage_config("ppo")["template"]
-        from kochat_trl.decoding_report import load_prompts
+        from kochat_trl.eval.decoding import load_prompts
 
         prompts = load_prompts("bundled:ppo")
         raw = [prompts[index % len(prompts)] for index in range(settings["prompts"])]

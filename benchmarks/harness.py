@@ -378,7 +378,7 @@ def scratch_dir(args: argparse.Namespace, name: str) -> Path:
 
 def finish(args: argparse.Namespace, scratch: Path, name: str, payload: dict[str, Any], markdown: str) -> Path:
     """Write the JSON (and the Markdown tables next to it), print where, tidy the scratch folder."""
-    from kochat_trl.outputs import write_json_atomic, write_text_atomic
+    from kochat_trl.run.outputs import write_json_atomic, write_text_atomic
 
     out = args.out or RESULTS_DIR / f"{name}.json"
     write_json_atomic(payload, out)

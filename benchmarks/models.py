@@ -1,6 +1,6 @@
 """Model folders and data the benchmarks run on.
 
-- `tiny`: the embedded default (`kochat_trl.tiny.init_tiny`).
+- `tiny`: the embedded default (`kochat_trl.models.tiny.init_tiny`).
 - `kogpt2-random` and the fit-check presets (`skt/kogpt2-base-v2`, `EleutherAI/polyglot-ko-1.3b`, `-5.8b`,
   `-12.8b`): the real architecture and sizes from `kochat_trl.fitcheck.presets.resolve_model_config`, randomly
   initialised (memory and speed do not depend on weight values) and saved with the embedded tokenizer, so
@@ -23,14 +23,14 @@ def model_folder(name: str, root: Path, device: str = "cpu") -> Path:
     """A loadable model folder for `name` under `root`, built once and reused (bf16 weights on CUDA)."""
     dtype = "bfloat16" if device == "cuda" else "float32"
     if name == "tiny":
-        from kochat_trl.tiny import ensure_tiny
+        from kochat_trl.models.tiny import ensure_tiny
 
         return ensure_tiny(root / "tiny-base", seed=0)
     return random_model(RANDOM_ALIASES.get(name, name), root, device, dtype)
 
 
 def _slug(preset: str) -> str:
-    # Folder names must not contain "kogpt2"/"polyglot-ko": kochat_trl.modeling.fix_tokenizer applies those
+    # Folder names must not contain "kogpt2"/"polyglot-ko": kochat_trl.models.loading.fix_tokenizer applies those
     # checkpoints' tokenizer quirks by name, and this folder holds the embedded tokenizer instead.
     return "random-" + preset.split("/")[-1].replace("kogpt2", "gpt2").replace("polyglot-ko", "gptneox")
 
@@ -40,10 +40,10 @@ def random_model(preset: str, root: Path, device: str = "cpu", dtype: str = "flo
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from kochat_trl.data.templates import install_template
     from kochat_trl.fitcheck.presets import resolve_model_config
-    from kochat_trl.outputs import atomic_output_dir
-    from kochat_trl.templates import install_template
-    from kochat_trl.tiny import TinyModelSpec, build_tokenizer
+    from kochat_trl.models.tiny import TinyModelSpec, build_tokenizer
+    from kochat_trl.run.outputs import atomic_output_dir
 
     folder = root / f"{_slug(preset)}-{dtype}"
     if (folder / MARKER).is_file():
@@ -89,8 +89,8 @@ def stage_rows(stage: str, config: dict[str, Any], model_dir: Path) -> dict[str,
     """The exact train (and eval) rows the recipe builds for `stage` from `config` (what bare scripts get)."""
     from trl import ModelConfig
 
-    from kochat_trl.modeling import load_tokenizer
-    from kochat_trl.training_data import prompt_dataset, reward_dataset, sft_dataset
+    from kochat_trl.data.stages import prompt_dataset, reward_dataset, sft_dataset
+    from kochat_trl.models.loading import load_tokenizer
 
     split = (config.get("eval_fraction", 0.1), config.get("seed", 42), config.get("max_samples"))
     if stage in ("ppo", "sft"):  # token ids rendered by the model folder's chat template (SFT: with the answer mask)
@@ -110,8 +110,8 @@ def generation_texts(count: int, model_dir: Path) -> list[str]:
     """`count` bundled prompts rendered by the model folder's chat template (the pipeline's decoding prompts)."""
     from transformers import AutoTokenizer
 
-    from kochat_trl.decoding_report import load_prompts
-    from kochat_trl.templates import prompt_text
+    from kochat_trl.data.templates import prompt_text
+    from kochat_trl.eval.decoding import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_prompts("bundled:ppo")
@@ -154,7 +154,7 @@ def fixed_length_records(stage: str, model_dir: Path, template: str, seq_len: in
 
     from transformers import AutoTokenizer
 
-    from kochat_trl.templates import answered, conversation_ids, install_template, prompt_ids
+    from kochat_trl.data.templates import answered, conversation_ids, install_template, prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     install_template(tokenizer, template)

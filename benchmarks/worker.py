@@ -1,7 +1,7 @@
 """One measured run in a fresh process: `python benchmarks/worker.py SPEC.json RESULT.json`.
 
 Roles: `ours` runs the real recipe (`kochat_trl/recipes/<stage>.py` main, imported like tests/conftest.py does) or
-`kochat_trl.generation.Generator`; `bare` is the minimal TRL script a user would write with the same model,
+`kochat_trl.eval.generation.Generator`; `bare` is the minimal TRL script a user would write with the same model,
 rows and settings; `kochatgpt` is the KoChatGPT-style SFT (plain `transformers.Trainer`, full fine-tune,
 every row padded to 512). A `TrainerCallback` appended to transformers' DEFAULT_CALLBACKS times every
 optimizer step of whichever trainer runs (SFT, reward, PPO alike), so all roles are measured the same way.
@@ -72,7 +72,7 @@ class Recorder:
 
     def loop_start(self, model: Any = None) -> None:
         if model is not None and self.trainable is None:
-            from kochat_trl.modeling import trainable_parameter_share
+            from kochat_trl.models.loading import trainable_parameter_share
 
             self.trainable = trainable_parameter_share(model)
         if self.device == "cuda":
@@ -192,8 +192,8 @@ def load_recipe(name: str) -> Any:
 def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
-    import kochat_trl.modeling  # noqa: F401  (what the recipe imports first; counted as import time)
-    from kochat_trl.parsing import parse_recipe_args
+    import kochat_trl.models.loading  # noqa: F401  (what the recipe imports first; counted as import time)
+    from kochat_trl.config.parsing import parse_recipe_args
 
     recipe = load_recipe(RECIPE_OF_STAGE[spec["stage"]])
     parser = recipe.make_parser()  # imports the TRL trainer config (and kochat_trl.rl for PPO)
@@ -205,8 +205,8 @@ def ours_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def ours_generate(spec: dict[str, Any]) -> dict[str, Any]:
-    import kochat_trl.modeling  # noqa: F401  (trl, transformers: what Generator.load imports)
-    from kochat_trl.generation import Generator
+    import kochat_trl.models.loading  # noqa: F401  (trl, transformers: what Generator.load imports)
+    from kochat_trl.eval.generation import Generator
 
     RECORDER.mark("imported")
     generator = Generator.load(spec["model_dir"], template=spec["template"])

@@ -21,11 +21,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kochat_trl.config_files import bundled_config, resolve_config
-from kochat_trl.console import say
-from kochat_trl.disk import writing_to
+from kochat_trl.config.files import bundled_config, resolve_config
 from kochat_trl.errors import ConfigError, KochatError
-from kochat_trl.outputs import (
+from kochat_trl.run.console import say
+from kochat_trl.run.disk import writing_to
+from kochat_trl.run.outputs import (
     atomic_output_dir,
     check_output_dir,
     read_json,
@@ -39,7 +39,7 @@ from kochat_trl.outputs import (
 DEFAULT_CONFIG = bundled_config("tiny/pipeline.yaml")
 TRAINING_STAGES = ("sft", "rm", "ppo")  # also the `kochat-trl` commands that train them
 STATE_FILE = "pipeline_state.json"
-CONVERSATIONS_FILE = "conversations.json"  # the held-out multi-turn answers and rates (kochat_trl.conversations)
+CONVERSATIONS_FILE = "conversations.json"  # the held-out multi-turn answers and rates (kochat_trl.eval.conversations)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class PipelineConfig:
         missing = [stage for stage in TRAINING_STAGES if stage not in config.stages]
         if missing:
             raise ConfigError(f"{path}: stages needs a recipe config for {', '.join(missing)}")
-        from kochat_trl.methods import METHODS
+        from kochat_trl.eval.methods import METHODS
 
         unknown_methods = [name for name in config.methods if name not in METHODS or name == "ppo"]
         if unknown_methods:
@@ -150,7 +150,7 @@ def run_stage(
 
 def _run_in_process(stage: str, recipe: ModuleType, arguments: list[str], run_dir: Path) -> None:
     """The recipe's `main()` with its parsed arguments, as `kochat-trl <stage> ...` would call it."""
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
 
     try:
         with writing_to(run_dir / stage):
@@ -173,8 +173,8 @@ def _invalidate_after(stage: str, run_dir: Path, config: PipelineConfig) -> None
 
 def _export(run_dir: Path) -> str:
     """merged/policy and merged/reward: LoRA adapters merged into their bases, full models copied."""
-    from kochat_trl.export import merge_adapter
-    from kochat_trl.modeling import adapter_base
+    from kochat_trl.models.export import merge_adapter
+    from kochat_trl.models.loading import adapter_base
 
     merged = run_dir / "merged"
     exported = {}
@@ -192,7 +192,7 @@ def _export(run_dir: Path) -> str:
 
 
 def _decoding(run_dir: Path, config: PipelineConfig) -> str:
-    from kochat_trl.decoding_report import compare_decoding, default_prompts, render_markdown
+    from kochat_trl.eval.decoding import compare_decoding, default_prompts, render_markdown
 
     result = compare_decoding(
         str(run_dir / "merged" / "policy"),
@@ -206,7 +206,7 @@ def _decoding(run_dir: Path, config: PipelineConfig) -> str:
 
 
 def _conversations(run_dir: Path, config: PipelineConfig) -> str:
-    from kochat_trl.conversations import evaluate_conversations
+    from kochat_trl.eval.conversations import evaluate_conversations
 
     models = {"SFT": str(run_dir / "sft"), "PPO": str(run_dir / "merged" / "policy")}
     result = evaluate_conversations(models, seed=config.seed)
@@ -247,11 +247,11 @@ def _continue_pipeline(config: PipelineConfig, run_dir: Path, verbose: bool) -> 
 
     base = Path(config.base_model) if config.base_model else run_dir / "base"
     if config.base_model is None and not (base / "kochat_tiny.json").is_file():
-        from kochat_trl.tiny import ensure_tiny
+        from kochat_trl.models.tiny import ensure_tiny
 
         ensure_tiny(base, seed=config.seed)
         say(f"base: built the embedded tiny default in {base}")
-    from kochat_trl.resume import last_complete_checkpoint  # imports torch: only when a run starts
+    from kochat_trl.run.resume import last_complete_checkpoint  # imports torch: only when a run starts
 
     redo_after = False  # a redone stage invalidates everything built on it
     for stage in TRAINING_STAGES:
@@ -269,7 +269,7 @@ def _continue_pipeline(config: PipelineConfig, run_dir: Path, verbose: bool) -> 
         redo_after = True
         write_json_atomic(state, run_dir / STATE_FILE)
     if config.methods:
-        from kochat_trl.methods import compare_methods
+        from kochat_trl.eval.methods import compare_methods
 
         started = time.perf_counter()
         compare_methods(run_dir, ["ppo", *config.methods], configs=Path(config.stages["ppo"]).parent, verbose=verbose)
@@ -285,7 +285,7 @@ def _continue_pipeline(config: PipelineConfig, run_dir: Path, verbose: bool) -> 
         say(f"{step}: {done}")
     write_json_atomic(state, run_dir / STATE_FILE)
 
-    from kochat_trl.pipeline_report import build_report, render_report
+    from kochat_trl.eval.pipeline_report import build_report, render_report
 
     report = build_report(run_dir, wall_time)
     write_text_atomic(render_report(report), run_dir / "report.md")

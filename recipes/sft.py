@@ -1,7 +1,7 @@
 """`python recipes/sft.py --config …` in a checkout (or under accelerate launch): kochat_trl.recipes.sft."""
 
 from kochat_trl.recipes.sft import main, make_parser
-from kochat_trl.runs import run_recipe
+from kochat_trl.recipes.steps import run_recipe
 
 if __name__ == "__main__":
     run_recipe(make_parser, main)

@@ -11,7 +11,7 @@ The data is written for this project (nothing is copied from elsewhere) in KoCha
   ``ranking[i]`` is the rank of ``completion_i`` (0 = best).
 - ppo.json: ``[{"prompt"}]``.
 - topics.json: ``[{"name", "category", "held_out", "sentences", "curt_sentences"}]``: the topic table, which
-  `kochat_trl.judge` reads to tell whether an answer names the asked topic (on topic) and whether every sentence of
+  `kochat_trl.eval.judge` reads to tell whether an answer names the asked topic (on topic) and whether every sentence of
   it is one the table says about that topic, in either register (faithful).
 - conversations.json: ``[{"questions": [...]}]``: the held-out multi-turn set, 2- and 3-turn conversations about
   topics SFT saw, every question in a form SFT never saw; the model answers each turn itself, and the judge rates
@@ -178,7 +178,7 @@ TIER = {
 # question. With it in 1 of 12 records the tiny reward model scored the policy's off-topic answers as high as
 # its on-topic ones (6.29 vs 6.43), and PPO against it could not make answers more on topic. The third answer:
 # a reward model that never saw a repeated sentence or a sentence spliced from two topics rewarded both, and PPO
-# learned to repeat itself and to ramble (measured on the tiny default with kochat_trl.judge).
+# learned to repeat itself and to ramble (measured on the tiny default with kochat_trl.eval.judge).
 # The curt answer (the SFT writers' 반말 among them) is the third answer in about 40 % of the records: it is what the
 # reward model must teach PPO to leave. Fragments, single words and repeated words make it rank answers it never saw
 # (everyday questions outside the table, tests/data/rm_generalisation.json) by their style.

@@ -35,7 +35,7 @@ def shared_kochatgpt() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded default, built once per test session."""
-    from kochat_trl.tiny import init_tiny
+    from kochat_trl.models.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny") / "base", seed=0)
 
@@ -53,7 +53,7 @@ def load_recipe(name: str):
 
 def run_recipe(name: str, config: str, *overrides: str) -> dict:
     """Run a recipe in-process exactly as `python -m kochat_trl.recipes.NAME --config CONFIG ...` would."""
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
 
     module = load_recipe(name)
     argv = ["--config", str(TINY_CONFIGS / config), "--disable_tqdm", "true", *overrides]
@@ -64,7 +64,7 @@ def recipe_exit(name: str, config: Path, *arguments: str) -> int:
     """The exit code of the recipe's entry point (`python recipes/NAME.py --config CONFIG ...`) run in-process: what
     it prints goes to the test's capsys. Several child processes in the suite check the same path end to end, with
     the imports' own output (test_recipes.py's script test, the pipeline console test)."""
-    from kochat_trl.runs import run_recipe as recipe_entry
+    from kochat_trl.recipes.steps import run_recipe as recipe_entry
 
     module = load_recipe(name)
     with pytest.raises(SystemExit) as stopped:

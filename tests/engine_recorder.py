@@ -3,7 +3,7 @@
     python tests/engine_recorder.py RECIPE RECORD_DIR [recipe arguments...]
 
 After training (Trainer.train for SFT/RM/DPO/RLOO/GRPO, the PPO seam's train for PPO) each rank writes
-RECORD_DIR/rank{R}.json: the engine facts read from inside the process (`kochat_trl.engines.describe`: the
+RECORD_DIR/rank{R}.json: the engine facts read from inside the process (`kochat_trl.run.engines.describe`: the
 accelerator's distributed type, the ZeRO stage, this rank's share of the parameters and of the optimizer
 state), the wrapper type, the world size, the trainable parameter count, the metrics main() returned, and after
 every update the norms of the trained parameters (`norms`: PPO's policy and value model apart, ZeRO-3's shards
@@ -25,9 +25,9 @@ recipe_module = importlib.import_module(f"kochat_trl.recipes.{Path(recipe).stem}
 
 from transformers import Trainer, TrainerCallback, set_seed  # noqa: E402
 
-from kochat_trl import engines  # noqa: E402
+from kochat_trl.recipes.steps import run_recipe  # noqa: E402
 from kochat_trl.rl import ppo as rl_ppo  # noqa: E402
-from kochat_trl.runs import run_recipe  # noqa: E402
+from kochat_trl.run import engines  # noqa: E402
 
 seen: dict = {}
 

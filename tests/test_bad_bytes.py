@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_CONFIGS, recipe_exit
 
 from kochat_trl.cli import main as cli_main
-from kochat_trl.data_readers import MAX_TEXT_CHARS
+from kochat_trl.data.readers import MAX_TEXT_CHARS
 
 # The key a bad value goes into, per stage's layout (SFT prompt/completion, RM ranking, PPO prompts).
 KEY = {"sft": "completion", "rm": "completion_1", "ppo": "prompt"}
@@ -187,16 +187,16 @@ class ModelLoaded(Exception):
 @pytest.fixture
 def no_model_loads(monkeypatch, tmp_path_factory) -> Path:
     """No tokenizer or model loads (none could: the model folder is empty); the folder to name as the model."""
-    from kochat_trl import modeling
+    from kochat_trl.models import loading
     from kochat_trl.rl import models
 
     def refuse(*args, **kwargs):
         raise ModelLoaded
 
     for module, name in [
-        (modeling, "load_tokenizer"),
-        (modeling, "load_causal_lm"),
-        (modeling, "load_reward_model"),
+        (loading, "load_tokenizer"),
+        (loading, "load_causal_lm"),
+        (loading, "load_reward_model"),
         (models, "load_ppo_models"),
         (models, "load_critic_free_models"),
     ]:

@@ -9,8 +9,7 @@ import itertools
 import pytest
 from transformers import AutoTokenizer
 
-from kochat_trl.errors import ConfigError
-from kochat_trl.templates import (
+from kochat_trl.data.templates import (
     CHAT,
     TEMPLATES,
     install_template,
@@ -18,6 +17,7 @@ from kochat_trl.templates import (
     prompt_text,
     saved_template_name,
 )
+from kochat_trl.errors import ConfigError
 
 USER, ANSWER = {"role": "user", "content": "김치는 무엇인가요?"}, {"role": "assistant", "content": "김치는 음식입니다."}
 SYSTEM = {"role": "system", "content": "당신은 친절한 한국어 비서입니다."}

@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO
 
 from kochat_trl.cli import main
-from kochat_trl.config_files import BUNDLED_CONFIGS, resolve_config
+from kochat_trl.config.files import BUNDLED_CONFIGS, resolve_config
 from kochat_trl.errors import ConfigError
 from kochat_trl.pipeline import PipelineConfig
 
@@ -76,11 +76,13 @@ def test_the_pipeline_file_resolves_every_stage_to_a_bundled_file():
     ],
 )
 def test_the_rloo_and_grpo_commands_pick_their_trainer(monkeypatch, argv, trainer, config_class):
-    from kochat_trl import runs
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
+    from kochat_trl.recipes import steps
 
     launched = {}
-    monkeypatch.setattr(runs, "run_recipe", lambda make_parser, _, args: launched.update(parser=make_parser, args=args))
+    monkeypatch.setattr(
+        steps, "run_recipe", lambda make_parser, _, args: launched.update(parser=make_parser, args=args)
+    )
     assert main(argv) == 0
     script_args, training_args, _ = parse_recipe_args(launched["parser"](), launched["args"])
     assert (script_args.trainer, type(training_args).__name__) == (trainer, config_class)

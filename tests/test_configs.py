@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_recipe
 
-from kochat_trl.parsing import parse_recipe_args
+from kochat_trl.config.parsing import parse_recipe_args
+from kochat_trl.data.templates import check_template_name
 from kochat_trl.pipeline import PipelineConfig
-from kochat_trl.templates import check_template_name
 
 CONFIGS = sorted((REPO / "kochat_trl" / "configs").glob("*/*.yaml"))
 RECIPE_OF = {

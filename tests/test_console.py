@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 from conftest import run_recipe
 
-from kochat_trl import console
-from kochat_trl.progress import TRAIN_LOG, StageProgress, TrainLog
+from kochat_trl.run import console
+from kochat_trl.run.progress import TRAIN_LOG, StageProgress, TrainLog
 
 
 def test_known_warnings_are_filtered_and_new_ones_still_reach_the_user():

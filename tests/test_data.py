@@ -9,8 +9,8 @@ import pytest
 from conftest import write_json, write_jsonl
 
 from kochat_trl.cli import main
-from kochat_trl.data import load_stage_data, to_dataset_dict
-from kochat_trl.data_readers import read_records
+from kochat_trl.data.layouts import load_stage_data, to_dataset_dict
+from kochat_trl.data.readers import read_records
 
 
 def test_sft_json_array_with_bom(tmp_path):

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import CHILD_ENV, REPO, short_pipeline_config
 
-from kochat_trl.disk import disk_errno, writing_to
 from kochat_trl.errors import KochatError
-from kochat_trl.outputs import remove_leftovers, remove_tree
-from kochat_trl.resume import is_complete_checkpoint, last_complete_checkpoint
+from kochat_trl.run.disk import disk_errno, writing_to
+from kochat_trl.run.outputs import remove_leftovers, remove_tree
+from kochat_trl.run.resume import is_complete_checkpoint, last_complete_checkpoint
 
 PYTHON = f"{sys.executable} -m kochat_trl"
 ENOSPC = "no space left on device (ENOSPC); free space or choose another"

@@ -101,8 +101,8 @@ def check_recipe(command: str, argv: list[str]) -> None:
     """`kochat-trl <stage> ARGV` as the recipe would parse it before loading a model."""
     import torch
 
-    from kochat_trl.launcher import read_accelerate_config, split_launch_arguments
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.cli.launcher import read_accelerate_config, split_launch_arguments
+    from kochat_trl.config.parsing import parse_recipe_args
     from kochat_trl.recipes import recipe_arguments, recipe_module
 
     options, argv = split_launch_arguments(argv)
@@ -117,7 +117,7 @@ def check_recipe(command: str, argv: list[str]) -> None:
 
 
 def check_kochat(argv: list[str]) -> None:
-    from kochat_trl.config_files import resolve_config
+    from kochat_trl.config.files import resolve_config
     from kochat_trl.recipes import RECIPES
 
     if argv[0] in RECIPES:
@@ -154,7 +154,7 @@ def check_accelerate_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def check_accelerate_launch(argv: list[str]) -> None:
-    from kochat_trl.launcher import read_accelerate_config
+    from kochat_trl.cli.launcher import read_accelerate_config
     from kochat_trl.recipes import RECIPES
 
     args = check_accelerate_flags(argv)

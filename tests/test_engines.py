@@ -9,7 +9,7 @@ distributed type, the ZeRO stage, and this rank's share of the parameters and of
 Measured here (tiny default): SFT, RM and DPO log the same per-step numbers under ZeRO-2 and ZeRO-3 as under DDP
 (equal to the printed digits; 1e-4 relative leaves margin, while unsynchronised ranks are 1e-2 off after one
 update); so do RLOO and GRPO (within 1e-7 absolute) and PPO. PPO drifted until two differences were removed
-(`kochat_trl.engines.DeepSpeedPPOFixes`, `kochat_trl.rl.models`): accelerate filled DeepSpeed's "auto" gradient
+(`kochat_trl.run.engines.DeepSpeedPPOFixes`, `kochat_trl.rl.models`): accelerate filled DeepSpeed's "auto" gradient
 clipping with 1.0 where TRL's PPO loop never clips (ZeRO-2 and -3 off by 4e-3 in the first update's policy loss),
 and ZeRO-3's zero.Init loading drew from the global generator before the value model's LoRA was drawn (its
 lora_A norm 6.5066 instead of 6.5614). Over 4 updates (16 optimizer steps) ZeRO-2 then logs DDP's numbers to every
@@ -331,26 +331,27 @@ def test_ppo_under_zero_loses_no_held_out_reward(engine_run, engine):
 
 @pytest.mark.parametrize(("setting", "value"), [("save_strategy", "steps"), ("resume_from_checkpoint", "last")])
 def test_ppo_checkpoints_under_deepspeed_are_refused_in_one_line(monkeypatch, setting, value):
-    from kochat_trl.engines import check_ppo_checkpoints
+    from kochat_trl.config.rl_checks import check_ppo_checkpoints
     from kochat_trl.errors import ConfigError
+    from kochat_trl.run.engines import requested_engine
 
     args = SimpleNamespace(save_strategy="no", resume_from_checkpoint=None)
     setattr(args, setting, value)
-    check_ppo_checkpoints(args)  # no launcher: nothing to refuse
+    check_ppo_checkpoints(args, requested_engine())  # no launcher: nothing to refuse
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(
         ConfigError,
         match=rf"^PPO under DeepSpeed cannot checkpoint or resume \({setting} is set\); "
         r"set save_strategy: no .*accelerate_configs/multi_gpu.yaml",
     ):
-        check_ppo_checkpoints(args)
+        check_ppo_checkpoints(args, requested_engine())
 
 
 @pytest.mark.parametrize(("configured", "used"), [("auto", 0.0), (0.5, 0.5)])
 def test_ppo_under_deepspeed_clips_as_under_ddp_unless_the_config_sets_a_number(configured, used):
     """TRL's PPO loop clips nothing; accelerate would fill DeepSpeed's "auto" with 1.0 (the launched PPO cases above
     drifted from DDP by it). Set before PPOTrainer prepares the engine."""
-    from kochat_trl.engines import DeepSpeedPPOFixes
+    from kochat_trl.run.engines import DeepSpeedPPOFixes
 
     class Built:
         def create_optimizer_and_scheduler(self, num_training_steps):
@@ -413,7 +414,7 @@ def test_ppo_checkpoints_under_zero2_stop_before_any_model_loads(tiny_stages, tm
 
 @pytest.mark.engines
 def test_fsdp_without_a_gpu_is_refused_before_any_model_loads(tiny_model_dir, tmp_path):
-    from kochat_trl.engines import FSDP_NEEDS_GPUS
+    from kochat_trl.run.engines import FSDP_NEEDS_GPUS
 
     output_dir = tmp_path / "sft"
     command = [
@@ -448,13 +449,13 @@ def test_fsdp_without_a_gpu_is_refused_before_any_model_loads(tiny_model_dir, tm
 
 def test_fsdp_without_a_gpu_is_refused_in_one_line(monkeypatch):
     """What fsdp.yaml's launcher sets (the launched test above, in the engines tier, runs it for real)."""
-    from kochat_trl.checks import _verify_fsdp_has_gpus
-    from kochat_trl.engines import FSDP_NEEDS_GPUS
+    from kochat_trl.config.checks import _verify_fsdp_has_gpus
     from kochat_trl.errors import ConfigError
+    from kochat_trl.run.engines import FSDP_NEEDS_GPUS, parameter_sharding, requested_engine
 
     args = SimpleNamespace(use_cpu=True, fsdp="")
-    _verify_fsdp_has_gpus(args)  # no launcher: nothing to refuse
+    _verify_fsdp_has_gpus(args, parameter_sharding(args, requested_engine()))  # no launcher: nothing to refuse
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError) as refused:
-        _verify_fsdp_has_gpus(args)
+        _verify_fsdp_has_gpus(args, parameter_sharding(args, requested_engine()))
     assert str(refused.value) == FSDP_NEEDS_GPUS and "\n" not in FSDP_NEEDS_GPUS

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kochat_trl.rl.evaluation import paired_standard_error, policy_comparison
+from kochat_trl.eval.comparison import paired_standard_error, policy_comparison
 
 
 def test_paired_standard_error_is_the_sample_deviation_of_the_gains_over_root_n():
@@ -44,8 +44,8 @@ def test_policy_comparison_pairs_each_answer_with_its_own_before():
 
 
 def test_methods_table_shows_each_gain_with_its_standard_error():
-    from kochat_trl.judge import JUDGE_KEYS
-    from kochat_trl.methods import render_markdown
+    from kochat_trl.eval.judge import JUDGE_KEYS
+    from kochat_trl.eval.methods import render_markdown
 
     row = {
         "method": "dpo",
@@ -72,7 +72,7 @@ def test_methods_table_shows_each_gain_with_its_standard_error():
 def test_a_rate_gain_s_standard_error_is_the_paired_one():
     """+1 for each answer that became good, -1 for each that stopped, 0 for the rest: the closed form equals
     paired_standard_error of those per-answer gains."""
-    from kochat_trl.rl.evaluation import paired_rate_gain_se, paired_standard_error
+    from kochat_trl.eval.comparison import paired_rate_gain_se, paired_standard_error
 
     gains = [1.0] * 30 + [-1.0] * 7 + [0.0] * 63
     assert paired_rate_gain_se(30, 7, 100) == pytest.approx(paired_standard_error(gains))
@@ -84,7 +84,12 @@ def _point(step, kl, reward, good):
 
 
 def test_reward_hacking_is_named_where_gold_falls_while_proxy_rises(tmp_path):
-    from kochat_trl.overoptimization import curve_steps, hacking_summary, plot_overoptimization, reward_hacking_step
+    from kochat_trl.eval.overoptimization import (
+        curve_steps,
+        hacking_summary,
+        plot_overoptimization,
+        reward_hacking_step,
+    )
 
     assert curve_steps(60, 6) == [0, 12, 24, 36, 48, 60] and curve_steps(3, 6) == [0, 1, 2, 3]
     rising = [_point(step, step / 20, 2 + step / 30, 0.45 + step / 200) for step in (0, 12, 24, 36, 48, 60)]

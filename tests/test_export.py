@@ -1,4 +1,4 @@
-"""kochat_trl.export / `kochat-trl merge` on the embedded tiny default: merged logits equal adapter logits,
+"""kochat_trl.models.export / `kochat-trl merge` on the embedded tiny default: merged logits equal adapter logits,
 QLoRA adapters merge into a full-precision base, saved dtype/files/card, and bad inputs fail cleanly."""
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import ModelConfig
 
 from kochat_trl.cli import main
+from kochat_trl.data.templates import saved_template_name
 from kochat_trl.errors import KochatError
-from kochat_trl.export import merge_adapter, push_folder_to_hub
-from kochat_trl.modeling import build_peft_config, load_causal_lm, load_tokenizer
-from kochat_trl.templates import saved_template_name
+from kochat_trl.models.export import merge_adapter, push_folder_to_hub
+from kochat_trl.models.loading import load_causal_lm, load_tokenizer
+from kochat_trl.models.lora import build_peft_config
 
 TEXTS = ["### Instruction(명령어):\n한국의 수도는 어디인가요?\n\n### Response(응답): 서울입니다.", "안녕하세요"]
 LORA_R = 8

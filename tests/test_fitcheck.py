@@ -155,7 +155,8 @@ def test_weights_and_optimizer_components_equal_real_tensor_bytes(tiny_model_dir
     from peft import get_peft_model
     from trl import ModelConfig
 
-    from kochat_trl.modeling import build_peft_config, load_causal_lm, load_reward_model, load_tokenizer
+    from kochat_trl.models.loading import load_causal_lm, load_reward_model, load_tokenizer
+    from kochat_trl.models.lora import build_peft_config
 
     args = ModelConfig(
         model_name_or_path=str(tiny_model_dir),
@@ -193,7 +194,8 @@ def test_shared_base_reward_model_is_its_adapter_and_head_in_real_tensor_bytes(t
     from peft import get_peft_model
     from trl import ModelConfig
 
-    from kochat_trl.modeling import build_peft_config, load_reward_model, load_tokenizer
+    from kochat_trl.models.loading import load_reward_model, load_tokenizer
+    from kochat_trl.models.lora import build_peft_config
 
     args = ModelConfig(model_name_or_path=str(tiny_model_dir), dtype=TORCH_DTYPE["bf16"], use_peft=True, lora_r=16)
     reward = load_reward_model(args, load_tokenizer(args))
@@ -236,7 +238,7 @@ def test_lora_counts_equal_what_peft_reports(model_type):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from kochat_trl.modeling import lora_target_modules
+    from kochat_trl.models.lora import lora_target_modules
 
     config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
     causal = get_peft_model(
@@ -276,7 +278,7 @@ def test_activation_formula_tracks_saved_tensor_bytes(model_type, lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kochat_trl.modeling import lora_target_modules
+    from kochat_trl.models.lora import lora_target_modules
 
     # Dropout off: on CPU its masks are stored in the compute dtype, on CUDA as 1-byte bools. Four layers:
     # under LoRA, layer 0 keeps less (frozen embeddings; GPT-NeoX's parallel MLP there has no trainable path).

@@ -13,12 +13,18 @@ import pytest
 import torch
 from conftest import plain_reward
 
-from kochat_trl import decoding_report
-from kochat_trl.chat import chat_loop
 from kochat_trl.cli import main
-from kochat_trl.decoding_report import decoding_metrics, distinct_n, render_markdown, repeated_ngram_rate
-from kochat_trl.generation import DECODING_PRESETS, Generation, Generator, decoding_kwargs, parse_generate_overrides
-from kochat_trl.judge import JUDGE_KEYS
+from kochat_trl.eval import decoding
+from kochat_trl.eval.chat import chat_loop
+from kochat_trl.eval.decoding import decoding_metrics, distinct_n, render_markdown, repeated_ngram_rate
+from kochat_trl.eval.generation import (
+    DECODING_PRESETS,
+    Generation,
+    Generator,
+    decoding_kwargs,
+    parse_generate_overrides,
+)
+from kochat_trl.eval.judge import JUDGE_KEYS
 
 PROMPTS = ["안녕하세요", "화성은 무엇인가요? 태양계에서 몇 번째 행성인지 자세히 설명해 주세요."]
 MORE_PROMPTS = ["김치는 무엇인가요?", "서울을 소개해 주세요.", "고양이에 대해 알려 주세요.", "비는 왜 내리나요?"]
@@ -171,10 +177,8 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     captured = []
-    real = decoding_report.compare_decoding
-    monkeypatch.setattr(
-        decoding_report, "compare_decoding", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1]
-    )
+    real = decoding.compare_decoding
+    monkeypatch.setattr(decoding, "compare_decoding", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     output = tmp_path / "decoding.md"
     args = [
         "compare-decoding",
@@ -195,7 +199,7 @@ def test_compare_decoding_cli_writes_what_it_computed(tiny_model_dir, reward_dir
     markdown = output.read_text(encoding="utf-8")
     assert markdown == render_markdown(result)
 
-    assert result.prompts == decoding_report.default_prompts() and len(result.prompts) == 4
+    assert result.prompts == decoding.default_prompts() and len(result.prompts) == 4
     assert [item.strategy for item in result.results] == ["greedy", "beam", "top_p"]
     rows = summary_rows(markdown)
     assert list(rows) == ["greedy", "beam", "top_p"]
@@ -308,7 +312,7 @@ def test_chat_drops_oldest_turns_beyond_the_context(generator, monkeypatch):
 
 
 def test_fit_history_never_cuts_a_turn_and_keeps_the_system_turn(generator, monkeypatch):
-    from kochat_trl.chat import fit_history
+    from kochat_trl.eval.chat import fit_history
 
     history = [
         {"role": "system", "content": "친절하게 답하세요."},

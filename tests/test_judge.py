@@ -1,4 +1,4 @@
-"""The rule-based judge (kochat_trl.judge): exact values on hand-made answers, one rule at a time."""
+"""The rule-based judge (kochat_trl.eval.judge): exact values on hand-made answers, one rule at a time."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kochat_trl.data_readers import bundled_data_path
-from kochat_trl.judge import JUDGE_KEYS, asked_topic, flags, judge_answer, judge_answers, topic_names, verdict
+from kochat_trl.data.readers import bundled_data_path
+from kochat_trl.eval.judge import JUDGE_KEYS, asked_topic, flags, judge_answer, judge_answers, topic_names, verdict
 
 GOOD = "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다."
 
@@ -139,7 +139,7 @@ def test_every_good_bundled_answer_passes_and_every_bad_one_fails_a_rule():
 
 def test_a_conversations_last_answer_is_judged_against_its_own_question():
     """The multi-turn issue's failure: asked "그럼 비빔밥은요?" after 김치, the model answered about 김치 again."""
-    from kochat_trl.judge import judge_conversation
+    from kochat_trl.eval.judge import judge_conversation
 
     kimchi = "김치는 배추와 고춧가루로 만드는 한국의 발효 음식입니다. 오래 익히면 신맛이 강해집니다."
     bibimbap = "비빔밥은 밥에 나물과 고추장을 넣어 비벼 먹는 음식입니다. 여러 채소를 한 번에 먹을 수 있습니다."
@@ -158,8 +158,8 @@ def test_a_conversations_last_answer_is_judged_against_its_own_question():
 def test_the_held_out_conversations_are_new_questions_about_seen_topics():
     """conversations.json: 30 conversations of 2 turns and 30 of 3, each turn a different topic SFT saw, asked in a
     form no SFT question uses; per-turn rates count each answer against its own question."""
-    from kochat_trl.conversations import held_out_conversations, turn_rates
-    from kochat_trl.judge import asked_topic, topic_table
+    from kochat_trl.eval.conversations import held_out_conversations, turn_rates
+    from kochat_trl.eval.judge import asked_topic, topic_table
 
     conversations = held_out_conversations()
     assert sorted(len(questions) for questions in conversations) == [2] * 30 + [3] * 30

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import CHILD_ENV, REPO, pipeline_command, short_pipeline_config
 
-from kochat_trl.resume import is_complete_checkpoint, last_complete_checkpoint
+from kochat_trl.run.resume import is_complete_checkpoint, last_complete_checkpoint
 
 STAGES = ("sft", "rm", "ppo")
 

@@ -1,4 +1,4 @@
-"""kochat_trl.modeling on tiny models built from configs (no hub): LoRA targets, tokenizer fixes,
+"""kochat_trl.models.loading on tiny models built from configs (no hub): LoRA targets, tokenizer fixes,
 from_pretrained kwargs, and real 8-bit/4-bit LoRA training steps on CPU with bitsandbytes."""
 
 from __future__ import annotations
@@ -28,17 +28,16 @@ from transformers import (
 from trl import ModelConfig
 
 from kochat_trl.errors import ConfigError
-from kochat_trl.modeling import (
-    build_peft_config,
+from kochat_trl.models.loading import (
     disable_bnb_cpu_bf16_repack,
     fix_tokenizer,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    lora_target_modules,
     model_init_kwargs,
     trainable_parameter_share,
 )
+from kochat_trl.models.lora import build_peft_config, lora_target_modules
 
 bnb = pytest.importorskip("bitsandbytes")
 

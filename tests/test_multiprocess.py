@@ -60,7 +60,7 @@ sys.argv = [recipe, *sys.argv[3:]]
 recipe_globals = runpy.run_path(recipe)  # defines main/make_parser; its __main__ block does not run
 
 from transformers import Trainer, set_seed
-from kochat_trl.runs import run_recipe
+from kochat_trl.recipes.steps import run_recipe
 
 seen = {}
 original_train = Trainer.train
@@ -234,7 +234,7 @@ def test_metrics_json_holds_the_numbers_every_rank_computed(runs):
 
 def test_processes_that_did_not_join_one_group_are_refused_in_one_line(monkeypatch):
     """What two processes launched without --use_cpu see (the launched test below, in the engines tier)."""
-    from kochat_trl.checks import _verify_processes_joined
+    from kochat_trl.config.checks import _verify_processes_joined
     from kochat_trl.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -291,9 +291,9 @@ def test_cpu_launch_without_use_cpu_stops_with_one_line_error(tiny_model_dir, tm
 def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, environment, flag, sharding):
     from trl import ModelConfig
 
-    from kochat_trl.arguments import KochatArguments
+    from kochat_trl.config.arguments import KochatArguments
     from kochat_trl.errors import ConfigError
-    from kochat_trl.runs import prepare_run
+    from kochat_trl.recipes.steps import prepare_run
 
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -325,13 +325,13 @@ def test_bitsandbytes_with_sharded_parameters_is_refused(monkeypatch, tmp_path, 
     ],
 )
 def test_parameter_sharding_reads_the_launcher(monkeypatch, environment, fsdp_argument, expected):
-    from kochat_trl.checks import parameter_sharding
+    from kochat_trl.run.engines import parameter_sharding, requested_engine
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    assert parameter_sharding(SimpleNamespace(fsdp=fsdp_argument)) == expected
+    assert parameter_sharding(SimpleNamespace(fsdp=fsdp_argument), requested_engine()) == expected
 
 
 # PPO with 2 processes. TRL's PPOTrainer runs its own loop (not Trainer.train), so this recorder wraps
@@ -350,7 +350,7 @@ recipe_globals = runpy.run_path(recipe)
 import torch.distributed as dist
 import trl.experimental.ppo.ppo_trainer as ppo_module
 from kochat_trl.rl import ppo as rl_ppo
-from kochat_trl.runs import run_recipe
+from kochat_trl.recipes.steps import run_recipe
 
 seen = {"rollouts": []}
 original_train_ppo, original_generation = rl_ppo.train_ppo, ppo_module.batch_generation

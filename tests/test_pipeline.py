@@ -14,10 +14,10 @@ from conftest import REPO, plain_reward
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from kochat_trl.cli import main
-from kochat_trl.decoding_report import default_prompts
-from kochat_trl.generation import Generator
-from kochat_trl.judge import JUDGE_KEYS
-from kochat_trl.templates import saved_template_name
+from kochat_trl.data.templates import saved_template_name
+from kochat_trl.eval.decoding import default_prompts
+from kochat_trl.eval.generation import Generator
+from kochat_trl.eval.judge import JUDGE_KEYS
 
 TRAINED_PROMPT = "### Instruction(명령어):\n{}\n\n### Response(응답):"  # kochatgpt_short, the tiny configs' template
 
@@ -119,7 +119,7 @@ def test_what_a_person_reads_has_no_broken_character(run):
 def test_sft_answers_held_out_questions_with_the_bundled_sentences(run):
     """Readable, not just unbroken: for held-out questions about a topic SFT saw (including question forms it never
     saw), the greedy answer is faithful to that topic's bundled sentences (in 합니다체 or in 반말)."""
-    from kochat_trl.judge import asked_topic, judge_answer, topic_table
+    from kochat_trl.eval.judge import asked_topic, judge_answer, topic_table
 
     generator = Generator.load(str(run / "sft"))
     prompts = [prompt for prompt in default_prompts(60) if not topic_table()[asked_topic(prompt)].held_out]
@@ -153,8 +153,8 @@ def test_the_issues_chat_transcript_answers_each_question_asked(run):
     is about its own question (on topic and faithful), the follow-up "그럼 비빔밥은요?" included."""
     import io
 
-    from kochat_trl.chat import chat_loop
-    from kochat_trl.judge import judge_answer
+    from kochat_trl.eval.chat import chat_loop
+    from kochat_trl.eval.judge import judge_answer
 
     questions = ["김치에 대해 알려 주세요.", "그럼 비빔밥은요?", "비빔밥에 대해 알려 주세요."]
     questions += ["/reset", "비빔밥에 대해 알려 주세요."]
@@ -219,9 +219,9 @@ def test_plain_transformers_clients_get_the_projects_answers_and_scores(run, cap
     config carries eos and pad for serving clients (vLLM, TGI)."""
     from transformers import pipeline
 
-    from kochat_trl.decoding_report import _load_reward
-    from kochat_trl.rewards import score_answers, score_responses
-    from kochat_trl.templates import prompt_ids
+    from kochat_trl.data.templates import prompt_ids
+    from kochat_trl.eval.decoding import _load_reward
+    from kochat_trl.eval.rewards import score_answers, score_responses
 
     policy, reward = run / "merged" / "policy", run / "merged" / "reward"
     chat = pipeline("text-generation", model=str(policy))

@@ -10,7 +10,7 @@ import torch
 from conftest import adapter_and_reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kochat_trl.templates import saved_template_name
+from kochat_trl.data.templates import saved_template_name
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,12 @@ def test_reference_is_the_sft_policy_with_the_adapter_disabled(ppo_run, tiny_sta
 def test_policy_equals_reference_at_step_zero(tiny_stages):
     from trl import ModelConfig
 
-    from kochat_trl import modeling
+    from kochat_trl.data.stages import prompt_dataset
+    from kochat_trl.models import loading, lora
     from kochat_trl.rl.ppo import PPOConfig, build_ppo_trainer, reference_context
-    from kochat_trl.training_data import prompt_dataset
 
     model_args = ModelConfig(model_name_or_path=str(tiny_stages["sft"]), use_peft=True, lora_r=8)
-    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    tokenizer = loading.load_tokenizer(model_args, padding_side="left")
     data = prompt_dataset("bundled:ppo", tokenizer, 0.0, 0, max_samples=8)
     rm_args = ModelConfig(model_name_or_path=str(tiny_stages["rm"]))
     args = PPOConfig(
@@ -114,16 +114,16 @@ def test_policy_equals_reference_at_step_zero(tiny_stages):
         bf16=False,
         response_length=8,
     )
-    policy = modeling.load_causal_lm(model_args, tokenizer)
+    policy = loading.load_causal_lm(model_args, tokenizer)
     trainer = build_ppo_trainer(
         args,
         tokenizer,
         policy,
-        modeling.load_reward_model(rm_args, tokenizer),
-        modeling.load_reward_model(rm_args, tokenizer),
+        loading.load_reward_model(rm_args, tokenizer),
+        loading.load_reward_model(rm_args, tokenizer),
         data["train"].select_columns(["input_ids"]),
         data["train"].select_columns(["input_ids"]),
-        modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        lora.build_peft_config(model_args, policy, "CAUSAL_LM"),
     )
     assert trainer.ref_model is None  # no second copy: the reference is the adapter-disabled policy
     model = trainer.accelerator.unwrap_model(trainer.model).policy

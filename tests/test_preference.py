@@ -16,8 +16,8 @@ from conftest import TINY_CONFIGS, load_recipe, recipe_exit, run_recipe, write_j
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.cli import main
-from kochat_trl.judge import JUDGE_KEYS
-from kochat_trl.templates import saved_template_name
+from kochat_trl.data.templates import saved_template_name
+from kochat_trl.eval.judge import JUDGE_KEYS
 
 METHODS = ["ppo", "dpo", "kto", "orpo"]
 SLOW_TIER_FIRST = ["ppo", "dpo"]
@@ -189,8 +189,9 @@ def test_compare_methods_reuses_the_pipeline_s_ppo(pipeline_run, tmp_path, capsy
 
 
 def test_with_lora_the_reference_is_the_sft_model_at_step_zero(tiny_stages, tmp_path):
-    from kochat_trl import modeling, preference
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
+    from kochat_trl.models import loading, lora
+    from kochat_trl.rl import preference
 
     recipe = load_recipe("dpo")
     script_args, training_args, model_args = parse_recipe_args(
@@ -206,16 +207,16 @@ def test_with_lora_the_reference_is_the_sft_model_at_step_zero(tiny_stages, tmp_
             str(tmp_path / "dpo"),
         ],
     )
-    tokenizer = modeling.load_tokenizer(model_args)
+    tokenizer = loading.load_tokenizer(model_args)
     data = preference.preference_dataset("dpo", "bundled:rm", 0.1, 42, max_samples=32)
-    policy = modeling.load_causal_lm(model_args, tokenizer)
+    policy = loading.load_causal_lm(model_args, tokenizer)
     trainer = preference.build_trainer(
         "dpo",
         training_args,
         tokenizer,
         policy,
         data["train"],
-        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        peft_config=lora.build_peft_config(model_args, policy, "CAUSAL_LM"),
     )
     assert trainer.ref_model is None  # no second copy
     model = trainer.accelerator.unwrap_model(trainer.model).eval()

@@ -54,7 +54,7 @@ def _spans(labels) -> list[list[int]]:
 def test_sft_learns_every_answer_of_a_conversation_and_nothing_else(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
-    from kochat_trl.training_data import sft_dataset
+    from kochat_trl.data.stages import sft_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = sft_dataset("bundled:sft", tokenizer, 0.0, 0)["train"]
@@ -80,7 +80,7 @@ def test_sft_learns_every_answer_of_a_conversation_and_nothing_else(tiny_model_d
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_for_conversations(tiny_model_dir):
-    from kochat_trl.training_data import answer_mask
+    from kochat_trl.data.stages import answer_mask
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # Like templates that drop past reasoning: an answer is rendered only when it is the last message.
@@ -120,8 +120,8 @@ def test_reward_model_held_out_accuracy_and_unseen_pair(tiny_stages):
 def test_reward_model_reads_the_question(tiny_stages):
     """Held-out pairs whose rejected answer is a good answer to another topic's question (polite, complete, only
     off topic): the reward model must compare answer and question to rank them."""
-    from kochat_trl.judge import judge_answer
-    from kochat_trl.training_data import reward_dataset
+    from kochat_trl.data.stages import reward_dataset
+    from kochat_trl.eval.judge import judge_answer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_stages["rm"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_stages["rm"])

@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO, TINY_CONFIGS, load_recipe, recipe_exit, run_recipe, write_json, write_jsonl
 
 from kochat_trl.errors import KochatError
-from kochat_trl.resume import TrainingInterrupted, last_complete_checkpoint
+from kochat_trl.run.resume import TrainingInterrupted, last_complete_checkpoint
 
 # --- bad input: a table of data and config mistakes -------------------------------------------------
 
@@ -197,8 +197,8 @@ BAD_INPUTS = [
         {},
         ["max_length 1024 exceeds the context", "512 positions"],
     ),
-    # numeric ranges (kochat_trl.ranges): key, where it was set, range and fix; refused even where another setting
-    # makes the library ignore the value (epochs under max_steps, lora_r without use_peft)
+    # numeric ranges (kochat_trl.config.ranges): key, where it was set, range and fix; refused even where another
+    # setting makes the library ignore the value (epochs under max_steps, lora_r without use_peft)
     (
         "batch_size_zero",
         "sft",
@@ -558,8 +558,8 @@ def test_every_range_names_a_field_of_its_class_and_its_default_is_in_range():
     from transformers import TrainingArguments
     from trl import DPOConfig, GRPOConfig, KTOConfig, ModelConfig, RewardConfig, RLOOConfig, SFTConfig
 
-    from kochat_trl.arguments import KochatArguments, RLArguments
-    from kochat_trl.ranges import RANGES, violation
+    from kochat_trl.config.arguments import KochatArguments, RLArguments
+    from kochat_trl.config.ranges import RANGES, violation
     from kochat_trl.rl.orpo import orpo_classes
     from kochat_trl.rl.ppo import PPOConfig
 
@@ -900,7 +900,7 @@ def test_same_seed_same_split_and_first_loss_and_tokens_never_written(tmp_path, 
 
     from transformers import AutoTokenizer
 
-    from kochat_trl.training_data import sft_dataset
+    from kochat_trl.data.stages import sft_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     split = {seed: sft_dataset("bundled:sft", tokenizer, 0.1, seed, 160)["eval"]["messages"] for seed in (42, 7)}
@@ -1108,7 +1108,7 @@ def test_critic_free_interrupted_resumes_exactly(tmp_path, tiny_model_dir, train
 def test_model_weights_round_trip_for_full_models(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from kochat_trl.resume import load_model_weights, save_model_weights
+    from kochat_trl.run.resume import load_model_weights, save_model_weights
 
     trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -1125,8 +1125,8 @@ def test_model_weights_round_trip_for_full_models(tmp_path, tiny_model_dir):
 def test_loaders_never_trust_remote_code_by_default():
     from trl import ModelConfig
 
-    from kochat_trl.modeling import model_init_kwargs
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
+    from kochat_trl.models.loading import model_init_kwargs
 
     assert model_init_kwargs(ModelConfig(model_name_or_path="x"))["trust_remote_code"] is False
     for recipe, config in (("sft", "sft.yaml"), ("reward", "reward.yaml"), ("ppo", "ppo.yaml")):
@@ -1138,8 +1138,8 @@ def test_loaders_never_trust_remote_code_by_default():
 
 def test_trust_remote_code_set_in_a_config_reaches_the_loaders():
     # trl keeps the flag on SFTConfig/RewardConfig, not on ModelConfig, which is what the loaders read.
-    from kochat_trl.modeling import model_init_kwargs
-    from kochat_trl.parsing import parse_recipe_args
+    from kochat_trl.config.parsing import parse_recipe_args
+    from kochat_trl.models.loading import model_init_kwargs
 
     for recipe, config in (("sft", "sft.yaml"), ("reward", "reward.yaml")):
         module = load_recipe(recipe)
@@ -1202,7 +1202,7 @@ def test_cli_stopped_at_once_by_a_second_ctrl_c_is_one_line_and_exit_130(monkeyp
     """`kochat-trl pipeline` runs stages in its own process: a second Ctrl-C there reaches the CLI's entry point."""
     from kochat_trl import cli
     from kochat_trl.cli import tiny
-    from kochat_trl.resume import StoppedAtOnce
+    from kochat_trl.run.resume import StoppedAtOnce
 
     def stopped_at_once(args):
         raise StoppedAtOnce(signal.SIGINT, None)

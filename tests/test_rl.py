@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY_CONFIGS, adapter_and_reference_logits, load_recipe, plain_reward, run_recipe
 from transformers import AutoTokenizer
 
-from kochat_trl.templates import saved_template_name
+from kochat_trl.data.templates import saved_template_name
 
 PENALTY = 1.0  # missing_eos_penalty in the shipped configs
 STEPS = {"rloo": 240, "grpo": 240}  # max_steps in the shipped configs
@@ -47,10 +47,10 @@ def critic_free_run(request, tiny_stages):
 def rm(tiny_stages):
     from trl import ModelConfig
 
-    from kochat_trl import modeling
+    from kochat_trl.models import loading
 
-    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), padding_side="left")
-    return modeling.load_reward_model(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), tokenizer), tokenizer
+    tokenizer = loading.load_tokenizer(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), padding_side="left")
+    return loading.load_reward_model(ModelConfig(model_name_or_path=str(tiny_stages["rm"])), tokenizer), tokenizer
 
 
 @pytest.mark.slow
@@ -106,7 +106,7 @@ def test_critic_free_answers_still_end_in_eos(critic_free_run):
 
 def test_reward_function_scores_ids_up_to_eos_and_penalises_missing_eos(rm):
     from kochat_trl.errors import DataError
-    from kochat_trl.rewards import score_token_sequences
+    from kochat_trl.eval.rewards import score_token_sequences
     from kochat_trl.rl.critic_free import RewardModelReward
 
     model, tokenizer = rm
@@ -144,10 +144,10 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
     eos (or at max_completion_length); the trainer logs what the function returned."""
     from trl import GRPOConfig, ModelConfig
 
-    from kochat_trl import modeling
-    from kochat_trl.rewards import score_responses
+    from kochat_trl.data.stages import prompt_dataset
+    from kochat_trl.eval.rewards import score_responses
+    from kochat_trl.models import loading, lora
     from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer
-    from kochat_trl.training_data import prompt_dataset
 
     reward_model, tokenizer = rm
     calls = []
@@ -176,11 +176,11 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
         seed=0,
         disable_tqdm=True,
     )
-    policy = modeling.load_causal_lm(model_args, tokenizer)
+    policy = loading.load_causal_lm(model_args, tokenizer)
     reward = RecordingReward(reward_model, tokenizer, PENALTY)
     prompts = data["train"].select_columns(["prompt"])
     trainer = build_critic_free_trainer(
-        "grpo", args, tokenizer, policy, reward, prompts, modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
+        "grpo", args, tokenizer, policy, reward, prompts, lora.build_peft_config(model_args, policy, "CAUSAL_LM")
     )
     assert type(trainer).__name__ == "GRPOTrainer"
     trainer.train()
@@ -204,8 +204,8 @@ def test_grpo_passes_completion_ids_cut_after_eos_to_the_reward_function(tiny_st
 def test_recipe_parses_with_the_requested_trainers_config(tmp_path):
     from trl import GRPOConfig, RLOOConfig
 
+    from kochat_trl.config.parsing import parse_recipe_args
     from kochat_trl.errors import ConfigError
-    from kochat_trl.parsing import parse_recipe_args
 
     recipe = load_recipe("rl")
     base = ["--output_dir", str(tmp_path / "out"), "--reward_model_path", str(tmp_path)]

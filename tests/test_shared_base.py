@@ -112,7 +112,7 @@ class Watch:
 
 
 def greedy_answer(model, tokenizer) -> str:
-    from kochat_trl.templates import prompt_ids
+    from kochat_trl.data.templates import prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": PROMPT}])])
     was_training = model.training
@@ -124,7 +124,7 @@ def greedy_answer(model, tokenizer) -> str:
 
 
 def score(model, tokenizer, answer: str = "태권도는 한국에서 시작된 전통 무술입니다.") -> float:
-    from kochat_trl.rewards import score_answers
+    from kochat_trl.eval.rewards import score_answers
 
     return score_answers(model, tokenizer, [PROMPT], [answer])[0]
 
@@ -207,8 +207,8 @@ def test_reward_through_the_shared_base_equals_the_merged_reward_model(quick_lor
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import ModelConfig
 
-    from kochat_trl.export import merge_adapter
-    from kochat_trl.modeling import load_tokenizer
+    from kochat_trl.models.export import merge_adapter
+    from kochat_trl.models.loading import load_tokenizer
     from kochat_trl.rl.models import load_ppo_models
 
     merge_adapter(quick_lora_stages["rm"], tmp_path / "merged")
@@ -355,12 +355,13 @@ def test_impossible_shared_base_settings_are_one_line_errors(quick_lora_stages, 
 
 
 def test_shared_base_under_deepspeed_is_refused(monkeypatch):
+    from kochat_trl.config.shared_base_checks import _verify_engine
     from kochat_trl.errors import ConfigError
-    from kochat_trl.shared_base_checks import _verify_engine
+    from kochat_trl.run.engines import requested_engine
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="runs under DDP or one process, not DEEPSPEED"):
-        _verify_engine()
+        _verify_engine(requested_engine())
 
 
 CRITIC_FREE_RUN = [
@@ -486,7 +487,7 @@ def test_critic_free_shared_base_reference_is_the_base_not_a_ref_adapter(tiny_mo
     from trl import ModelConfig
     from trl.trainer.utils import use_adapter
 
-    from kochat_trl.modeling import load_tokenizer
+    from kochat_trl.models.loading import load_tokenizer
     from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer, critic_free_classes
     from kochat_trl.rl.models import load_critic_free_models
 

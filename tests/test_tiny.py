@@ -11,9 +11,9 @@ from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kochat_trl.cli import main
-from kochat_trl.data import load_stage_data
-from kochat_trl.data_readers import bundled_data_path
-from kochat_trl.tiny import init_tiny
+from kochat_trl.data.layouts import load_stage_data
+from kochat_trl.data.readers import bundled_data_path
+from kochat_trl.models.tiny import init_tiny
 
 TIES = 1062  # tied pairs among the 3,600 of the bundled rankings (scripts/make_sample_data.py, seed 0)
 

@@ -26,11 +26,11 @@ from conftest import REPO, plain_reward
 
 from kochat_trl.cli import main
 from kochat_trl.errors import KochatError
-from kochat_trl.judge import flags, judge_answer
-from kochat_trl.run_folder import held_out_prompts, open_run, stage_datasets
+from kochat_trl.eval.judge import flags, judge_answer
 from kochat_trl.ui import views
 from kochat_trl.ui.limits import check_rows
 from kochat_trl.ui.models import EMPTY_MESSAGE, EMPTY_PROMPT, ModelCache, chat_reply, compare, parse_options
+from kochat_trl.ui.run_folder import held_out_prompts, open_run, stage_datasets
 
 PROMPT = "김치에 대해 알려 주세요."
 # The browser types a held-out question whose greedy SFT answer is 반말 and PPO's 합니다체 (the docs/ui.png picture).
@@ -114,7 +114,7 @@ def test_the_data_tab_reads_each_stage_with_its_drop_counts(run):
 
 
 def test_held_out_prompts_are_ppo_s_eval_split(run):
-    from kochat_trl.decoding_report import default_prompts
+    from kochat_trl.eval.decoding import default_prompts
 
     prompts = held_out_prompts(run)  # the same 60 prompts, the report's samples moved to the front
     assert len(prompts) == 60 and sorted(prompts) == sorted(default_prompts(60))
@@ -197,7 +197,7 @@ def test_a_moved_run_applies_its_adapters_to_its_own_sft(pipeline_run, tmp_path)
 
 
 def test_compare_answers_with_every_model_scores_and_judges_loading_each_once(run, cache):
-    from kochat_trl.decoding_report import _load_reward
+    from kochat_trl.eval.decoding import _load_reward
 
     results = compare(cache, PROMPT)
     assert [item["model"] for item in results] == MODELS

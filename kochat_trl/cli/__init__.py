@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kochat_trl.console import quiet_libraries
+    from kochat_trl.run.console import quiet_libraries
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] in RECIPES:  # the recipe's TrlParser reads the rest, --help included

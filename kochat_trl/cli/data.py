@@ -37,8 +37,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from kochat_trl.data import load_stage_data, write_jsonl
-    from kochat_trl.disk import writing_to
+    from kochat_trl.data.layouts import load_stage_data, write_jsonl
+    from kochat_trl.run.disk import writing_to
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -52,8 +52,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from kochat_trl.data import detect_layout, load_stage_data
-    from kochat_trl.data_readers import read_records
+    from kochat_trl.data.layouts import detect_layout, load_stage_data
+    from kochat_trl.data.readers import read_records
 
     records, container = read_records(args.input)
     if not records:
@@ -75,7 +75,7 @@ def token_lengths(rows: list[dict], tokenizer_path: str, template_name: str | No
     """Token counts per field; prompts are measured as the model sees them (rendered by the chat template)."""
     from transformers import AutoTokenizer
 
-    from kochat_trl.templates import install_template, prompt_text
+    from kochat_trl.data.templates import install_template, prompt_text
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from kochat_trl.errors import print_error_line
 
 if TYPE_CHECKING:
-    from kochat_trl.export_gguf import GGUFExport
+    from kochat_trl.models.export_gguf import GGUFExport
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kochat_trl.export_gguf import export_gguf
+    from kochat_trl.models.export_gguf import export_gguf
 
     report(export_gguf(args.merged_dir, args.output, quant=args.quant, overwrite=args.overwrite), args.quant)
     return 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from kochat_trl.errors import KochatError
 
-# Kept in sync with kochat_trl.generation.DECODING_PRESETS (not imported here: it would slow down `--help`).
+# Kept in sync with kochat_trl.eval.generation.DECODING_PRESETS (not imported here: it would slow down `--help`).
 _PRESETS = "greedy, beam, sampling, top_k, top_p"
 
 
@@ -87,7 +87,7 @@ def _prepare(args: argparse.Namespace, strategies: list[str]) -> dict[str, Any]:
     """Check cheap arguments before any model loads; returns the parsed --gen overrides."""
     from transformers.utils import logging as hf_logging
 
-    from kochat_trl.generation import check_strategies, parse_generate_overrides
+    from kochat_trl.eval.generation import check_strategies, parse_generate_overrides
 
     check_strategies(strategies)
     _positive(args.max_new_tokens, "--max-new-tokens")
@@ -97,7 +97,7 @@ def _prepare(args: argparse.Namespace, strategies: list[str]) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
-    from kochat_trl.generation import Generator
+    from kochat_trl.eval.generation import Generator
 
     return Generator.load(args.model, args.adapter, args.template)
 
@@ -114,7 +114,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from kochat_trl import decoding_report
+    from kochat_trl.eval import decoding
 
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     overrides = _prepare(args, strategies)
@@ -124,10 +124,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if output is not None and output.exists() and not args.overwrite:
         raise KochatError(f"{output}: already exists; pass --overwrite to replace it")
     if args.prompts:
-        prompts = decoding_report.load_prompts(args.prompts, args.num_prompts)
+        prompts = decoding.load_prompts(args.prompts, args.num_prompts)
     else:
-        prompts = decoding_report.default_prompts(args.num_prompts or decoding_report.DEFAULT_PROMPT_COUNT)
-    result = decoding_report.compare_decoding(
+        prompts = decoding.default_prompts(args.num_prompts or decoding.DEFAULT_PROMPT_COUNT)
+    result = decoding.compare_decoding(
         args.model,
         prompts,
         strategies,
@@ -141,9 +141,9 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     print_comparison(result)
     if output is not None:
-        from kochat_trl.outputs import write_text_atomic
+        from kochat_trl.run.outputs import write_text_atomic
 
-        write_text_atomic(decoding_report.render_markdown(result), output)
+        write_text_atomic(decoding.render_markdown(result), output)
         print(f"wrote {output}")
     return 0
 
@@ -155,7 +155,7 @@ def print_comparison(result: Any, file: Any = None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from kochat_trl.decoding_report import REPEAT_N, SHORT_SUMMARY_COLUMNS, summary_row
+    from kochat_trl.eval.decoding import REPEAT_N, SHORT_SUMMARY_COLUMNS, summary_row
 
     console = Console(file=file or sys.stdout)
     for index, prompt in enumerate(result.prompts):
@@ -182,7 +182,7 @@ def print_comparison(result: Any, file: Any = None) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from kochat_trl.chat import chat_loop
+    from kochat_trl.eval.chat import chat_loop
 
     overrides = _prepare(args, [args.strategy])
     generator = _load(args)

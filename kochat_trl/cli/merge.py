@@ -43,10 +43,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kochat_trl.export import merge_adapter, read_adapter_config
+    from kochat_trl.models.export import merge_adapter, read_adapter_config
 
     if args.gguf:  # refused before minutes of merging, not after
-        from kochat_trl.export_gguf import require_converter
+        from kochat_trl.models.export_gguf import require_converter
 
         if read_adapter_config(args.adapter)["task_type"] != "CAUSAL_LM":
             raise KochatError(f"{args.adapter}: --gguf exports a chat model; this adapter is a reward model")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
     if args.gguf:
         from kochat_trl.cli.export import report
-        from kochat_trl.export_gguf import export_gguf
+        from kochat_trl.models.export_gguf import export_gguf
 
         report(export_gguf(output, Path(output) / f"{Path(output).name}-{args.gguf}.gguf", args.gguf), args.gguf)
     return 0

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kochat_trl.methods import compare_methods, parse_methods
+    from kochat_trl.eval.methods import compare_methods, parse_methods
 
     rows = compare_methods(args.run, parse_methods(args.methods), args.output, args.configs, args.verbose)
     table = Table(title=f"alignment methods: {args.run}")

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kochat_trl.judge import verdict
-    from kochat_trl.overoptimization import hacking_summary
+    from kochat_trl.eval.judge import verdict
+    from kochat_trl.eval.overoptimization import hacking_summary
     from kochat_trl.pipeline import run_pipeline
 
     report = run_pipeline(args.config, args.output_dir, args.overwrite, verbose=args.verbose)

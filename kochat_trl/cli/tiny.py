@@ -19,7 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kochat_trl.tiny import init_tiny
+    from kochat_trl.models.tiny import init_tiny
 
     path = init_tiny(args.output_dir, seed=args.seed, overwrite=args.overwrite)
     print(f"tiny model and tokenizer written to {path}")

@@ -1,5 +1,5 @@
 """`kochat-trl sft|rm|ppo|rloo|grpo|dpo --config FILE`: the training recipes, run as TRL runs `trl sft --config`;
-with `--launch ACCELERATE_CONFIG`, checked here and then run by `accelerate launch` (`kochat_trl.launcher`)."""
+with `--launch ACCELERATE_CONFIG`, checked here and then run by `accelerate launch` (`kochat_trl.cli.launcher`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run(command: str, argv: Sequence[str]) -> int:
     """Parse `argv` with the recipe's own parser and train; errors exit as its script's do (2, 128 + signal).
     With `--launch ACCELERATE_CONFIG`, check everything here first, then hand over to `accelerate launch`."""
     if any(arg == "--launch" or arg.startswith("--launch=") for arg in argv):
-        from kochat_trl.launcher import launch_checked
+        from kochat_trl.cli.launcher import launch_checked
 
         return launch_checked(command, argv)
     from kochat_trl.recipes import launch

@@ -78,7 +78,7 @@ def exposure_warning(host: str, share: bool) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from kochat_trl.errors import KochatError
-    from kochat_trl.run_folder import open_run
+    from kochat_trl.ui.run_folder import open_run
 
     open_run(args.run)  # a wrong folder, a missing gradio or a busy port fail in a second, before torch loads
     if not 0 < args.port < 65536:
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     _check_address(args.host, args.port)
     from transformers.utils import logging as hf_logging
 
-    from kochat_trl.console import note
+    from kochat_trl.run.console import note
     from kochat_trl.ui.app import serve
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on the server console at each first answer

@@ -5,10 +5,10 @@ Memory follows how the libraries this project uses store things:
 - weights: `--dtype` bytes per parameter. With bitsandbytes, every Linear/Conv1D of the backbone is
   quantized and the heads (`lm_head`, `score`) are not: 8-bit = 1 byte per weight + one fp32 scale per output
   row (`SCB`); 4-bit nf4 = half a byte per weight + one fp32 absmax per block of 64 (the quant state; trl's
-  default has no nested quantization). peft's `prepare_model_for_kbit_training`, which `kochat_trl.modeling`
+  default has no nested quantization). peft's `prepare_model_for_kbit_training`, which `kochat_trl.models.loading`
   always runs on k-bit models, upcasts every remaining fp16/bf16 parameter (embeddings, norms, biases, heads)
   to fp32, so those count 4 bytes.
-- LoRA (`kochat_trl.modeling.lora_target_modules`): r*(in+out) parameters per targeted layer, kept in fp32 by
+- LoRA (`kochat_trl.models.lora.lora_target_modules`): r*(in+out) parameters per targeted layer, kept in fp32 by
   peft (`autocast_adapter_dtype`): 4 (weight) + 4 (gradient) + 8 (AdamW exp_avg + exp_avg_sq) = 16 bytes each.
   A reward/value model also trains a copy of its `score` head (`modules_to_save`) in the weights' dtype.
 - full fine-tuning: gradients and AdamW states have the parameter's dtype (torch's `zeros_like`): bf16 weights

@@ -84,7 +84,7 @@ def _model_shape_cached(config_json: str, model_type: str, head: str) -> ModelSh
     from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
-    from kochat_trl.modeling import _HEAD_MODULE_NAMES, lora_target_modules
+    from kochat_trl.models.lora import _HEAD_MODULE_NAMES, lora_target_modules
 
     values = json.loads(config_json)
     values.pop("model_type", None)

@@ -1,5 +1,7 @@
 """The training recipes, one module per stage, shipped in the package like TRL's `trl/scripts`.
 
+`steps` holds what every recipe does the same way: parse and check, prepare the run folder, finish with metrics.
+
 Each module reads top to bottom like TRL's own script: `make_parser()` (TrlParser over the stage's dataclasses)
 and `main(script_args, training_args, model_args)`. They run as `kochat-trl <stage> --config FILE`,
 `python -m kochat_trl.recipes.<module>`, `accelerate launch -m kochat_trl.recipes.<module>`, or through the thin
@@ -41,7 +43,7 @@ def launch(command: str, argv: Sequence[str] | None = None) -> None:
     """Parse `argv` (default: the command line) and run the recipe, as its script's `__main__` does."""
     import sys
 
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     module = recipe_module(command)
     run_recipe(module.make_parser, module.main, recipe_arguments(command, sys.argv[1:] if argv is None else argv))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kochat_trl.arguments import KochatArguments
+from kochat_trl.config.arguments import KochatArguments
 
 
 @dataclass
@@ -45,15 +45,21 @@ class PreferenceScriptArguments(KochatArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import checks, console, modeling, preference, progress, resume, runs
-    from kochat_trl.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
+    from kochat_trl.config import checks
+    from kochat_trl.data.stages import held_out_prompts
+    from kochat_trl.eval.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
+    from kochat_trl.models import loading, lora
+    from kochat_trl.recipes import steps
+    from kochat_trl.rl import preference
     from kochat_trl.rl.models import place_on
-    from kochat_trl.training_data import held_out_prompts
+    from kochat_trl.run import console, progress, resume
 
     preference.check_settings(script_args.trainer, script_args, training_args)
     checks.check_model_path("reward_model_path", script_args.reward_model_path)
-    runs.prepare_run(script_args, training_args, model_args, stage="rm")  # the ranking data, read as the RM reads it
-    tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
+    plan = steps.prepare_run(
+        script_args, training_args, model_args, stage="rm"
+    )  # the ranking data, read as the RM reads it
+    tokenizer = loading.load_tokenizer(model_args, template=script_args.template)
     dataset = preference.preference_dataset(
         script_args.trainer,
         script_args.dataset_name,
@@ -70,9 +76,9 @@ def main(script_args, training_args, model_args):
     )
 
     device = training_args.device  # the "before" answers are drawn before the trainer places the policy
-    policy = place_on(modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)
+    policy = place_on(loading.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing), device)
     reward_model = place_on(
-        modeling.load_reward_model(modeling.at_path(model_args, script_args.reward_model_path), tokenizer), device
+        loading.load_reward_model(loading.at_path(model_args, script_args.reward_model_path), tokenizer), device
     )
     evaluation = HeldOutEvaluation(
         tokenizer,
@@ -95,19 +101,19 @@ def main(script_args, training_args, model_args):
         policy,
         dataset["train"],
         dataset.get("eval"),
-        peft_config=modeling.build_peft_config(model_args, policy, "CAUSAL_LM"),
-        callbacks=resume.training_callbacks(),
+        peft_config=lora.build_peft_config(model_args, policy, "CAUSAL_LM"),
+        callbacks=steps.training_callbacks(),
     )
     progress.attach_progress(trainer, script_args.trainer, ["loss", "rewards/margins"], script_args.verbose)
-    resume.train(trainer, resume.resume_checkpoint(training_args))
+    resume.train(trainer, plan.resume_from)
     held_out_pairs = trainer.evaluate() if "eval" in dataset else {}
     trainer.save_model(training_args.output_dir)
 
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again.
     trained, reference, reference_ctx = trained_and_reference(
-        trainer, lambda: place_on(modeling.load_causal_lm(model_args, tokenizer), device)
+        trainer, lambda: place_on(loading.load_causal_lm(model_args, tokenizer), device)
     )
-    policy_trainable, policy_total = modeling.trainable_parameter_share(trained)
+    policy_trainable, policy_total = loading.trainable_parameter_share(trained)
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),
         **preference.implicit_reward_metrics(held_out_pairs),
@@ -124,9 +130,9 @@ def main(script_args, training_args, model_args):
         "trainable_params": policy_trainable,
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
-        **runs.shared_metrics(trainer, tokenizer),
+        **steps.shared_metrics(trainer, tokenizer),
     }
-    runs.finish_run(
+    steps.finish_run(
         trainer,
         metrics,
         ["loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies"],
@@ -142,12 +148,12 @@ def main(script_args, training_args, model_args):
 
 
 def make_parser(trainer: str | None = None):
-    from kochat_trl.preference import preference_parser
+    from kochat_trl.rl.preference import preference_parser
 
     return preference_parser(PreferenceScriptArguments, trainer)  # DPOConfig, KTOConfig or ORPOConfig
 
 
 if __name__ == "__main__":
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     run_recipe(make_parser, main)

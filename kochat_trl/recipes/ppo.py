@@ -4,7 +4,7 @@ Policy: the SFT result (a full model, or base + SFT adapter merged in memory) wi
 adapter; the reference is the same model with that adapter disabled (`ref_model=None`), so it costs
 no memory. Reward model: stage 2's, frozen. Value model: initialised from the reward model (LoRA on
 it when `use_peft`; a LoRA reward adapter itself trains on). With `shared_base: true` the reward and value
-models are adapters on the policy's own frozen base (`kochat_trl.shared_base`): one base instead of three.
+models are adapters on the policy's own frozen base (`kochat_trl.models.shared_base`): one base instead of three.
 Prompts come from the PPO layout, rendered by the chat template, pre-tokenised
 and left-padded; answers stop at eos.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kochat_trl.arguments import RLArguments
+from kochat_trl.config.arguments import RLArguments
 
 
 @dataclass
@@ -38,14 +38,17 @@ class PPOScriptArguments(RLArguments):
 
 
 def main(script_args, training_args, model_args):
-    from kochat_trl import console, modeling, overoptimization, progress, resume, runs
-    from kochat_trl.held_out import HeldOutEvaluation, held_out_summary
+    from kochat_trl.data.stages import rl_prompts
+    from kochat_trl.eval import overoptimization
+    from kochat_trl.eval.held_out import HeldOutEvaluation, held_out_summary
+    from kochat_trl.models import loading
+    from kochat_trl.recipes import steps
     from kochat_trl.rl import ppo
     from kochat_trl.rl.models import load_ppo_models, parameter_counts
-    from kochat_trl.training_data import rl_prompts
+    from kochat_trl.run import console, progress
 
-    runs.prepare_run(script_args, training_args, model_args, stage="ppo")
-    tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="ppo")
+    tokenizer = loading.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     models = load_ppo_models(script_args, training_args, model_args, tokenizer)
@@ -76,13 +79,13 @@ def main(script_args, training_args, model_args):
         train_dataset=dataset["train"].select_columns(["input_ids"]),
         eval_dataset=held_out.select_columns(["input_ids"]),
         peft_config=models.policy_lora,
-        callbacks=[*callbacks, *resume.training_callbacks()],
+        callbacks=[*callbacks, *steps.training_callbacks()],
         shared_base=models.shared,
     )
     # Gold (the judge) and proxy (the reward model) at points through training, on a reduced held-out set.
     curve = overoptimization.attach_curve(trainer, evaluation, script_args, lambda: ppo.policy_and_reference(trainer))
     progress.attach_progress(trainer, "ppo", ["objective/scores", "objective/kl"], script_args.verbose)
-    ppo.train_ppo(trainer, resume_from_checkpoint=resume.resume_checkpoint(training_args))
+    ppo.train_ppo(trainer, resume_from_checkpoint=plan.resume_from)
     trainer.save_model(training_args.output_dir)
     ppo.save_value_model(trainer, f"{training_args.output_dir}/value")
 
@@ -90,15 +93,15 @@ def main(script_args, training_args, model_args):
     metrics = {
         **evaluation.compare(trained, reference, reference_ctx),
         **overoptimization.finish_curve(curve, "ppo", training_args.output_dir, trainer.is_world_process_zero()),
-        "train_kl_last": runs.last_logged(trainer.state.log_history, "objective/kl"),
+        "train_kl_last": steps.last_logged(trainer.state.log_history, "objective/kl"),
         "kl_coef_final": training_args.kl_coef,
         "episodes": trainer.state.episode,
         "params": parameter_counts(models, trained, separate_reference=trainer.ref_model is not None),
         "policy_base": model_args.model_name_or_path,
         "reward_model": training_args.reward_model_path,
-        **runs.shared_metrics(trainer, tokenizer),
+        **steps.shared_metrics(trainer, tokenizer),
     }
-    runs.finish_run(
+    steps.finish_run(
         trainer,
         metrics,
         [
@@ -128,6 +131,6 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     run_recipe(make_parser, main)

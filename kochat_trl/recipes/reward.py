@@ -16,17 +16,19 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import RewardTrainer
 
-    from kochat_trl import console, modeling, progress, resume, runs
-    from kochat_trl.rewards import pairwise_accuracy
-    from kochat_trl.training_data import reward_dataset
+    from kochat_trl.data.stages import reward_dataset
+    from kochat_trl.eval.rewards import pairwise_accuracy
+    from kochat_trl.models import loading, lora
+    from kochat_trl.recipes import steps
+    from kochat_trl.run import console, progress, resume
 
-    runs.prepare_run(script_args, training_args, model_args, stage="rm")
-    tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="rm")
+    tokenizer = loading.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
         dataset = reward_dataset(
             script_args.dataset_name, script_args.eval_fraction, training_args.seed, script_args.max_samples
         )
-    model = modeling.load_reward_model(model_args, tokenizer, 1, training_args.gradient_checkpointing)
+    model = loading.load_reward_model(model_args, tokenizer, 1, training_args.gradient_checkpointing)
 
     trainer = RewardTrainer(
         model=model,
@@ -34,11 +36,11 @@ def main(script_args, training_args, model_args):
         train_dataset=dataset["train"],
         eval_dataset=dataset.get("eval"),
         processing_class=tokenizer,
-        peft_config=modeling.build_peft_config(model_args, model, "SEQ_CLS"),
-        callbacks=resume.training_callbacks(),
+        peft_config=lora.build_peft_config(model_args, model, "SEQ_CLS"),
+        callbacks=steps.training_callbacks(),
     )
     progress.attach_progress(trainer, "rm", ["loss", "eval_accuracy"], script_args.verbose)
-    resume.train(trainer, resume.resume_checkpoint(training_args))
+    resume.train(trainer, plan.resume_from)
     trainer.save_model(training_args.output_dir)
 
     # Scored the way PPO will score: formatted prompt + answer + eos, on every held-out pair.
@@ -48,11 +50,11 @@ def main(script_args, training_args, model_args):
         "mean_margin": held_out.get("mean_margin"),
         "eval_pairs": held_out.get("pairs", 0),
         "train_pairs": len(dataset["train"]),
-        "train_loss": runs.train_loss(trainer.state.log_history),
-        **runs.parameter_metrics(trainer.model, model_args),
-        **runs.shared_metrics(trainer, tokenizer),
+        "train_loss": steps.train_loss(trainer.state.log_history),
+        **steps.parameter_metrics(trainer.model, model_args),
+        **steps.shared_metrics(trainer, tokenizer),
     }
-    runs.finish_run(
+    steps.finish_run(
         trainer, metrics, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], script_args, training_args, model_args
     )
     console.say(
@@ -66,12 +68,12 @@ def main(script_args, training_args, model_args):
 def make_parser():
     from trl import ModelConfig, RewardConfig, TrlParser
 
-    from kochat_trl.arguments import KochatArguments
+    from kochat_trl.config.arguments import KochatArguments
 
     return TrlParser((KochatArguments, RewardConfig, ModelConfig))
 
 
 if __name__ == "__main__":
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     run_recipe(make_parser, main)

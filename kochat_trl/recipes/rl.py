@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kochat_trl.arguments import RLArguments
+from kochat_trl.config.arguments import RLArguments
 
 
 @dataclass
@@ -45,17 +45,20 @@ class RLScriptArguments(RLArguments):
 def main(script_args, training_args, model_args):
     from functools import cache
 
-    from kochat_trl import console, modeling, overoptimization, progress, resume, runs
+    from kochat_trl.data.stages import rl_prompts
     from kochat_trl.errors import ConfigError
-    from kochat_trl.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
+    from kochat_trl.eval import overoptimization
+    from kochat_trl.eval.held_out import HeldOutEvaluation, held_out_summary, trained_and_reference
+    from kochat_trl.models import loading
+    from kochat_trl.recipes import steps
     from kochat_trl.rl.critic_free import RewardModelReward, build_critic_free_trainer
     from kochat_trl.rl.models import critic_free_parameter_counts, load_critic_free_models, place_on
-    from kochat_trl.training_data import rl_prompts
+    from kochat_trl.run import console, progress, resume
 
     if not script_args.reward_model_path:
         raise ConfigError("reward_model_path is not set; give stage 2's reward model folder")
-    runs.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
-    tokenizer = modeling.load_tokenizer(model_args, padding_side="left", template=script_args.template)
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="ppo")  # prompts: the PPO layout
+    tokenizer = loading.load_tokenizer(model_args, padding_side="left", template=script_args.template)
     dataset, held_out = rl_prompts(script_args, training_args, tokenizer)
 
     device = training_args.device  # the "before" samples are drawn before the trainer places the policy
@@ -86,16 +89,16 @@ def main(script_args, training_args, model_args):
         reward,
         train_dataset=dataset["train"].select_columns(["prompt"]),
         peft_config=models.policy_lora,
-        callbacks=resume.training_callbacks(),
+        callbacks=steps.training_callbacks(),
         shared_base=models.shared,
     )
     # KL to the SFT policy: the adapter disabled under LoRA, else the SFT model loaded again (once).
-    sft_copy = cache(lambda: place_on(modeling.load_causal_lm(model_args, tokenizer), device))
+    sft_copy = cache(lambda: place_on(loading.load_causal_lm(model_args, tokenizer), device))
     curve = overoptimization.attach_curve(
         trainer, evaluation, script_args, lambda: trained_and_reference(trainer, sft_copy)
     )
     progress.attach_progress(trainer, script_args.trainer, ["reward", "kl"], script_args.verbose)
-    resume.train(trainer, resume.resume_checkpoint(training_args))
+    resume.train(trainer, plan.resume_from)
     trainer.save_model(training_args.output_dir)
 
     trained, reference, reference_ctx = trained_and_reference(trainer, sft_copy)
@@ -105,8 +108,8 @@ def main(script_args, training_args, model_args):
             curve, script_args.trainer, training_args.output_dir, trainer.is_world_process_zero()
         ),
         "trainer": script_args.trainer,
-        "train_reward_last": runs.last_logged(trainer.state.log_history, "reward"),
-        "train_kl_last": runs.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer
+        "train_reward_last": steps.last_logged(trainer.state.log_history, "reward"),
+        "train_kl_last": steps.last_logged(trainer.state.log_history, "kl"),  # TRL's: per token, not per answer
         # Sampled answers: every optimizer step uses a global batch of them, each batch num_iterations times.
         "completions": trainer.state.global_step
         * training_args.per_device_train_batch_size
@@ -117,9 +120,9 @@ def main(script_args, training_args, model_args):
         "params": critic_free_parameter_counts(models, trained),
         "policy_base": model_args.model_name_or_path,
         "reward_model": script_args.reward_model_path,
-        **runs.shared_metrics(trainer, tokenizer),
+        **steps.shared_metrics(trainer, tokenizer),
     }
-    runs.finish_run(
+    steps.finish_run(
         trainer,
         metrics,
         ["reward", "kl", "completions/mean_length", "completions/clipped_ratio", "entropy"],
@@ -141,6 +144,6 @@ def make_parser(trainer: str | None = None):
 
 
 if __name__ == "__main__":
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     run_recipe(make_parser, main)

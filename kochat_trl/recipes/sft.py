@@ -15,11 +15,13 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import SFTTrainer
 
-    from kochat_trl import console, modeling, progress, resume, runs
-    from kochat_trl.training_data import sft_dataset
+    from kochat_trl.data.stages import sft_dataset
+    from kochat_trl.models import loading, lora
+    from kochat_trl.recipes import steps
+    from kochat_trl.run import console, progress, resume
 
-    runs.prepare_run(script_args, training_args, model_args, stage="sft")
-    tokenizer = modeling.load_tokenizer(model_args, template=script_args.template)
+    plan = steps.prepare_run(script_args, training_args, model_args, stage="sft")
+    tokenizer = loading.load_tokenizer(model_args, template=script_args.template)
     with PartialState().main_process_first():
         dataset = sft_dataset(
             script_args.dataset_name, tokenizer, script_args.eval_fraction, training_args.seed, script_args.max_samples
@@ -28,7 +30,7 @@ def main(script_args, training_args, model_args):
     # would guess "not prompt-completion data" and train on the questions too.
     if training_args.completion_only_loss is None:
         training_args.completion_only_loss = True
-    model = modeling.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
+    model = loading.load_causal_lm(model_args, tokenizer, training_args.gradient_checkpointing)
 
     trainer = SFTTrainer(
         model=model,
@@ -36,11 +38,11 @@ def main(script_args, training_args, model_args):
         train_dataset=dataset["train"],
         eval_dataset=dataset.get("eval"),
         processing_class=tokenizer,
-        peft_config=modeling.build_peft_config(model_args, model, "CAUSAL_LM"),
-        callbacks=resume.training_callbacks(),
+        peft_config=lora.build_peft_config(model_args, model, "CAUSAL_LM"),
+        callbacks=steps.training_callbacks(),
     )
     progress.attach_progress(trainer, "sft", ["loss", "eval_loss"], script_args.verbose)
-    checkpoint = resume.resume_checkpoint(training_args)
+    checkpoint = plan.resume_from
     # The step-0 eval loss is the baseline the fall is measured against. It runs inside train():
     # a trainer.evaluate() before train() prepares the model for evaluation only, and train() then
     # skips the DDP wrapper, so ranks would silently never average their gradients.
@@ -54,13 +56,13 @@ def main(script_args, training_args, model_args):
     metrics = {
         "eval_loss_start": start.get("eval_loss"),
         "eval_loss_end": end.get("eval_loss"),
-        "train_loss": runs.train_loss(trainer.state.log_history),
+        "train_loss": steps.train_loss(trainer.state.log_history),
         "train_rows": len(dataset["train"]),
         "eval_rows": len(dataset["eval"]) if "eval" in dataset else 0,
-        **runs.parameter_metrics(trainer.model, model_args),
-        **runs.shared_metrics(trainer, tokenizer),
+        **steps.parameter_metrics(trainer.model, model_args),
+        **steps.shared_metrics(trainer, tokenizer),
     }
-    runs.finish_run(
+    steps.finish_run(
         trainer, metrics, ["loss", "eval_loss", "learning_rate", "grad_norm"], script_args, training_args, model_args
     )
     console.say(
@@ -74,12 +76,12 @@ def main(script_args, training_args, model_args):
 def make_parser():
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    from kochat_trl.arguments import KochatArguments
+    from kochat_trl.config.arguments import KochatArguments
 
     return TrlParser((KochatArguments, SFTConfig, ModelConfig))
 
 
 if __name__ == "__main__":
-    from kochat_trl.runs import run_recipe
+    from kochat_trl.recipes.steps import run_recipe
 
     run_recipe(make_parser, main)

@@ -1,1 +1,1 @@
-"""The seam to TRL's RL trainers: the only place that imports trl.experimental (TRL 1.12 has PPOTrainer)."""
+"""The seam to TRL's trainers past SFT/RM: PPO, RLOO/GRPO, DPO/KTO/ORPO; the only place importing trl.experimental."""

@@ -8,9 +8,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from kochat_trl import engines
+from kochat_trl.models.shared_base import SharedBase
 from kochat_trl.rl.models import place_on
-from kochat_trl.shared_base import SharedBase
+from kochat_trl.run import engines
 
 CRITIC_FREE_TRAINERS = ("rloo", "grpo")
 
@@ -29,7 +29,7 @@ def critic_free_classes(name: str) -> tuple[type, type]:
 
 def critic_free_parser(script_arguments: type, trainer: str | None = None) -> Any:
     """`TrlParser` over (script_arguments, RLOOConfig or GRPOConfig, ModelConfig), as `--trainer` / `trainer:` say."""
-    from kochat_trl.trainer_switch import switch_parser
+    from kochat_trl.config.trainer_switch import switch_parser
 
     return switch_parser(script_arguments, lambda name: critic_free_classes(name)[0], "rloo", trainer)
 
@@ -52,9 +52,9 @@ class RewardModelReward:
         self.__name__ = "reward_model"  # TRL logs rewards/<__name__>/mean
 
     def __call__(self, prompts: Sequence[Any], completion_ids: Sequence[Sequence[int]], **_: Any) -> list[float]:
+        from kochat_trl.data.templates import prompt_ids
         from kochat_trl.errors import DataError
-        from kochat_trl.rewards import score_responses
-        from kochat_trl.templates import prompt_ids
+        from kochat_trl.eval.rewards import score_responses
 
         if prompts and isinstance(prompts[0], str):
             raise DataError("RewardModelReward takes conversational prompts (lists of messages), not strings")

@@ -1,8 +1,8 @@
 """The RL stages' models: separate reward (and value) copies or adapters on one shared base, and where they sit.
 
 PPO has a policy, reward and value model; RLOO and GRPO a policy and a reward model. The reference is never a copy:
-under LoRA it is the policy with its adapter(s) off. With `shared_base: true` (`kochat_trl.shared_base`) the reward
-and value models are adapters on the policy's frozen base too.
+under LoRA it is the policy with its adapter(s) off. With `shared_base: true` (`kochat_trl.models.shared_base`) the
+reward and value models are adapters on the policy's frozen base too.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from kochat_trl import modeling
-from kochat_trl.shared_base import SharedBase
+from kochat_trl.models import loading, lora
+from kochat_trl.models.shared_base import SharedBase
 
 
 @dataclass
@@ -40,15 +40,15 @@ def _load(
 ) -> RLModels:
     gradient_checkpointing = training_args.gradient_checkpointing
     with _loading_draws_nothing():
-        policy = modeling.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
-    policy_lora = modeling.build_peft_config(model_args, policy, "CAUSAL_LM")
+        policy = loading.load_causal_lm(model_args, tokenizer, gradient_checkpointing)
+    policy_lora = lora.build_peft_config(model_args, policy, "CAUSAL_LM")
     if getattr(script_args, "shared_base", False):
-        from kochat_trl import shared_base
+        from kochat_trl.models import shared_base
 
         shared = shared_base.build(policy, policy_lora, reward_path, tokenizer, gradient_checkpointing, with_value)
         return RLModels(shared.policy, shared.reward, shared.value, None, shared)
     with _loading_draws_nothing():
-        reward = modeling.load_reward_model(modeling.at_path(model_args, reward_path), tokenizer)
+        reward = loading.load_reward_model(loading.at_path(model_args, reward_path), tokenizer)
     value = None
     if with_value:
         value_path = getattr(script_args, "value_model_path", None) or reward_path
@@ -71,19 +71,19 @@ def _loading_draws_nothing() -> Iterator[None]:
 def _value_model(model_args: Any, path: str, tokenizer: Any, gradient_checkpointing: bool) -> Any:
     """Initialised from the reward model. From a LoRA reward adapter, that adapter itself trains on (as under
     shared_base: the same maths, on a copy of the base); from a full model, a new LoRA on it when use_peft."""
-    if model_args.use_peft and modeling.adapter_base(path) is not None:
+    if model_args.use_peft and loading.adapter_base(path) is not None:
         from peft import PeftModel
 
-        base_args = modeling.at_path(model_args, modeling.adapter_base(path))
+        base_args = loading.at_path(model_args, loading.adapter_base(path))
         with _loading_draws_nothing():
-            base = modeling.load_reward_model(base_args, tokenizer, 1, gradient_checkpointing)
+            base = loading.load_reward_model(base_args, tokenizer, 1, gradient_checkpointing)
         return PeftModel.from_pretrained(base, path, is_trainable=True)
     with _loading_draws_nothing():
-        value = modeling.load_reward_model(modeling.at_path(model_args, path), tokenizer, 1, gradient_checkpointing)
+        value = loading.load_reward_model(loading.at_path(model_args, path), tokenizer, 1, gradient_checkpointing)
     if model_args.use_peft:
         from peft import get_peft_model
 
-        value = get_peft_model(value, modeling.build_peft_config(model_args, value, "SEQ_CLS"))
+        value = get_peft_model(value, lora.build_peft_config(model_args, value, "SEQ_CLS"))
     return value
 
 
@@ -101,8 +101,8 @@ def parameter_counts(models: RLModels, trained_policy: Any, separate_reference: 
             "value_trainable": counts["value_adapter"] + counts["value_head"],
             "shared_base": True,
         }
-    policy_trainable, policy_total = modeling.trainable_parameter_share(trained_policy)
-    value_trainable, value_total = modeling.trainable_parameter_share(models.value)
+    policy_trainable, policy_total = loading.trainable_parameter_share(trained_policy)
+    value_trainable, value_total = loading.trainable_parameter_share(models.value)
     return {
         "policy": policy_total,
         "policy_trainable": policy_trainable,
@@ -116,7 +116,7 @@ def parameter_counts(models: RLModels, trained_policy: Any, separate_reference: 
 
 def critic_free_parameter_counts(models: RLModels, trained_policy: Any) -> dict[str, Any]:
     """RLOO/GRPO: the policy's parameters and what the reward model adds (its adapter and head under shared_base)."""
-    policy_trainable, policy_total = modeling.trainable_parameter_share(trained_policy)
+    policy_trainable, policy_total = loading.trainable_parameter_share(trained_policy)
     if models.shared is not None:
         counts = models.shared.parameter_counts()
         reward = counts["reward_adapter"] + counts["reward_head"]

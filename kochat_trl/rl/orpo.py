@@ -1,8 +1,8 @@
-"""TRL 1.12's ORPO classes, which it keeps in trl.experimental (for `kochat_trl.preference`)."""
+"""TRL 1.12's ORPO classes, which it keeps in trl.experimental (for `kochat_trl.rl.preference`)."""
 
 from __future__ import annotations
 
-from kochat_trl.console import known_warnings_ignored
+from kochat_trl.run.console import known_warnings_ignored
 
 
 def orpo_classes() -> tuple[type, type]:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from kochat_trl import engines, resume
-from kochat_trl.console import known_prints_dropped, known_warnings_ignored
-from kochat_trl.shared_base import SharedBase, SharedBaseReference
+from kochat_trl.models.shared_base import SharedBase, SharedBaseReference
+from kochat_trl.run import engines, resume
+from kochat_trl.run.console import known_prints_dropped, known_warnings_ignored
 
 with known_warnings_ignored():  # TRL's one-time "you are importing from trl.experimental" (console.KNOWN_WARNINGS)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -28,8 +28,8 @@ class _LoggingPPOTrainer(SharedBaseReference, engines.DeepSpeedPPOFixes, PPOTrai
     """TRL's PPOTrainer plus the mean response length per update in its logs (TRL does not log it), and
     checkpoints it can resume from (TRL's cannot, trl#2657): the value model is saved with the policy,
     and `train(resume_from_checkpoint)` restores weights, optimizer, scheduler, counters, log, RNG and
-    the data position (see `kochat_trl.resume`). Under DeepSpeed, `engines.DeepSpeedPPOFixes`; with one shared
-    base, its reference context (`kochat_trl.shared_base`)."""
+    the data position (see `kochat_trl.run.resume`). Under DeepSpeed, `engines.DeepSpeedPPOFixes`; with one shared
+    base, its reference context (`kochat_trl.models.shared_base`)."""
 
     _response_lengths: list[float]
 
@@ -138,7 +138,7 @@ def build_ppo_trainer(
 ) -> PPOTrainer:
     """TRL's PPOTrainer. With a PEFT policy (or a LoRA `peft_config`) and `ref_model=None` the reference is the policy
     with its adapter disabled: the SFT model itself, at no extra memory. With `shared_base` the policy,
-    reward and value models are its adapters (`kochat_trl.shared_base.build`) and `peft_config` is None."""
+    reward and value models are its adapters (`kochat_trl.models.shared_base.build`) and `peft_config` is None."""
     if shared_base is not None:
         shared_base.draw_policy_adapter()  # what TRL's get_peft_model would draw here
     trainer = _LoggingPPOTrainer(

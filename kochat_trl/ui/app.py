@@ -19,13 +19,13 @@ from typing import Any
 
 import gradio as gr
 
-from kochat_trl.console import say
 from kochat_trl.errors import KochatError
-from kochat_trl.generation import DECODING_PRESETS, DEFAULT_MAX_NEW_TOKENS
-from kochat_trl.run_folder import RunFolder, held_out_prompts, open_run, stage_datasets
+from kochat_trl.eval.generation import DECODING_PRESETS, DEFAULT_MAX_NEW_TOKENS
+from kochat_trl.run.console import say
 from kochat_trl.ui import views
 from kochat_trl.ui.limits import DEFAULT_QUEUE_SIZE, MAX_DATA_ROWS, MAX_NEW_TOKENS, check_rows
 from kochat_trl.ui.models import DEFAULT_SEED, ModelCache, chat_reply, compare, parse_options, template_info
+from kochat_trl.ui.run_folder import RunFolder, held_out_prompts, open_run, stage_datasets
 
 GENERATION = {"concurrency_limit": 1, "concurrency_id": "generation"}
 DATA_ROWS = 5

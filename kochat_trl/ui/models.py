@@ -2,7 +2,7 @@
 
 Every prompt is formatted by the model's own chat template through `Generator` (`apply_chat_template`); answers
 are generated exactly as `kochat-trl generate` generates them (same defaults: max_new_tokens 64, seed 0), each
-scored by the run's reward model as compare-decoding scores (prompt, answer) and judged by `kochat_trl.judge`.
+scored by the run's reward model as compare-decoding scores (prompt, answer) and judged by `kochat_trl.eval.judge`.
 One lock serialises generation: seeding is global, so two requests must not interleave. Every request is
 bounded by `kochat_trl.ui.limits` before anything is generated: the page is reachable by whoever reaches its port.
 """
@@ -14,12 +14,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kochat_trl.data.templates import Message
 from kochat_trl.errors import KochatError
-from kochat_trl.generation import DEFAULT_MAX_NEW_TOKENS, Generator, check_strategies, parse_generate_overrides
-from kochat_trl.judge import flags, judge_answer
-from kochat_trl.run_folder import RunFolder
-from kochat_trl.templates import Message
+from kochat_trl.eval.generation import DEFAULT_MAX_NEW_TOKENS, Generator, check_strategies, parse_generate_overrides
+from kochat_trl.eval.judge import flags, judge_answer
 from kochat_trl.ui.limits import MAX_HISTORY_MESSAGES, check_numbers, check_options, check_options_text, check_text
+from kochat_trl.ui.run_folder import RunFolder
 
 EMPTY_PROMPT = "Type a prompt first (or pick one of the held-out prompts)."
 EMPTY_MESSAGE = "Type a message first."
@@ -64,7 +64,7 @@ class ModelCache:
         with self._loading:
             if self._reward is None:
                 if self._load_reward is None:
-                    from kochat_trl.decoding_report import _load_reward
+                    from kochat_trl.eval.decoding import _load_reward
 
                     self._load_reward = _load_reward
                 self._reward = self._load_reward(str(path))
@@ -116,7 +116,7 @@ def compare(
         scorer = cache.reward()
         rewards: list[float | None] = [None] * len(answers)
         if scorer is not None:
-            from kochat_trl.rewards import score_answers
+            from kochat_trl.eval.rewards import score_answers
 
             rewards = list(score_answers(scorer[0], scorer[1], [prompt] * len(answers), answers))
     return [
@@ -138,7 +138,7 @@ def chat_reply(
     """The conversation with `message` and the model's answer appended, the exact text the model was given (the
     conversation rendered by its chat template, oldest turns dropped while it would overflow the context) and a
     note saying what was dropped (None when nothing was)."""
-    from kochat_trl.chat import fit_history
+    from kochat_trl.eval.chat import fit_history
 
     message = check_text(message or "", "message")
     if not message:

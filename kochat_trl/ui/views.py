@@ -7,9 +7,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from kochat_trl.generation import decoding_kwargs
-from kochat_trl.judge import JUDGE_KEYS
-from kochat_trl.run_folder import RunFolder, StageData
+from kochat_trl.eval.generation import decoding_kwargs
+from kochat_trl.eval.judge import JUDGE_KEYS
+from kochat_trl.ui.run_folder import RunFolder, StageData
 
 JUDGE_COLUMNS = ("good", "polite (합니다체)", "on topic", "faithful", "broken", "Hangul share", "repeats")
 FLAG_LABELS = {
