@@ -311,3 +311,13 @@ def test_pipeline_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
     assert main(["pipeline", "--output_dir", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["thesis.txt"]
+
+
+def test_the_summarys_time_row_fits_one_line_on_a_loaded_machine():
+    """The console test's line count assumes one line per table row: a loaded machine's three-digit stage times
+    wrapped the row when every step was listed (measured: sft 267s, rm 103s, ppo 191s)."""
+    from kochat_trl.cli.pipeline import _times
+
+    loaded = {"sft": 266.8, "rm": 102.81, "ppo": 191.3, "merge": 0.16, "decoding": 2.07, "conversations": 17.61}
+    assert _times(loaded) == "sft 267s, rm 103s, ppo 191s, merge+decoding+conversations 20s"
+    assert len(_times({**loaded, "sft": 1266.8})) <= 69  # the summary table's result column

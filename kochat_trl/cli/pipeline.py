@@ -1,8 +1,11 @@
-"""`kochat-trl pipeline`: SFT → RM → PPO → merge → decoding comparison → report, in one command."""
+"""`kochat-trl pipeline`: SFT → RM → PPO → merge → decoding comparison → conversations → report, in one command."""
 
 from __future__ import annotations
 
 import argparse
+
+# Shown one by one in the summary's time row; the short steps after them (merge, decoding, ...) are summed.
+TIMED_STAGES = ("sft", "rm", "ppo", "methods")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,6 +30,16 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _times(wall_time: dict[str, float]) -> str:
+    """The training stages one by one and the short steps after them summed: one line at the table's width
+    (report.md has every step)."""
+    trained = [f"{stage} {seconds:.0f}s" for stage, seconds in wall_time.items() if stage in TIMED_STAGES]
+    rest = [stage for stage in wall_time if stage not in TIMED_STAGES]
+    if rest:
+        trained.append(f"{'+'.join(rest)} {sum(wall_time[stage] for stage in rest):.0f}s")
+    return ", ".join(trained)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"on-topic {_rate(before['unseen']['on_topic_rate'])} -> {_rate(after['unseen']['on_topic_rate'])} "
             f"({after['unseen']['answers']} answers to topics SFT never saw)",
         )
-    table.add_row("time", ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in report["wall_time_s"].items()))
+    table.add_row("time", _times(report["wall_time_s"]))
     Console().print(table)
     if line := hacking_summary("ppo", ppo.get("reward_hacking")):
         print(line)
