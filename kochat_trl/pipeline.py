@@ -39,7 +39,6 @@ from kochat_trl.run.outputs import (
 DEFAULT_CONFIG = bundled_config("tiny/pipeline.yaml")
 TRAINING_STAGES = ("sft", "rm", "ppo")  # also the `kochat-trl` commands that train them
 STATE_FILE = "pipeline_state.json"
-CONVERSATIONS_FILE = "conversations.json"  # the held-out multi-turn answers and rates (kochat_trl.eval.conversations)
 
 
 @dataclass
@@ -206,11 +205,11 @@ def _decoding(run_dir: Path, config: PipelineConfig) -> str:
 
 
 def _conversations(run_dir: Path, config: PipelineConfig) -> str:
-    from kochat_trl.eval.conversations import evaluate_conversations
+    from kochat_trl.eval.conversations import RESULT_FILE, evaluate_conversations
 
     models = {"SFT": str(run_dir / "sft"), "PPO": str(run_dir / "merged" / "policy")}
     result = evaluate_conversations(models, seed=config.seed)
-    write_json_atomic(result, run_dir / CONVERSATIONS_FILE)
+    write_json_atomic(result, run_dir / RESULT_FILE)
     sft, ppo = (result["models"][name]["rates"] for name in ("SFT", "PPO"))
     return (
         f"{len(result['questions'])} held-out conversations, the answer on its own question's topic at turn 2 "

@@ -11,7 +11,7 @@ TIMED_STAGES = ("sft", "rm", "ppo", "methods")
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "pipeline",
-        help="run SFT -> RM -> PPO -> merge -> decoding comparison and write a report",
+        help="run SFT -> RM -> PPO -> merge -> decoding comparison -> held-out conversations and write a report",
         description="With no arguments: the whole loop on the embedded tiny default, offline, on a CPU. "
         "Stages already finished in the output folder are skipped and an unfinished one resumes from its "
         "newest checkpoint, so a crashed run continues. Each stage shows one progress bar and one result line; "

@@ -16,6 +16,7 @@ from typing import Any
 from kochat_trl.data.templates import Message
 from kochat_trl.eval.generation import DEFAULT_MAX_NEW_TOKENS, Generator
 
+RESULT_FILE = "conversations.json"  # in a run folder: every model's answers and rates (evaluate_conversations)
 # The rates a multi-turn table shows, in order (on topic first: the question this evaluation asks).
 TURN_RATES = ("on_topic_rate", "faithful_rate", "good_rate", "polite_rate")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kochat_trl.eval.conversations import RESULT_FILE as CONVERSATIONS_FILE
 from kochat_trl.run.outputs import METRICS_FILE, read_json
 
 
@@ -28,7 +29,7 @@ def build_report(run_dir: Path, wall_time: dict[str, float]) -> dict[str, Any]:
         # The rule-based judge on the answers PPO's held-out reward is measured on (SFT policy, then PPO policy).
         "judge": {"sft": _judge_rates(ppo["judge_before"]), "ppo": _judge_rates(ppo["judge_after"])},
         # The held-out multi-turn conversations, answered turn by turn (SFT policy, then PPO policy).
-        "conversations": _conversation_rates(read_json(run_dir / "conversations.json")),
+        "conversations": _conversation_rates(read_json(run_dir / CONVERSATIONS_FILE)),
         "methods": read_json(run_dir / "methods" / "methods.json"),
         "wall_time_s": wall_time,
         "output_dir": str(run_dir),
@@ -145,7 +146,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"| PPO | win-rate over SFT (judged by the RM) | {ppo['win_rate']:.3f} |",
         "",
     ]
-    conversations = read_json(Path(report["output_dir"]) / "conversations.json")
+    conversations = read_json(Path(report["output_dir"]) / CONVERSATIONS_FILE)
     if conversations:
         from kochat_trl.eval.conversations import conversation_lines
 
